@@ -1,0 +1,191 @@
+"""The producer client: split inputs into jobs, keep a bounded number in flight, wait blocking or with asyncio.
+
+    client = Client()                                   # settings from M3Q_* variables
+    vectors = client.encode_documents(texts)            # blocking, input order, Embedding or ItemError each
+    vectors = await client.aencode_queries([question])  # from an asyncio handler
+    report = client.index("docs", texts, ids)           # encode on the workers, upsert into Milvus
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import msgpack
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
+
+from producer import wire
+from producer.settings import Settings
+from producer.wire import Item, PayloadError, decode_item
+
+
+class JobFailed(RuntimeError):
+    """A job that the workers could not complete; the message names the job and the reason."""
+
+
+class JobTimeout(JobFailed):
+    """No result within ``M3Q_JOB_TIMEOUT_S``: no worker alive, or one that is far behind."""
+
+
+@dataclass
+class Handle:
+    """A job in flight. ``result()`` blocks; ``await handle`` does not block the event loop."""
+
+    async_result: AsyncResult
+    task: str
+    size: int
+    timeout_s: float
+    first_index: int = 0
+    rows: list[int] | None = None
+
+    @property
+    def id(self) -> str:
+        return self.async_result.id
+
+    def raw(self, timeout_s: float | None = None) -> dict:
+        """The job's result as the worker sent it."""
+        try:
+            return self.async_result.get(timeout=timeout_s or self.timeout_s, propagate=True, interval=0.005)
+        except CeleryTimeout:
+            raise JobTimeout(f"job {self.id} ({self.task}, {self.size} texts) had no result after "
+                             f"{timeout_s or self.timeout_s:.0f}s: is a worker running? (`m3q status`)") from None
+        except PayloadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the worker's exception, re-raised with the job named
+            raise JobFailed(f"job {self.id} ({self.task}, items {self.first_index}.."
+                            f"{self.first_index + self.size - 1}) failed: {type(e).__name__}: {e}") from e
+
+    def result(self, timeout_s: float | None = None) -> list[Item]:
+        """Decoded items of an encode job, in order."""
+        return [decode_item(d) for d in self.raw(timeout_s)["items"]]
+
+    def __await__(self):
+        return asyncio.to_thread(self.result).__await__()
+
+
+@dataclass
+class IndexReport:
+    """What an index call stored and rejected."""
+
+    stored: int = 0
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    truncated: int = 0
+    jobs: int = 0
+
+
+class Client:
+    """Submit encode and index jobs to the workers and wait for them."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.app = wire.make_celery(self.settings, name="m3q-producer")
+        self._dims: dict[str, int] | None = None
+
+    # ---- single jobs -------------------------------------------------------------------------------------
+
+    def submit(self, task: str, payload: dict, device: str | None = None, first_index: int = 0) -> Handle:
+        """Send one job; route it to ``device``'s own queue when given."""
+        size = len(msgpack.packb(payload, default=repr))
+        if size > self.settings.max_payload_bytes:
+            raise PayloadError(f"job payload is {size:,} bytes, over the limit of "
+                               f"{self.settings.max_payload_bytes:,} (M3Q_MAX_PAYLOAD_BYTES); send smaller jobs")
+        queue = wire.device_queue(self.settings, device) if device else wire.task_queue(self.settings, task)
+        result = self.app.send_task(task, args=[payload], queue=queue, headers={"m3q_sent": time.time()})
+        return Handle(result, task, len(payload.get("texts", [])), self.settings.job_timeout_s, first_index)
+
+    def submit_encode(self, texts: Sequence[object], kind: str = "documents", *, device: str | None = None,
+                      first_index: int = 0, **options: Any) -> Handle:
+        """Send one encode job (kind 'queries' or 'documents')."""
+        if kind not in wire.KINDS:
+            raise ValueError(f"kind must be 'queries' or 'documents', got {kind!r}")
+        task = wire.TASK_ENCODE_QUERIES if kind == "queries" else wire.TASK_ENCODE_DOCUMENTS
+        return self.submit(task, wire.encode_payload(texts, **options), device, first_index)
+
+    # ---- many texts, bounded in flight ---------------------------------------------------------------
+
+    def encode(self, texts: Sequence[object], kind: str = "documents", *, job_texts: int | None = None,
+               device: str | None = None, **options: Any) -> list[Item]:
+        """Encode any number of texts through the queue; items in input order."""
+        size = job_texts or (self.settings.job_texts if kind == "documents" else max(self.settings.job_texts, 256))
+        chunks = [(start, texts[start:start + size]) for start in range(0, len(texts), size)]
+        out: list[Item] = []
+        submit = lambda chunk: self.submit_encode(chunk[1], kind, device=device, first_index=chunk[0], **options)
+        for handle in self.pipelined(chunks, submit):
+            out.extend(handle.result())
+        return out
+
+    def encode_queries(self, texts: Sequence[object], **options: Any) -> list[Item]:
+        """Encode queries (up to 512 tokens each by default) through the query lane."""
+        return self.encode(texts, "queries", **options)
+
+    def encode_documents(self, texts: Sequence[object], **options: Any) -> list[Item]:
+        """Encode documents (up to 8192 tokens each by default) through the document lane."""
+        return self.encode(texts, "documents", **options)
+
+    async def aencode(self, texts: Sequence[object], kind: str = "documents", **options: Any) -> list[Item]:
+        """:meth:`encode` for asyncio handlers: the event loop is never blocked."""
+        return await asyncio.to_thread(self.encode, texts, kind, **options)
+
+    async def aencode_queries(self, texts: Sequence[object], **options: Any) -> list[Item]:
+        """Await the vectors of queries, e.g. from a FastAPI handler."""
+        return await self.aencode(texts, "queries", **options)
+
+    def pipelined(self, chunks: Iterable, submit: Callable[[Any], Handle]) -> Iterator[Handle]:
+        """Submit jobs keeping at most ``M3Q_MAX_IN_FLIGHT`` open; yield them in order as they finish."""
+        window: deque[Handle] = deque()
+        for chunk in chunks:
+            if len(window) >= self.settings.max_in_flight:
+                yield _waited(window.popleft())
+            window.append(submit(chunk))
+        while window:
+            yield _waited(window.popleft())
+
+    # ---- indexing ------------------------------------------------------------------------------------------
+
+    def submit_index(self, collection: str, texts: Sequence[object], ids: Sequence[object],
+                     metadata: Sequence[object] | None = None, first_index: int = 0, device: str | None = None) -> Handle:
+        """Send one index job: encode on a worker, upsert into Milvus ``collection``."""
+        payload = {"collection": collection, "texts": list(texts), "ids": list(ids), "batch": first_index}
+        if metadata is not None:
+            payload["metadata"] = list(metadata)
+        return self.submit(wire.TASK_INDEX_DOCUMENTS, payload, device, first_index)
+
+    def index(self, collection: str, texts: Sequence[object], ids: Sequence[object],
+              metadata: Sequence[object] | None = None, *, job_texts: int | None = None,
+              progress: Callable[[int], None] | None = None) -> IndexReport:
+        """Index documents; item errors are collected with their input position, never dropped silently."""
+        if len(ids) != len(texts) or (metadata is not None and len(metadata) != len(texts)):
+            raise ValueError("texts, ids (and metadata) must have the same length")
+        size = job_texts or self.settings.job_texts
+        starts = range(0, len(texts), size)
+        submit = lambda s: self.submit_index(collection, texts[s:s + size], ids[s:s + size],
+                                             None if metadata is None else metadata[s:s + size], s)
+        report = IndexReport()
+        for handle in self.pipelined(starts, submit):
+            merge_index_result(report, handle.raw(), handle.first_index)
+            if progress:
+                progress(handle.size)
+        return report
+
+    def dims(self) -> dict[str, int]:
+        """Output sizes (dense, colbert_vecs, sparse), asked of a worker once and cached."""
+        if self._dims is None:
+            handle = self.submit(wire.TASK_INFO, {}, None)
+            self._dims = dict(handle.raw()["dims"])
+        return self._dims
+
+
+def merge_index_result(report: IndexReport, raw: dict, first_index: int) -> None:
+    """Add one index job's result to a report, errors keyed by input position."""
+    report.stored += raw["stored"]
+    report.truncated += raw.get("truncated", 0)
+    report.jobs += 1
+    report.rejected += [(first_index + i, reason) for i, reason in raw["errors"]]
+
+
+def _waited(handle: Handle) -> Handle:
+    handle.raw()  # raises on failure; the result stays cached in the AsyncResult
+    return handle

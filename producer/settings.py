@@ -1,0 +1,89 @@
+"""Settings: one typed object, built from ``M3Q_*`` environment variables at start-up.
+
+Nothing here is read at import time. Every field maps to ``M3Q_<FIELD NAME IN CAPITALS>`` and to a CLI
+flag ``--<field-name>``; README's settings table lists them all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+ENV_PREFIX = "M3Q_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of m3-queue. Units are in the names."""
+
+    broker_url: str = field(default="redis://localhost:6379/0", metadata={"doc": "Celery broker (Redis). Put the password here: redis://:PASSWORD@host:6379/0; rediss:// for TLS."})
+    result_backend: str = field(default="", metadata={"doc": "Celery result backend; empty means the broker URL."})
+    redis_tls_ca_file: str = field(default="", metadata={"doc": "CA bundle for rediss:// (certificates are always checked)."})
+    milvus_uri: str = field(default="", metadata={"doc": "Milvus server URI, or a Milvus Lite .db path; empty means the embedded Milvus Lite server of `m3q demo`/`m3q milvus`."})
+    milvus_token: str = field(default="", metadata={"doc": "Milvus token (user:password or API key)."})
+    milvus_port: int = field(default=19530, metadata={"doc": "Port of the embedded Milvus Lite server when milvus_uri is empty."})
+    milvus_data_dir: str = field(default="~/.m3q/milvus", metadata={"doc": "Data folder of the embedded Milvus Lite server."})
+    model: str = field(default="BAAI/bge-m3", metadata={"doc": "Hub id or local checkpoint directory."})
+    device: str = field(default="cpu", metadata={"doc": "Worker device: cpu, cuda, cuda:N."})
+    dtype: str = field(default="auto", metadata={"doc": "auto (float16 on cuda, float32 on cpu), float32, float16 or bfloat16."})
+    max_batch_tokens: int = field(default=16384, metadata={"doc": "Token budget of one forward pass (padded tokens)."})
+    query_max_length: int = field(default=512, metadata={"doc": "Tokens kept of a query (longer ones are truncated and counted)."})
+    document_max_length: int = field(default=8192, metadata={"doc": "Tokens kept of a document (longer ones are truncated and counted)."})
+    max_text_chars: int = field(default=1_000_000, metadata={"doc": "A longer text is rejected with an error of its own."})
+    max_job_texts: int = field(default=10_000, metadata={"doc": "Most texts in one job; the producer splits bigger inputs."})
+    max_payload_bytes: int = field(default=64 * 1024 * 1024, metadata={"doc": "A job payload over this is refused before any encoding."})
+    max_id_chars: int = field(default=512, metadata={"doc": "Longest document id accepted for Milvus."})
+    job_texts: int = field(default=64, metadata={"doc": "Texts per job when the producer splits input."})
+    max_in_flight: int = field(default=8, metadata={"doc": "Jobs a producer keeps in flight (backpressure)."})
+    job_timeout_s: float = field(default=600.0, metadata={"doc": "How long a producer waits for one job."})
+    visibility_timeout_s: int = field(default=3600, metadata={"doc": "Redis redelivers a job not acknowledged within this; longer than the longest batch."})
+    result_expires_s: int = field(default=86400, metadata={"doc": "Results are deleted from the backend after this."})
+    queue_prefix: str = field(default="m3q", metadata={"doc": "Prefix of every queue and key, to share one Redis."})
+    worker_threads: int = field(default=4, metadata={"doc": "Jobs one worker holds at once (threads; the device runs one step at a time)."})
+    batch_wait_ms: float = field(default=2.0, metadata={"doc": "How long the device waits for more queries to batch together."})
+    cross_job_batching: bool = field(default=True, metadata={"doc": "Merge texts of concurrent jobs into one forward pass."})
+    metrics_port: int = field(default=0, metadata={"doc": "Port of the worker's Prometheus endpoint; 0 turns it off."})
+    index_retries: int = field(default=5, metadata={"doc": "Retries of an index job when Milvus fails."})
+    index_retry_backoff_s: float = field(default=2.0, metadata={"doc": "First retry delay of an index job; doubles each time."})
+    task_max_retries: int = field(default=3, metadata={"doc": "Deliveries of a job that keeps crashing before it is recorded as failed."})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Build settings from ``M3Q_*`` variables, then apply non-None ``overrides`` (CLI flags)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def backend_url(self) -> str:
+        """The result backend, defaulting to the broker."""
+        return self.result_backend or self.broker_url
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool}.get(str(f.type), str)
+    if kind is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a boolean (use true or false)")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """(variable, default, doc) for every setting: the source of README's table."""
+    return [(ENV_PREFIX + f.name.upper(), repr(f.default), f.metadata["doc"]) for f in fields(Settings)]

@@ -1,0 +1,214 @@
+"""The wire contract shared by producers and workers: task and queue names, payloads, the result codec.
+
+Imports neither torch nor transformers, so a web app can depend on it. Payloads are msgpack (JSON is
+accepted too); pickle is refused on both sides. Vectors travel as raw little-endian bytes, not lists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from celery import Celery
+
+from producer.settings import Settings
+
+# Task names: sent by name, so the producer never imports the worker.
+TASK_ENCODE_QUERIES = "m3q.encode_queries"
+TASK_ENCODE_DOCUMENTS = "m3q.encode_documents"
+TASK_INDEX_DOCUMENTS = "m3q.index_documents"
+TASK_INFO = "m3q.info"
+
+KINDS = ("queries", "documents")
+ENCODE_OPTIONS = frozenset({"texts", "ids", "dense", "sparse", "colbert", "max_length"})
+INDEX_OPTIONS = frozenset({"texts", "ids", "metadata", "collection", "batch", "allow_empty_sparse"})
+ACCEPT = ["msgpack", "json"]
+
+
+class PayloadError(ValueError):
+    """A job payload that cannot be processed at all (as opposed to one bad text in it)."""
+
+
+def query_queue(s: Settings) -> str:
+    """Queue of query jobs: short, latency-bound, served before document steps."""
+    return f"{s.queue_prefix}.queries"
+
+
+def document_queue(s: Settings) -> str:
+    """Queue of document and index jobs: bulk, throughput-bound."""
+    return f"{s.queue_prefix}.documents"
+
+
+def device_queue(s: Settings, device: str) -> str:
+    """Queue that only the worker(s) on ``device`` consume, to route a job to one device."""
+    return f"{s.queue_prefix}.device.{device}"
+
+
+def task_queue(s: Settings, task: str) -> str:
+    """The default queue of a task."""
+    return query_queue(s) if task in (TASK_ENCODE_QUERIES, TASK_INFO) else document_queue(s)
+
+
+def celery_config(s: Settings) -> dict[str, Any]:
+    """Celery settings for long batches delivered at least once, with pickle refused."""
+    transport: dict[str, Any] = {"visibility_timeout": s.visibility_timeout_s}
+    config: dict[str, Any] = dict(
+        broker_url=s.broker_url,
+        result_backend=s.backend_url,
+        task_serializer="msgpack",
+        result_serializer="msgpack",
+        accept_content=ACCEPT,
+        result_accept_content=ACCEPT,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport,
+        result_backend_transport_options=dict(transport),
+        result_expires=s.result_expires_s,
+        result_extended=False,
+        task_default_queue=document_queue(s),
+        task_track_started=False,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_routes={TASK_ENCODE_QUERIES: {"queue": query_queue(s)}, TASK_INFO: {"queue": query_queue(s)}},
+    )
+    if s.broker_url.startswith("rediss://"):
+        config["broker_use_ssl"] = _tls(s)
+    if s.backend_url.startswith("rediss://"):
+        config["redis_backend_use_ssl"] = _tls(s)
+    return config
+
+
+def _tls(s: Settings) -> dict[str, Any]:
+    import ssl
+
+    tls: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if s.redis_tls_ca_file:
+        tls["ssl_ca_certs"] = s.redis_tls_ca_file
+    return tls
+
+
+def make_celery(s: Settings, name: str = "m3q") -> Celery:
+    """A Celery app configured from settings (used by producers and workers alike)."""
+    app = Celery(name, set_as_current=False)
+    app.conf.update(celery_config(s))
+    return app
+
+
+# ---- texts -------------------------------------------------------------------------------------------
+
+def check_text(value: object, max_chars: int) -> str | None:
+    """Why ``value`` cannot be encoded, or None when it can."""
+    if not isinstance(value, str):
+        return f"text must be a string, got {type(value).__name__}"
+    if not value.strip():
+        return "text is empty or whitespace only"
+    if len(value) > max_chars:
+        return f"text is {len(value):,} characters, over the limit of {max_chars:,} (M3Q_MAX_TEXT_CHARS)"
+    nul = value.find("\x00")
+    if nul >= 0:
+        return f"text contains a NUL character at offset {nul}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"text contains a lone surrogate at offset {e.start}"
+    return None
+
+
+def name_item(index: int, item_id: object = None) -> str:
+    """How an error names an item: its position, and its id when it has one."""
+    return f"item {index}" if item_id is None else f"item {index} (id {item_id!r})"
+
+
+# ---- results -----------------------------------------------------------------------------------------
+
+@dataclass
+class Embedding:
+    """One text's BGE-M3 output, float32 throughout."""
+
+    dense: np.ndarray | None
+    sparse_ids: np.ndarray | None
+    sparse_weights: np.ndarray | None
+    colbert: np.ndarray | None = None
+    n_tokens: int = 0
+    truncated: bool = False
+
+    def sparse_dict(self) -> dict[int, float]:
+        """Sparse weights as {token id: weight}."""
+        if self.sparse_ids is None:
+            return {}
+        return dict(zip(self.sparse_ids.tolist(), self.sparse_weights.tolist()))
+
+
+@dataclass
+class ItemError:
+    """Why one text was rejected; the rest of its job is unaffected."""
+
+    reason: str
+
+
+Item = Embedding | ItemError
+
+
+def encode_item(item: Item) -> dict[str, Any]:
+    """An item as a compact msgpack-friendly dict (vectors as bytes)."""
+    if isinstance(item, ItemError):
+        return {"error": item.reason}
+    out: dict[str, Any] = {"tokens": item.n_tokens, "truncated": item.truncated}
+    if item.dense is not None:
+        out["dense"] = np.ascontiguousarray(item.dense, dtype="<f4").tobytes()
+    if item.sparse_ids is not None:
+        out["sparse_ids"] = np.ascontiguousarray(item.sparse_ids, dtype="<i4").tobytes()
+        out["sparse_weights"] = np.ascontiguousarray(item.sparse_weights, dtype="<f4").tobytes()
+    if item.colbert is not None:
+        out["colbert"] = np.ascontiguousarray(item.colbert, dtype="<f4").tobytes()
+        out["colbert_rows"] = int(item.colbert.shape[0])
+    return out
+
+
+def decode_item(data: dict[str, Any]) -> Item:
+    """The inverse of :func:`encode_item`."""
+    if "error" in data:
+        return ItemError(str(data["error"]))
+    dense = _array(data.get("dense"), "<f4")
+    ids = _array(data.get("sparse_ids"), "<i4")
+    weights = _array(data.get("sparse_weights"), "<f4")
+    colbert = _array(data.get("colbert"), "<f4")
+    if colbert is not None:
+        rows = int(data["colbert_rows"])
+        colbert = colbert.reshape(rows, -1 if rows else 0)
+    return Embedding(dense, None if ids is None else ids.astype(np.int64), weights, colbert,
+                     int(data.get("tokens", 0)), bool(data.get("truncated", False)))
+
+
+def _array(raw: bytes | None, dtype: str) -> np.ndarray | None:
+    if raw is None:
+        return None
+    return np.frombuffer(raw, dtype=dtype).astype(dtype[1:], copy=True)
+
+
+def encode_payload(texts: Sequence[object], ids: Sequence[object] | None = None, **options: Any) -> dict[str, Any]:
+    """An encode job's payload."""
+    payload: dict[str, Any] = {"texts": list(texts), **{k: v for k, v in options.items() if v is not None}}
+    if ids is not None:
+        payload["ids"] = list(ids)
+    return payload
+
+
+def check_options(payload: object, allowed: frozenset[str]) -> dict[str, Any]:
+    """The payload as a dict, or a PayloadError naming what is wrong with it."""
+    if not isinstance(payload, dict):
+        raise PayloadError(f"payload must be a map, got {type(payload).__name__}")
+    unknown = sorted(set(map(str, payload)) - allowed)
+    if unknown:
+        raise PayloadError(f"unknown option(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}")
+    texts = payload.get("texts")
+    if not isinstance(texts, list):
+        raise PayloadError("payload needs 'texts', a list of strings")
+    ids = payload.get("ids")
+    if ids is not None and (not isinstance(ids, list) or len(ids) != len(texts)):
+        raise PayloadError("'ids' must be a list as long as 'texts'")
+    return payload

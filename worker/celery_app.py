@@ -1,0 +1,61 @@
+"""The worker's Celery app: ``celery -A worker.celery_app worker`` works, and so does ``m3q worker``.
+
+Settings come from ``M3Q_*`` variables when the app is built. The model is loaded in ``worker_init``, before
+the worker takes its first job; the pool is threads (safe with CUDA: nothing forks after the model loads),
+and all threads share one device loop.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from celery import Celery, signals
+from kombu import Queue
+
+from producer import wire
+from producer.settings import Settings
+from worker import runtime
+from worker.tasks import register
+
+log = logging.getLogger(__name__)
+
+
+def worker_queues(s: Settings) -> list[str]:
+    """Queries, documents, and this device's own queue."""
+    return [wire.query_queue(s), wire.document_queue(s), wire.device_queue(s, s.device)]
+
+
+def make_app(s: Settings) -> Celery:
+    """A worker app: the shared wire config plus the worker's pool and queues."""
+    app = wire.make_celery(s, name="m3q-worker")
+    app.conf.update(
+        worker_pool="threads",
+        worker_concurrency=s.worker_threads,
+        task_queues=[Queue(q) for q in worker_queues(s)],
+    )
+    register(app)
+    app.m3q_settings = s  # type: ignore[attr-defined]
+    return app
+
+
+@signals.worker_init.connect
+def _load_model(sender=None, **_: object) -> None:
+    # Load before consuming, so the first job never waits for the model, and a bad model stops the worker.
+    if runtime._current is not None:
+        return
+    s: Settings = getattr(sender.app, "m3q_settings", None) or Settings.from_env()
+    try:
+        rt = runtime.Runtime(s, runtime.load_encoder(s), hostname=getattr(sender, "hostname", None))
+    except Exception as e:  # noqa: BLE001 - any load failure ends the worker with the reason
+        log.error("m3q worker cannot start: %s", e)
+        os._exit(3)
+    runtime.install(rt).start()
+
+
+@signals.worker_shutdown.connect
+def _stop(**_: object) -> None:
+    if runtime._current is not None:
+        runtime._current.stop()
+
+
+app = make_app(Settings.from_env())

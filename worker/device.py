@@ -1,0 +1,51 @@
+"""Device and dtype resolution: which torch device a worker runs on, and in what precision."""
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class DeviceError(ValueError):
+    """A device or dtype that this machine cannot provide."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cpu:N`` (an alias of cpu, to run and route several CPU workers), ``cuda`` or ``cuda:N``."""
+    name = (name or "cpu").strip().lower()
+    kind, _, index = name.partition(":")
+    if kind == "cpu":
+        if index and not index.isdigit():
+            raise DeviceError(f"device {name!r}: use cpu or cpu:N")
+        return torch.device("cpu")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise DeviceError(f"unknown device {name!r}: use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"device {name!r} asked for, but torch sees no CUDA device on this machine")
+    n = int(index or 0)
+    if n >= torch.cuda.device_count():
+        raise DeviceError(f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return torch.device("cuda", n)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is float16 on cuda and float32 on cpu; float16 on cpu is refused (slow and lossy there)."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise DeviceError(f"unknown dtype {name!r}: use auto, float32, float16 or bfloat16")
+    if name == "float16" and device.type == "cpu":
+        raise DeviceError("float16 is not supported on cpu: use bfloat16 (fast on CPUs with AMX) or float32")
+    return DTYPES[name]
+
+
+def pin(device: torch.device) -> None:
+    """Make ``device`` the current CUDA device before anything else touches CUDA."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The settings name of a torch dtype."""
+    return {v: k for k, v in DTYPES.items()}[dtype]

@@ -1,0 +1,202 @@
+"""The encoder: validate and tokenize (pre), forward pass in token-budget steps (core), split results (post).
+
+``Encoder.encode`` does all three for one call. The worker's engine calls the stages separately, so that
+it can merge texts of several jobs into one step and serve queries between the steps of a long job.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from producer.wire import Embedding, ItemError, Item, check_text
+from worker.batcher import plan_batches
+from worker.device import dtype_name, pin, resolve_device, resolve_dtype
+from worker.model import BGEM3Model, ModelLoadError, resolve_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-text and per-step limits."""
+
+    query_max_length: int = 512
+    document_max_length: int = 8192
+    max_text_chars: int = 1_000_000
+    max_batch_tokens: int = 16384
+
+    def max_length(self, kind: str) -> int:
+        """Token limit of a kind of text."""
+        return self.query_max_length if kind == "queries" else self.document_max_length
+
+
+@dataclass
+class Prepared:
+    """A tokenized text, ready for a step."""
+
+    index: int
+    ids: list[int]
+    truncated: bool
+
+
+@dataclass
+class EncodeResult:
+    """One call's items in input order, and how many texts were truncated."""
+
+    items: list[Item]
+    truncated: int = 0
+    tokens: int = 0
+    info: dict = field(default_factory=dict)
+
+
+class Encoder:
+    """BGE-M3 on one device: equal to FlagEmbedding's BGEM3FlagModel, batched by tokens."""
+
+    def __init__(self, model: BGEM3Model, tokenizer, limits: Limits, name: str, device_name: str,
+                 replica: dict | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.name = name
+        self.device_name = device_name
+        self.replica = replica
+        self._cls, self._eos = tokenizer.cls_token_id, tokenizer.eos_token_id
+
+    @classmethod
+    def load(cls, model: str = "BAAI/bge-m3", device: str = "cpu", dtype: str = "auto",
+             limits: Limits | None = None) -> "Encoder":
+        """Load a hub id or a local checkpoint onto ``device`` once, for inference."""
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        pin(torch_device)
+        folder = resolve_checkpoint(model)
+        replica = _replica_marker(folder)
+        if replica:
+            log.warning("%s is an m3-queue REPLICA with random weights (size %s): its vectors mean nothing",
+                        folder, replica.get("size"))
+        tokenizer = _load_tokenizer(folder)
+        unused = [tokenizer.cls_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id]
+        net = BGEM3Model.load(folder, torch_device, torch_dtype, [i for i in unused if i is not None])
+        return cls(net, tokenizer, limits or Limits(), model, device, replica)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.transformer.word.weight.dtype
+
+    def info(self) -> dict:
+        """What this encoder is: model, device, dtype, output sizes, replica or not."""
+        return {"model": self.name, "device": self.device_name, "dtype": dtype_name(self.dtype),
+                "dims": self.model.dims, "replica": bool(self.replica)}
+
+    # ---- pre ------------------------------------------------------------------------------------------
+
+    def prepare(self, texts: Sequence[object], kind: str = "documents", max_length: int | None = None) -> list[Prepared | ItemError]:
+        """Validate and tokenize; a bad text becomes an ItemError in its place."""
+        limit = max_length or self.limits.max_length(kind)
+        if limit < 2:
+            raise ValueError(f"max_length must be at least 2, got {limit}")
+        out: list[Prepared | ItemError | None] = [None] * len(texts)
+        good = []
+        for i, text in enumerate(texts):
+            reason = check_text(text, self.limits.max_text_chars)
+            if reason:
+                out[i] = ItemError(reason)
+            else:
+                good.append(i)
+        if good:
+            encoded = self.tokenizer([texts[i] for i in good], add_special_tokens=False, return_attention_mask=False,
+                                     return_token_type_ids=False)["input_ids"]
+            for i, ids in zip(good, encoded):
+                out[i] = Prepared(i, [self._cls, *ids[: limit - 2], self._eos], len(ids) > limit - 2)
+        return out  # type: ignore[return-value]
+
+    def plan(self, prepared: Sequence[Prepared]) -> list[list[Prepared]]:
+        """Token-budget steps, longest texts first."""
+        steps = plan_batches([len(p.ids) for p in prepared], self.limits.max_batch_tokens)
+        return [[prepared[i] for i in step] for step in steps]
+
+    # ---- core + post ----------------------------------------------------------------------------------
+
+    def run(self, step: Sequence[Prepared], dense: bool = True, sparse: bool = True,
+            colbert: bool = False) -> list[Item]:
+        """One forward pass over ``step``; items come back aligned with ``step``.
+
+        On out-of-memory the step is halved and retried; a lone text that still does not fit gets an error.
+        """
+        order = sorted(range(len(step)), key=lambda i: -len(step[i].ids))
+        items = self._run_sorted([step[i] for i in order], dense, sparse, colbert)
+        aligned: list[Item] = [None] * len(step)  # type: ignore[list-item]
+        for i, item in zip(order, items):
+            aligned[i] = item
+        return aligned
+
+    def _run_sorted(self, step: list[Prepared], dense: bool, sparse: bool, colbert: bool) -> list[Item]:
+        try:
+            return self._forward(step, dense, sparse, colbert)
+        except torch.OutOfMemoryError:
+            if self.model.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(step) == 1:
+                return [ItemError(f"{len(step[0].ids)} tokens do not fit on {self.device_name} even alone "
+                                  "(out of memory); lower M3Q_DOCUMENT_MAX_LENGTH")]
+            half = len(step) // 2
+            log.warning("out of memory on a step of %d texts; splitting it", len(step))
+            return (self._run_sorted(step[:half], dense, sparse, colbert)
+                    + self._run_sorted(step[half:], dense, sparse, colbert))
+
+    def _forward(self, step: Sequence[Prepared], dense: bool, sparse: bool, colbert: bool) -> list[Item]:
+        lengths = [len(p.ids) for p in step]
+        ids = torch.tensor([t for p in step for t in p.ids], dtype=torch.long)
+        out = self.model(ids, lengths, dense=dense, sparse=sparse, colbert=colbert)
+        sparse_rows = _split_sparse(out.sparse, len(step)) if out.sparse is not None else None
+        items: list[Item] = []
+        for j, p in enumerate(step):
+            items.append(Embedding(
+                out.dense[j].numpy() if out.dense is not None else None,
+                sparse_rows[j][0] if sparse_rows else None,
+                sparse_rows[j][1] if sparse_rows else None,
+                out.colbert[j].numpy() if out.colbert is not None else None,
+                len(p.ids), p.truncated))
+        return items
+
+    # ---- all three --------------------------------------------------------------------------------------
+
+    def encode(self, texts: Sequence[object], kind: str = "documents", *, dense: bool = True, sparse: bool = True,
+               colbert: bool = False, max_length: int | None = None) -> EncodeResult:
+        """Encode ``texts`` in-process; items come back in input order."""
+        prepared = self.prepare(texts, kind, max_length)
+        items: list[Item | None] = [p if isinstance(p, ItemError) else None for p in prepared]
+        good = [p for p in prepared if isinstance(p, Prepared)]
+        for step in self.plan(good):
+            for p, item in zip(step, self.run(step, dense, sparse, colbert)):
+                items[p.index] = item
+        return EncodeResult(items, sum(p.truncated for p in good), sum(len(p.ids) for p in good))  # type: ignore[arg-type]
+
+
+def _split_sparse(sparse, rows: int) -> list[tuple]:
+    """(token ids, weights) per row from the flat (row, id, weight) triple."""
+    row, token, weight = sparse
+    counts = torch.bincount(row, minlength=rows).tolist()
+    tokens, weights = token.split(counts), weight.split(counts)
+    return [(t.numpy(), w.numpy()) for t, w in zip(tokens, weights)]
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001 - any tokenizer failure is a load error
+        raise ModelLoadError(f"{folder}: cannot load the tokenizer ({e})") from e
+    tokenizer.model_max_length = 10**9  # we truncate ourselves, and count it
+    return tokenizer
+
+
+def _replica_marker(folder: Path) -> dict | None:
+    marker = folder / "m3q_replica.json"
+    return json.loads(marker.read_text()) if marker.exists() else None

@@ -1,0 +1,192 @@
+"""The device loop: one thread owns the model and runs one step at a time, queries first.
+
+Jobs arrive from any thread (Celery's pool threads, tests, the CLI). Their texts are validated and
+tokenized in the caller's thread, so tokenizing the next job overlaps the device's current step. The loop
+then picks the next step:
+
+* waiting query texts, from as many jobs as fit the token budget, after waiting at most
+  ``batch_wait_ms`` for more to arrive (cross-job batching);
+* otherwise one step of document texts, again across jobs, longest first.
+
+A query therefore waits for at most one document step. Each job gets back exactly its own items; an
+exception in a step fails only the jobs that had texts in that step, and the loop goes on.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from producer.wire import Embedding, Item, ItemError
+from worker.encoder import EncodeResult, Encoder, Prepared
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One caller's texts in flight through the engine."""
+
+    kind: str
+    items: list[Item | None]
+    pending: deque[Prepared]
+    dense: bool
+    sparse: bool
+    colbert: bool
+    truncated: int
+    tokens: int
+    future: Future = field(default_factory=Future)
+    submitted: float = field(default_factory=time.monotonic)
+    open_items: int = 0
+
+
+@dataclass
+class StepStats:
+    """What one forward pass did, for metrics."""
+
+    kind: str
+    texts: int
+    tokens: int
+    padded_tokens: int
+    seconds: float
+    jobs: int
+
+
+class Engine:
+    """Serializes device work across jobs and threads."""
+
+    def __init__(self, encoder: Encoder, batch_wait_ms: float = 2.0, cross_job_batching: bool = True,
+                 on_step: Callable[[StepStats], None] | None = None) -> None:
+        self.encoder = encoder
+        self.batch_wait_s = batch_wait_ms / 1000
+        self.cross_job = cross_job_batching
+        self.on_step = on_step
+        self._queues: dict[str, deque[Job]] = {"queries": deque(), "documents": deque()}
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="m3q-device", daemon=True)
+        self._thread.start()
+
+    def submit(self, texts: Sequence[object], kind: str = "documents", *, dense: bool = True, sparse: bool = True,
+               colbert: bool = False, max_length: int | None = None) -> Future:
+        """Queue texts; the future resolves to an :class:`EncodeResult` in input order."""
+        if kind not in self._queues:
+            raise ValueError(f"kind must be 'queries' or 'documents', got {kind!r}")
+        prepared = self.encoder.prepare(texts, kind, max_length)
+        good = sorted((p for p in prepared if isinstance(p, Prepared)), key=lambda p: -len(p.ids))
+        job = Job(kind, [p if isinstance(p, ItemError) else None for p in prepared], deque(good), dense, sparse,
+                  colbert, sum(p.truncated for p in good), sum(len(p.ids) for p in good), open_items=len(good))
+        if not good:
+            job.future.set_result(self._result(job))
+            return job.future
+        with self._cond:
+            if self._stopped:
+                raise RuntimeError("engine is stopped")
+            self._queues[kind].append(job)
+            self._cond.notify()
+        return job.future
+
+    def encode(self, texts: Sequence[object], kind: str = "documents", timeout_s: float | None = None,
+               **options) -> EncodeResult:
+        """Blocking :meth:`submit`."""
+        return self.submit(texts, kind, **options).result(timeout_s)
+
+    def pending(self) -> dict[str, int]:
+        """Jobs waiting per kind."""
+        with self._cond:
+            return {k: len(q) for k, q in self._queues.items()}
+
+    def stop(self) -> None:
+        """Finish the queued work, then end the loop."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        self._thread.join(timeout=60)
+
+    # ---- the device thread ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            picked = self._next_step()
+            if picked is None:
+                return
+            kind, step = picked
+            try:
+                self._run(kind, step)
+            except Exception as e:  # noqa: BLE001 - a failed step fails its own jobs, never the loop
+                log.exception("step of %d texts failed", len(step))
+                for job in {id(j): j for j, _ in step}.values():
+                    if not job.future.done():
+                        job.future.set_exception(e)
+
+    def _next_step(self) -> tuple[str, list[tuple[Job, Prepared]]] | None:
+        with self._cond:
+            while not (self._queues["queries"] or self._queues["documents"]):
+                if self._stopped:
+                    return None
+                self._cond.wait()
+            if self._queues["queries"]:
+                self._gather_queries()
+                return "queries", self._take(self._queues["queries"])
+            return "documents", self._take(self._queues["documents"])
+
+    def _gather_queries(self) -> None:
+        # Wait a moment for more queries, unless a full step is already waiting.
+        if not self.cross_job:
+            return
+        deadline = self._queues["queries"][0].submitted + self.batch_wait_s
+        while time.monotonic() < deadline and self._waiting_tokens("queries") < self.encoder.limits.max_batch_tokens:
+            self._cond.wait(deadline - time.monotonic())
+
+    def _waiting_tokens(self, kind: str) -> int:
+        return sum(len(p.ids) for job in self._queues[kind] for p in job.pending)
+
+    def _take(self, queue: deque[Job]) -> list[tuple[Job, Prepared]]:
+        """Texts for one step under the token budget, from the oldest jobs first."""
+        budget = self.encoder.limits.max_batch_tokens
+        step: list[tuple[Job, Prepared]] = []
+        longest = 0
+        while queue:
+            job = queue[0]
+            while job.pending:
+                n = len(job.pending[0].ids)
+                if step and (len(step) + 1) * max(longest, n) > budget:
+                    return step
+                longest = max(longest, n)
+                step.append((job, job.pending.popleft()))
+            queue.popleft()
+            if not self.cross_job:
+                break
+        return step
+
+    def _run(self, kind: str, step: list[tuple[Job, Prepared]]) -> None:
+        started = time.perf_counter()
+        want = [any(getattr(j, f) for j, _ in step) for f in ("dense", "sparse", "colbert")]
+        items = self.encoder.run([p for _, p in step], *want)
+        lengths = [len(p.ids) for _, p in step]
+        jobs = {id(j): j for j, _ in step}
+        if self.on_step:
+            self.on_step(StepStats(kind, len(step), sum(lengths), len(step) * max(lengths),
+                                   time.perf_counter() - started, len(jobs)))
+        for (job, p), item in zip(step, items):
+            job.items[p.index] = _only_requested(item, job)
+            job.open_items -= 1
+            if job.open_items == 0 and not job.future.done():
+                job.future.set_result(self._result(job))
+
+    @staticmethod
+    def _result(job: Job) -> EncodeResult:
+        return EncodeResult(job.items, job.truncated, job.tokens)  # type: ignore[arg-type]
+
+
+def _only_requested(item: Item, job: Job) -> Item:
+    # A step computes the union of what its jobs asked for; each job gets back only its own request.
+    if isinstance(item, ItemError):
+        return item
+    return Embedding(item.dense if job.dense else None, item.sparse_ids if job.sparse else None,
+                     item.sparse_weights if job.sparse else None, item.colbert if job.colbert else None,
+                     item.n_tokens, item.truncated)

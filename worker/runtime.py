@@ -1,0 +1,147 @@
+"""A worker process's resources: settings, the encoder and its device loop, metrics, the status heartbeat.
+
+Created once at start-up (before the first job is taken) and reached by the tasks through :func:`current`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from producer.settings import Settings
+from worker.encoder import Encoder, Limits
+from worker.engine import Engine, StepStats
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 5.0
+
+
+def limits_of(s: Settings) -> Limits:
+    """The encoder limits in settings."""
+    return Limits(s.query_max_length, s.document_max_length, s.max_text_chars, s.max_batch_tokens)
+
+
+def load_encoder(s: Settings) -> Encoder:
+    """The encoder that settings describe."""
+    return Encoder.load(s.model, s.device, s.dtype, limits_of(s))
+
+
+@dataclass
+class Counters:
+    """Running totals for the status heartbeat (Prometheus has its own)."""
+
+    jobs: int = 0
+    texts: int = 0
+    tokens: int = 0
+    errors: int = 0
+    busy_s: float = 0.0
+    recent: list[tuple[float, int, int]] = field(default_factory=list)  # (time, texts, tokens)
+
+    def rate(self, window_s: float = 60.0) -> dict[str, float]:
+        """Texts/s and tokens/s over the last ``window_s``."""
+        now = time.monotonic()
+        self.recent = [r for r in self.recent if now - r[0] <= window_s]
+        span = max(1.0, min(window_s, now - self.recent[0][0])) if self.recent else window_s
+        return {"texts_per_s": sum(r[1] for r in self.recent) / span,
+                "tokens_per_s": sum(r[2] for r in self.recent) / span}
+
+
+class Runtime:
+    """Everything one worker process owns."""
+
+    def __init__(self, settings: Settings, encoder: Encoder, hostname: str | None = None) -> None:
+        from worker import metrics
+
+        self.settings = settings
+        self.encoder = encoder
+        self.hostname = hostname or f"m3q@{socket.gethostname()}:{os.getpid()}"
+        self.counters = Counters()
+        self.metrics = metrics.Metrics(settings.metrics_port)
+        self.engine = Engine(encoder, settings.batch_wait_ms, settings.cross_job_batching, self._on_step)
+        self._milvus = None
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name="m3q-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        """Start the heartbeat (the device loop runs already)."""
+        self._heartbeat.start()
+        info = self.encoder.info()
+        log.info("m3q worker %s ready: device=%s model=%s dtype=%s dims=%s%s", self.hostname, info["device"],
+                 info["model"], info["dtype"], info["dims"], " (RANDOM-WEIGHT REPLICA)" if info["replica"] else "")
+
+    def stop(self) -> None:
+        """Drain the device loop and stop the heartbeat."""
+        self._stop.set()
+        self.engine.stop()
+        self._forget()
+
+    def milvus(self):
+        """A Milvus client, created on first use and reused."""
+        if self._milvus is None:
+            from producer import milvus
+
+            self._milvus = milvus.connect(self.settings)
+        return self._milvus
+
+    def reset_milvus(self) -> None:
+        """Drop the Milvus client after a failure, so the next try reconnects."""
+        self._milvus = None
+
+    def _on_step(self, step: StepStats) -> None:
+        c = self.counters
+        c.texts += step.texts
+        c.tokens += step.tokens
+        c.busy_s += step.seconds
+        c.recent.append((time.monotonic(), step.texts, step.tokens))
+        self.metrics.step(step)
+
+    # ---- status heartbeat in Redis (read by `m3q status`) ----------------------------------------------
+
+    def status(self) -> dict:
+        """This worker as `m3q status` shows it."""
+        return {**self.encoder.info(), "hostname": self.hostname, "pid": os.getpid(), "jobs": self.counters.jobs,
+                "texts": self.counters.texts, "tokens": self.counters.tokens, "errors": self.counters.errors,
+                **self.counters.rate(), "pending": self.engine.pending(), "time": time.time()}
+
+    def _key(self) -> str:
+        return f"{self.settings.queue_prefix}:worker:{self.hostname}"
+
+    def _beat(self) -> None:
+        from producer.status import redis_client
+
+        while not self._stop.is_set():
+            try:
+                redis_client(self.settings).set(self._key(), json.dumps(self.status()), ex=int(3 * HEARTBEAT_S))
+            except Exception as e:  # noqa: BLE001 - Redis may be restarting; the next beat retries
+                log.debug("heartbeat failed: %s", e)
+            self._stop.wait(HEARTBEAT_S)
+
+    def _forget(self) -> None:
+        from producer.status import redis_client
+
+        try:
+            redis_client(self.settings).delete(self._key())
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+
+
+_current: Runtime | None = None
+
+
+def install(runtime: Runtime) -> Runtime:
+    """Make ``runtime`` the process's runtime."""
+    global _current
+    _current = runtime
+    return runtime
+
+
+def current() -> Runtime:
+    """The process's runtime; a task before start-up is a bug."""
+    if _current is None:
+        raise RuntimeError("the m3q worker runtime is not started (the model loads in the worker_init hook)")
+    return _current

@@ -1,0 +1,207 @@
+"""The Celery tasks, kept thin: check the payload, encode through the device loop, hand results back or sink them.
+
+A bad text is an item error in the result; a bad payload (unknown option, too big, too many texts) fails
+the whole job with a :class:`~producer.wire.PayloadError` before anything is encoded.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import msgpack
+from celery import Celery, Task
+
+from producer import wire
+from producer.status import record_failure, redis_client
+from producer.wire import ItemError, PayloadError, check_options, encode_item, name_item
+from worker.runtime import Runtime, current
+
+log = logging.getLogger(__name__)
+
+
+class PoisonJob(RuntimeError):
+    """A job whose deliveries keep killing workers: given up on and recorded."""
+
+
+def register(app: Celery) -> None:
+    """Register m3q's tasks on ``app`` under their wire names."""
+
+    @app.task(name=wire.TASK_ENCODE_QUERIES, bind=True)
+    def encode_queries(self: Task, payload: dict) -> dict:
+        return _guarded(self, lambda rt: encode_job(rt, payload, "queries"))
+
+    @app.task(name=wire.TASK_ENCODE_DOCUMENTS, bind=True)
+    def encode_documents(self: Task, payload: dict) -> dict:
+        return _guarded(self, lambda rt: encode_job(rt, payload, "documents"))
+
+    @app.task(name=wire.TASK_INDEX_DOCUMENTS, bind=True)
+    def index_documents(self: Task, payload: dict) -> dict:
+        return _guarded(self, lambda rt: index_job(self, rt, payload))
+
+    @app.task(name=wire.TASK_INFO)
+    def info(payload: dict | None = None) -> dict:
+        rt = current()
+        return {**rt.encoder.info(), "hostname": rt.hostname}
+
+
+def _guarded(task: Task, run) -> dict:
+    """Run a job, counting deliveries (a job that keeps crashing workers stops) and recording failures."""
+    rt = current()
+    started = time.monotonic()
+    _check_deliveries(task, rt)
+    sent = (task.request.headers or {}).get("m3q_sent") if task.request.headers else None
+    if sent:
+        rt.metrics.queue_wait_s.labels(task.name).observe(max(0.0, time.time() - float(sent)))
+    try:
+        result = run(rt)
+    except Exception as e:
+        if not _is_retry(e):
+            rt.counters.errors += 1
+            rt.metrics.jobs.labels(task.name, "failed").inc()
+            rt.metrics.errors.labels(type(e).__name__).inc()
+            record_failure(rt.settings, task.name, task.request.id or "?", f"{type(e).__name__}: {e}")
+        raise
+    rt.counters.jobs += 1
+    rt.metrics.jobs.labels(task.name, "ok").inc()
+    rt.metrics.job_s.labels(task.name).observe(time.monotonic() - started)
+    return result
+
+
+def _is_retry(e: Exception) -> bool:
+    from celery.exceptions import Retry
+
+    return isinstance(e, Retry)
+
+
+def _check_deliveries(task: Task, rt: Runtime) -> None:
+    # Acks are late, so a job that kills its worker comes back; count how often, and stop it looping.
+    key = f"{rt.settings.queue_prefix}:deliveries:{task.request.id}"
+    client = redis_client(rt.settings)
+    deliveries = client.incr(key)
+    client.expire(key, rt.settings.result_expires_s)
+    if deliveries > rt.settings.task_max_retries + 1 + (task.request.retries or 0):
+        raise PoisonJob(f"job {task.request.id} was delivered {deliveries} times without finishing "
+                        f"(M3Q_TASK_MAX_RETRIES={rt.settings.task_max_retries}); giving up")
+
+
+def check_size(rt: Runtime, payload: dict) -> None:
+    """Refuse an oversized job before encoding anything."""
+    texts = payload["texts"]
+    if len(texts) > rt.settings.max_job_texts:
+        raise PayloadError(f"job has {len(texts):,} texts, over the limit of {rt.settings.max_job_texts:,} "
+                           "(M3Q_MAX_JOB_TEXTS); the producer client splits large inputs for you")
+    size = len(msgpack.packb(payload, default=repr))
+    if size > rt.settings.max_payload_bytes:
+        raise PayloadError(f"job payload is {size:,} bytes, over the limit of {rt.settings.max_payload_bytes:,} "
+                           "(M3Q_MAX_PAYLOAD_BYTES)")
+
+
+def _flag(payload: dict, name: str, default: bool) -> bool:
+    value = payload.get(name, default)
+    if not isinstance(value, bool):
+        raise PayloadError(f"option {name!r} must be true or false, got {value!r}")
+    return value
+
+
+def encode_job(rt: Runtime, payload: Any, kind: str) -> dict:
+    """Encode a job's texts; vectors come back as bytes, bad texts as item errors."""
+    payload = check_options(payload, wire.ENCODE_OPTIONS)
+    check_size(rt, payload)
+    max_length = payload.get("max_length")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+        raise PayloadError(f"option 'max_length' must be an integer of at least 2, got {max_length!r}")
+    result = rt.engine.encode(payload["texts"], kind, dense=_flag(payload, "dense", True),
+                              sparse=_flag(payload, "sparse", True), colbert=_flag(payload, "colbert", False),
+                              max_length=max_length)
+    return {"items": [encode_item(i) for i in result.items], "truncated": result.truncated,
+            "tokens": result.tokens, **_stamp(rt)}
+
+
+def _stamp(rt: Runtime) -> dict:
+    info = rt.encoder.info()
+    return {"worker": rt.hostname, "device": info["device"], "model": info["model"], "dtype": info["dtype"]}
+
+
+# ---- indexing ----------------------------------------------------------------------------------------
+
+def index_job(task: Task, rt: Runtime, payload: Any) -> dict:
+    """Encode documents and upsert them into Milvus; item errors for bad texts, ids or metadata."""
+    payload = check_options(payload, wire.INDEX_OPTIONS)
+    check_size(rt, payload)
+    collection = payload.get("collection")
+    if not isinstance(collection, str) or not collection:
+        raise PayloadError("index job needs 'collection', a non-empty string")
+    texts, n = payload["texts"], len(payload["texts"])
+    if payload.get("ids") is None:
+        raise PayloadError("index job needs 'ids', one per text (re-indexing upserts by id)")
+    errors = _check_rows(rt, payload["ids"], payload.get("metadata"), n)
+    metadata = payload.get("metadata") or [None] * n
+    good = [i for i in range(n) if i not in errors]
+    result = rt.engine.encode([texts[i] for i in good], "documents", colbert=False)
+    rows = []
+    for i, item in zip(good, result.items):
+        if isinstance(item, ItemError):
+            errors[i] = item.reason
+        else:
+            rows.append({"id": str(payload["ids"][i]), "text": texts[i], "dense": item.dense,
+                         "sparse": item.sparse_dict(), "metadata": metadata[i] or {}})
+    stored = _upsert(task, rt, collection, rows) if rows else 0
+    return {"stored": stored, "ids": [r["id"] for r in rows], "truncated": result.truncated,
+            "errors": [[i, f"{name_item(i, payload['ids'][i])}: {errors[i]}"] for i in sorted(errors)],
+            "batch": payload.get("batch"), **_stamp(rt)}
+
+
+def _check_rows(rt: Runtime, ids: list, metadata: list | None, n: int) -> dict[int, str]:
+    """Item errors for bad ids (type, length, duplicates) and metadata that is not a JSON object."""
+    if metadata is not None and (not isinstance(metadata, list) or len(metadata) != n):
+        raise PayloadError("'metadata' must be a list as long as 'texts'")
+    errors: dict[int, str] = {}
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(ids):
+        if not isinstance(raw, (str, int)) or isinstance(raw, bool) or str(raw) == "":
+            errors[i] = f"id must be a non-empty string or integer, got {type(raw).__name__}"
+        elif len(str(raw)) > rt.settings.max_id_chars:
+            errors[i] = f"id is {len(str(raw))} characters, over the limit of {rt.settings.max_id_chars} (M3Q_MAX_ID_CHARS)"
+        elif str(raw) in seen:
+            errors[i] = f"duplicate id {str(raw)!r} (first at item {seen[str(raw)]})"
+        else:
+            seen[str(raw)] = i
+        if i not in errors and metadata is not None:
+            reason = _check_metadata(metadata[i])
+            if reason:
+                errors[i] = reason
+    return errors
+
+
+def _check_metadata(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return f"metadata must be a JSON object, got {type(value).__name__}"
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        return f"metadata is not JSON: {e}"
+    return None
+
+
+def _upsert(task: Task, rt: Runtime, collection: str, rows: list[dict]) -> int:
+    from producer import milvus
+
+    try:
+        client = rt.milvus()
+        milvus.ensure_collection(client, collection, int(rows[0]["dense"].shape[0]), rt.encoder.name)
+        return milvus.upsert(client, collection, rows)
+    except milvus.SchemaMismatch as e:
+        raise PayloadError(str(e)) from None
+    except milvus.MilvusError as e:
+        rt.reset_milvus()
+        retries = task.request.retries or 0
+        if retries >= rt.settings.index_retries:
+            raise milvus.MilvusError(f"index batch {task.request.id} ({len(rows)} documents) not stored after "
+                                     f"{retries + 1} tries: {e}") from None
+        delay = rt.settings.index_retry_backoff_s * 2 ** retries
+        log.warning("Milvus failed on batch %s (%s); retry %d in %.1fs", task.request.id, e, retries + 1, delay)
+        raise task.retry(countdown=delay, max_retries=rt.settings.index_retries, exc=e)
