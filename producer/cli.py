@@ -120,11 +120,13 @@ def cmd_encode(args: argparse.Namespace, s: Settings) -> int:
     encode = _local_encoder(s, args) if args.local else _remote_encoder(s, args)
     truncated = 0
     for chunk in _chunks(_read_jsonl(sys.stdin), 1024):
-        texts = [text for _, text, _ in chunk]
-        items, n = encode(texts)
+        good = [i for i, (_, _, error) in enumerate(chunk) if error is None]
+        items, n = encode([chunk[i][1] for i in good]) if good else ([], 0)
+        by_line = dict(zip(good, items))
         truncated += n
-        for (doc_id, _, error), item in zip(chunk, items):
-            sys.stdout.write(json.dumps(_item_json(doc_id, error, item, args.colbert), ensure_ascii=False) + "\n")
+        for i, (doc_id, _, error) in enumerate(chunk):
+            line = _item_json(doc_id, error, by_line.get(i), args.colbert)
+            sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
         sys.stdout.flush()
     if truncated:
         limit = s.query_max_length if args.kind == "queries" else s.document_max_length
@@ -154,19 +156,16 @@ def _remote_encoder(s: Settings, args: argparse.Namespace):
     return encode
 
 
-_BAD = object()
-
-
 def _read_jsonl(stream) -> Iterator[tuple[Any, Any, str | None]]:
     """(id, text, error) per input line; a bad line keeps its place with an error."""
     for n, line in enumerate(stream, 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            yield None, _BAD, f"line {n} is not JSON: {e.msg}"
+            yield None, None, f"line {n} is not JSON: {e.msg}"
             continue
         if not isinstance(row, dict) or "text" not in row:
-            yield (row.get("id") if isinstance(row, dict) else None), _BAD, f"line {n} has no 'text' field"
+            yield (row.get("id") if isinstance(row, dict) else None), None, f"line {n} has no 'text' field"
             continue
         yield row.get("id"), row["text"], None
 

@@ -88,7 +88,10 @@ class Client:
 
     def submit(self, task: str, payload: dict, device: str | None = None, first_index: int = 0) -> Handle:
         """Send one job; route it to ``device``'s own queue when given."""
-        size = len(msgpack.packb(payload, default=repr))
+        try:
+            size = len(msgpack.packb(payload))
+        except (TypeError, ValueError) as e:
+            raise PayloadError(f"payload cannot be sent as msgpack: {e}") from None
         if size > self.settings.max_payload_bytes:
             raise PayloadError(f"job payload is {size:,} bytes, over the limit of "
                                f"{self.settings.max_payload_bytes:,} (M3Q_MAX_PAYLOAD_BYTES); send smaller jobs")
@@ -110,12 +113,14 @@ class Client:
                device: str | None = None, **options: Any) -> list[Item]:
         """Encode any number of texts through the queue; items in input order."""
         size = job_texts or (self.settings.job_texts if kind == "documents" else max(self.settings.job_texts, 256))
-        chunks = [(start, texts[start:start + size]) for start in range(0, len(texts), size)]
-        out: list[Item] = []
-        submit = lambda chunk: self.submit_encode(chunk[1], kind, device=device, first_index=chunk[0], **options)
-        for handle in self.pipelined(chunks, submit):
-            out.extend(handle.result())
-        return out
+        out, send = _answer_unsendable(texts)
+        chunks = [send[start:start + size] for start in range(0, len(send), size)]
+        submit = lambda chunk: self.submit_encode([texts[i] for i in chunk], kind, device=device,
+                                                  first_index=chunk[0], **options)
+        for chunk, handle in zip(chunks, self.pipelined(chunks, submit)):
+            for i, item in zip(chunk, handle.result()):
+                out[i] = item
+        return out  # type: ignore[return-value]
 
     def encode_queries(self, texts: Sequence[object], **options: Any) -> list[Item]:
         """Encode queries (up to 512 tokens each by default) through the query lane."""
@@ -156,19 +161,32 @@ class Client:
     def index(self, collection: str, texts: Sequence[object], ids: Sequence[object],
               metadata: Sequence[object] | None = None, *, job_texts: int | None = None,
               progress: Callable[[int], None] | None = None) -> IndexReport:
-        """Index documents; item errors are collected with their input position, never dropped silently."""
+        """Index documents; rejected ones are reported with their input position, never dropped silently."""
         if len(ids) != len(texts) or (metadata is not None and len(metadata) != len(texts)):
             raise ValueError("texts, ids (and metadata) must have the same length")
-        size = job_texts or self.settings.job_texts
-        starts = range(0, len(texts), size)
-        submit = lambda s: self.submit_index(collection, texts[s:s + size], ids[s:s + size],
-                                             None if metadata is None else metadata[s:s + size], s)
-        report = IndexReport()
-        for handle in self.pipelined(starts, submit):
-            merge_index_result(report, handle.raw(), handle.first_index)
+        rows = ((i, texts[i], ids[i], None if metadata is None else metadata[i]) for i in range(len(texts)))
+        return self.index_rows(collection, rows, job_texts=job_texts, progress=progress)
+
+    def index_rows(self, collection: str, rows: Iterable[tuple[int, object, object, object]], *,
+                   job_texts: int | None = None, progress: Callable[[int], None] | None = None,
+                   report: IndexReport | None = None) -> IndexReport:
+        """Index (position, text, id, metadata) rows in jobs of ``job_texts``, a bounded number in flight."""
+        report = report or IndexReport()
+        batches = _index_batches(rows, job_texts or self.settings.job_texts, report)
+        submit = lambda batch: self._submit_rows(collection, batch)
+        for handle in self.pipelined(batches, submit):
+            raw = handle.raw()
+            merge_index_result(report, {**raw, "errors": []}, 0)
+            report.rejected += [(handle.rows[i], reason) for i, reason in raw["errors"]]
             if progress:
                 progress(handle.size)
         return report
+
+    def _submit_rows(self, collection: str, batch: list[tuple[int, object, object, object]]) -> Handle:
+        positions, texts, ids, metadata = (list(column) for column in zip(*batch))
+        handle = self.submit_index(collection, texts, ids, metadata, first_index=positions[0])
+        handle.rows = positions  # the worker names items by place in the job; report them by input position
+        return handle
 
     def dims(self) -> dict[str, int]:
         """Output sizes (dense, colbert_vecs, sparse), asked of a worker once and cached."""
@@ -184,6 +202,44 @@ def merge_index_result(report: IndexReport, raw: dict, first_index: int) -> None
     report.truncated += raw.get("truncated", 0)
     report.jobs += 1
     report.rejected += [(first_index + i, reason) for i, reason in raw["errors"]]
+
+
+def _index_batches(rows: Iterable[tuple[int, object, object, object]], size: int,
+                   report: IndexReport) -> Iterator[list[tuple[int, object, object, object]]]:
+    """Batches of sendable rows; a row that cannot travel is rejected here, with its reason."""
+    batch = []
+    for row in rows:
+        reason = wire.unsendable(row[1]) or _unsendable_metadata(row[3])
+        if reason:
+            report.rejected.append((row[0], f"{wire.name_item(row[0], row[2])}: {reason}"))
+            continue
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _unsendable_metadata(value: object) -> str | None:
+    try:
+        msgpack.packb(value)
+    except (TypeError, ValueError) as e:
+        return f"metadata is not JSON: {e}"
+    return None
+
+
+def _answer_unsendable(texts: Sequence[object]) -> tuple[list[Item | None], list[int]]:
+    """Item errors for texts that cannot travel (answered here), and the positions of those that can."""
+    out: list[Item | None] = [None] * len(texts)
+    send = []
+    for i, text in enumerate(texts):
+        reason = wire.unsendable(text)
+        if reason:
+            out[i] = wire.ItemError(reason)
+        else:
+            send.append(i)
+    return out, send
 
 
 def _waited(handle: Handle) -> Handle:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from producer.client import Client, IndexReport, merge_index_result
+from producer.client import Client, IndexReport
 from producer.settings import Settings
 from producer.sources import Document, count_documents, read_documents
 
@@ -35,44 +35,26 @@ def index_file(s: Settings, path: str | Path, collection: str, text_field: str =
     report = FileReport()
     bar = _bar(count_documents(path), progress)
     try:
-        batches = _batches(read_documents(path, text_field, id_field), s.job_texts, report)
-        for handle in client.pipelined(batches, lambda batch: _submit(client, collection, batch)):
-            raw = handle.raw()
-            merge_index_result(report, {**raw, "errors": []}, 0)
-            report.rejected += [(handle.rows[i], reason) for i, reason in raw["errors"]]
-            bar.update(handle.size)
-            bar.set_postfix(stored=report.stored, rejected=len(report.rejected) + len(report.source_errors))
+        rows = _rows(read_documents(path, text_field, id_field), report)
+        client.index_rows(collection, rows, progress=lambda n: _advance(bar, n, report), report=report)
     finally:
         bar.close()
     return report
 
 
-def _submit(client: Client, collection: str, batch: tuple[list, list, list, list]):
-    rows, texts, ids, metadata = batch
-    handle = client.submit_index(collection, texts, ids, metadata, first_index=rows[0])
-    handle.rows = rows  # item errors come back by position in the job; report them by row of the file
-    return handle
-
-
-def _batches(docs: Iterator[Document], size: int, report: FileReport) -> Iterator[tuple[list, list, list, list]]:
-    # (row numbers, texts, ids, metadata); rows the file got wrong are reported and never sent.
-    batch: list[tuple[int, Document]] = []
+def _rows(docs: Iterator[Document], report: FileReport) -> Iterator[tuple[int, object, object, object]]:
+    # (row number, text, id, metadata); rows the file itself got wrong are reported and never sent.
     for row, doc in enumerate(docs, 1):
         report.total += 1
         if doc.error:
             report.source_errors.append((row, f"{doc.id}: {doc.error}"))
-            continue
-        batch.append((row, doc))
-        if len(batch) == size:
-            yield _columns(batch)
-            batch = []
-    if batch:
-        yield _columns(batch)
+        else:
+            yield row, doc.text, doc.id, doc.metadata
 
 
-def _columns(batch: list[tuple[int, Document]]) -> tuple[list, list, list, list]:
-    docs = [doc for _, doc in batch]
-    return [row for row, _ in batch], [d.text for d in docs], [d.id for d in docs], [d.metadata for d in docs]
+def _advance(bar, n: int, report: FileReport) -> None:
+    bar.update(n)
+    bar.set_postfix(stored=report.stored, rejected=len(report.rejected) + len(report.source_errors))
 
 
 def _bar(total: int | None, enabled: bool):

@@ -44,6 +44,13 @@ def device_queue(s: Settings, device: str) -> str:
     return f"{s.queue_prefix}.device.{device}"
 
 
+def kombu_queue(name: str):
+    """A queue bound to its own direct exchange under its own name, the same on both sides."""
+    from kombu import Exchange, Queue
+
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
 def task_queue(s: Settings, task: str) -> str:
     """The default queue of a task."""
     return query_queue(s) if task in (TASK_ENCODE_QUERIES, TASK_INFO) else document_queue(s)
@@ -115,6 +122,21 @@ def check_text(value: object, max_chars: int) -> str | None:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
         return f"text contains a lone surrogate at offset {e.start}"
+    return None
+
+
+_SENDABLE = (str, bytes, int, float, bool, type(None), list, dict)
+
+
+def unsendable(value: object) -> str | None:
+    """Why ``value`` cannot even travel on the wire (so the producer answers it), or None."""
+    if not isinstance(value, _SENDABLE):
+        return f"text must be a string, got {type(value).__name__}"
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"text contains a lone surrogate at offset {e.start}"
     return None
 
 

@@ -10,7 +10,6 @@ import logging
 import os
 
 from celery import Celery, signals
-from kombu import Queue
 
 from producer import wire
 from producer.settings import Settings
@@ -31,7 +30,7 @@ def make_app(s: Settings) -> Celery:
     app.conf.update(
         worker_pool="threads",
         worker_concurrency=s.worker_threads,
-        task_queues=[Queue(q) for q in worker_queues(s)],
+        task_queues=[wire.kombu_queue(q) for q in worker_queues(s)],
     )
     register(app)
     app.m3q_settings = s  # type: ignore[attr-defined]

@@ -1,0 +1,548 @@
+"""The Milvus sink and search: collection schema, upsert by id, count, dense/sparse/hybrid search,
+and the embedded Milvus Lite server. Light: pymilvus and numpy only (no torch).
+
+Errors are split on purpose: :class:`MilvusError` is retryable (Milvus unreachable or transient),
+:class:`SchemaMismatch` and :class:`MilvusRejected` are fatal (retrying cannot help).
+
+Collection layout (DESIGN.md, "Milvus"): ``id`` VARCHAR primary key (the caller's id, so re-indexing is
+an idempotent upsert), ``text`` VARCHAR, ``dense`` FLOAT_VECTOR(dim), ``sparse`` SPARSE_FLOAT_VECTOR,
+``metadata`` JSON; both vector indexes use the IP metric. The model name and dense dimension are recorded
+in the collection's properties (and its description), so a worker running another model cannot mix
+vectors of two models in one collection.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import grpc
+import numpy as np
+from pymilvus import AnnSearchRequest, DataType, MilvusClient, RRFRanker, WeightedRanker
+from pymilvus.exceptions import (
+    CollectionNotExistException, ConnectionConfigException, DataNotMatchException,
+    DataTypeNotMatchException, FieldsTypeException, FieldTypeException, MilvusException, ParamError,
+    PrimaryKeyException,
+)
+
+from producer.settings import Settings
+
+ID_MAX_BYTES = 2048
+"""Longest id in UTF-8 bytes: M3Q_MAX_ID_CHARS (512) characters of up to 4 bytes each always fit."""
+TEXT_MAX_BYTES = 65535
+"""Longest stored text in UTF-8 bytes (Milvus' VARCHAR limit); longer texts are stored truncated."""
+METADATA_MAX_BYTES = 65536
+"""Largest metadata as JSON (Milvus' default JSON field limit); a bigger one rejects its row."""
+SPARSE_INDEX_LIMIT = 2**32 - 1
+"""Sparse token ids must lie in [0, 2**32 - 1) (Milvus stores them as uint32, the last one reserved)."""
+EMPTY_SPARSE_TOKEN = 2**32 - 2
+"""Token id stored for a text whose sparse vector is empty: outside every vocabulary, so no query has it."""
+EMPTY_SPARSE_WEIGHT = 1e-6
+"""Weight of :data:`EMPTY_SPARSE_TOKEN`: nonzero (Milvus requires it) and too small to matter anyway."""
+UPSERT_CHUNK_BYTES = 16 * 1024 * 1024
+"""Rows are sent in chunks of about this size, well under Milvus' gRPC message limit."""
+CONNECT_TIMEOUT_S = 10.0
+"""How long a connection attempt may take before it is a MilvusError."""
+LITE_HOST = "127.0.0.1"
+"""The embedded server binds to loopback only: Milvus Lite has no authentication."""
+LITE_LOG_NAME = "milvus-lite.log"
+"""The embedded server's log, in its data directory."""
+PROP_MODEL = "m3q.model"
+PROP_DIM = "m3q.dense_dim"
+FIELDS = ("id", "text", "dense", "sparse", "metadata")
+MODES = ("hybrid", "dense", "sparse")
+RRF_K = 60
+"""RRF's smoothing constant (the usual value, and pymilvus' default)."""
+
+
+class MilvusError(RuntimeError):
+    """Milvus is unreachable or failed transiently: retry later."""
+
+
+class SchemaMismatch(ValueError):
+    """The collection was made for another dense dimension or model (or not by m3-queue): fatal."""
+
+
+class MilvusRejected(ValueError):
+    """Milvus (or the check before it) refused the request itself, e.g. an invalid row: fatal."""
+
+
+@dataclass
+class Hit:
+    """One search result."""
+
+    id: str
+    score: float
+    text: str
+    metadata: dict = field(default_factory=dict)
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+
+# Client-side validation errors and "illegal argument"/"no such collection" codes of Milvus and Milvus
+# Lite: the same request fails again. Everything else (unavailable, timeouts, rate limits) is retryable.
+_FATAL_TYPES = (ParamError, DataTypeNotMatchException, DataNotMatchException, PrimaryKeyException,
+                FieldTypeException, FieldsTypeException, ConnectionConfigException,
+                CollectionNotExistException)
+_FATAL_CODES = frozenset({4, 5, 6, 100, 1100})
+
+
+def _reason(e: BaseException) -> str:
+    return str(getattr(e, "message", "") or e)
+
+
+def _translate(e: BaseException, what: str) -> Exception:
+    if isinstance(e, _FATAL_TYPES) or getattr(e, "code", None) in _FATAL_CODES:
+        return MilvusRejected(f"{what}: {_reason(e)}")
+    return MilvusError(f"{what}: {_reason(e)}")
+
+
+def _call(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` with pymilvus and gRPC errors turned into MilvusError / MilvusRejected."""
+    try:
+        return fn(*args, **kwargs)
+    except (MilvusException, grpc.RpcError, ConnectionError) as e:
+        raise _translate(e, what) from e
+
+
+def redact(uri: str) -> str:
+    """``uri`` without a password in its user part, fit for logs and error messages."""
+    parts = urlsplit(uri)
+    if not parts.password:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+# ---- connection ---------------------------------------------------------------------------------------
+
+def milvus_uri(settings: Settings) -> str:
+    """The URI the settings point at: M3Q_MILVUS_URI, or the embedded server on M3Q_MILVUS_PORT."""
+    uri = settings.milvus_uri or f"http://{LITE_HOST}:{settings.milvus_port}"
+    if uri.endswith(".db") and "://" not in uri:
+        uri = str(Path(uri).expanduser())
+    return uri
+
+
+def connect(settings: Settings, timeout_s: float = CONNECT_TIMEOUT_S) -> MilvusClient:
+    """A client for the Milvus of ``settings`` (server URI, Milvus Lite ``.db`` path, or the embedded
+    server when M3Q_MILVUS_URI is empty). Raises MilvusError, naming the URI, when it cannot connect."""
+    uri = milvus_uri(settings)
+    extra = {"token": settings.milvus_token} if settings.milvus_token else {}
+    try:
+        client = MilvusClient(uri=uri, timeout=timeout_s, **extra)
+        client.list_collections(timeout=timeout_s)  # some URIs connect lazily: prove it answers now
+    except Exception as e:  # noqa: BLE001 - any failure here means "cannot reach Milvus at uri"
+        raise MilvusError(f"cannot connect to Milvus at {redact(uri)}: {_reason(e)}") from e
+    return client
+
+
+# ---- collection ---------------------------------------------------------------------------------------
+
+def ensure_collection(client: MilvusClient, name: str, dense_dim: int, model: str) -> None:
+    """Create collection ``name`` on first use (schema and indexes above), check that an existing one was
+    made for ``model`` and ``dense_dim`` (SchemaMismatch otherwise, before anything is written), and load
+    it. Safe when several processes do it at once: a lost create race is tolerated and re-checked.
+
+    ``model`` is compared as given, so pass a stable identity (a hub id), not a machine-specific path.
+    """
+    if not _call(f"has_collection {name!r}", client.has_collection, name):
+        try:
+            _call(f"create collection {name!r}", client.create_collection, name,
+                  schema=_schema(dense_dim, model), properties={PROP_MODEL: model, PROP_DIM: str(dense_dim)},
+                  consistency_level="Bounded")
+        except (MilvusError, MilvusRejected):
+            # Another process may have won the race; only a collection that still is missing is an error.
+            if not _call(f"has_collection {name!r}", client.has_collection, name):
+                raise
+    check_collection(client, name, dense_dim, model)
+    _ensure_indexes(client, name)
+    _call(f"load collection {name!r}", client.load_collection, name)
+
+
+def _schema(dense_dim: int, model: str) -> Any:
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
+                                        description=f"m3-queue: model={model}; dense_dim={dense_dim}")
+    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_BYTES)
+    schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
+    schema.add_field("dense", DataType.FLOAT_VECTOR, dim=dense_dim)
+    schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+    schema.add_field("metadata", DataType.JSON)
+    return schema
+
+
+def check_collection(client: MilvusClient, name: str, dense_dim: int, model: str) -> None:
+    """Raise SchemaMismatch unless collection ``name`` has m3-queue's fields, ``dense_dim`` and ``model``."""
+    info = _call(f"describe collection {name!r}", client.describe_collection, name)
+    fields_found = {f["name"]: f for f in info.get("fields", [])}
+    missing = [f for f in FIELDS if f not in fields_found]
+    if missing:
+        raise SchemaMismatch(f"collection {name!r} was not made by m3-queue: it lacks field(s) "
+                             f"{', '.join(missing)}; use another collection name")
+    found_dim = int(fields_found["dense"].get("params", {}).get("dim", -1))
+    found_model = _recorded_model(info)
+    if found_dim != dense_dim or found_model != model:
+        raise SchemaMismatch(
+            f"collection {name!r} holds {found_model or 'an unrecorded model'} vectors of dim {found_dim}; "
+            f"expected {model} vectors of dim {dense_dim}. Use another collection name or the model it "
+            f"was made with (nothing was written)")
+
+
+def _recorded_model(info: dict) -> str | None:
+    # Properties are the record; the description is a fallback for servers that drop custom properties.
+    props = info.get("properties") or {}
+    if props.get(PROP_MODEL):
+        return str(props[PROP_MODEL])
+    desc = str(info.get("description") or "")
+    if desc.startswith("m3-queue: model=") and "; dense_dim=" in desc:
+        return desc[len("m3-queue: model="):desc.rindex("; dense_dim=")]
+    return None
+
+
+def _ensure_indexes(client: MilvusClient, name: str) -> None:
+    wanted = {"dense": ("AUTOINDEX", {}), "sparse": ("SPARSE_INVERTED_INDEX", {})}
+    for field_name, (index_type, params) in wanted.items():
+        if _call("list indexes", client.list_indexes, name, field_name=field_name):
+            continue
+        index = client.prepare_index_params()
+        index.add_index(field_name, index_type=index_type, metric_type="IP", index_name=field_name,
+                        params=params)
+        try:
+            # sync=False: pymilvus would poll the build every 0.5 s; load_collection waits for it anyway.
+            _call(f"create index on {name!r}.{field_name}", client.create_index, name, index, sync=False)
+        except (MilvusError, MilvusRejected):
+            # A concurrent first use may have built it meanwhile ("already exists"); re-check.
+            if not _call("list indexes", client.list_indexes, name, field_name=field_name):
+                raise
+
+
+def _dense_dim(client: MilvusClient, name: str) -> int:
+    info = _call(f"describe collection {name!r}", client.describe_collection, name)
+    dense = [f for f in info.get("fields", []) if f["name"] == "dense"]
+    if not dense:
+        raise SchemaMismatch(f"collection {name!r} has no 'dense' field: it was not made by m3-queue")
+    return int(dense[0]["params"]["dim"])
+
+
+# ---- rows ---------------------------------------------------------------------------------------------
+
+def row_problem(row: dict, dense_dim: int | None = None) -> str | None:
+    """Why ``row`` cannot be stored, or None when it can (so a caller can reject one row, not a batch)."""
+    rid = row.get("id")
+    if not isinstance(rid, str) or not rid:
+        return "id must be a non-empty string"
+    if len(rid.encode("utf-8", "surrogatepass")) > ID_MAX_BYTES:
+        return f"id is over {ID_MAX_BYTES} UTF-8 bytes"
+    if not isinstance(row.get("text"), str):
+        return "text must be a string"
+    dense = np.asarray(row.get("dense"), dtype=np.float32)
+    if dense.ndim != 1 or (dense_dim is not None and dense.shape[0] != dense_dim):
+        return f"dense must be a vector of {dense_dim or 'the collection'}'s dim, got shape {dense.shape}"
+    if not np.isfinite(dense).all():
+        return "dense has a NaN or infinite value"
+    return _sparse_problem(row.get("sparse")) or _metadata_problem(row.get("metadata"))
+
+
+def _sparse_problem(sparse: object) -> str | None:
+    if not isinstance(sparse, dict):
+        return "sparse must be a dict {token id: weight}"
+    for token, weight in sparse.items():
+        try:
+            token_ok = 0 <= int(token) < SPARSE_INDEX_LIMIT and int(token) != EMPTY_SPARSE_TOKEN
+            weight_ok = math.isfinite(weight) and weight >= 0
+        except (TypeError, ValueError):
+            return f"sparse entry {token!r}: {weight!r} is not an int token id and a number"
+        if not token_ok:
+            return f"sparse token id {token} is out of range"
+        if not weight_ok:
+            return f"sparse weight of token {token} is {weight}, not a finite non-negative number"
+    return None
+
+
+def _metadata_problem(metadata: object) -> str | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        return "metadata must be a dict"
+    try:
+        size = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8"))
+    except (TypeError, ValueError) as e:
+        return f"metadata is not JSON-serialisable: {e}"
+    return f"metadata is {size} bytes as JSON, over {METADATA_MAX_BYTES}" if size > METADATA_MAX_BYTES else None
+
+
+def fit_text(text: str) -> str:
+    """``text`` cut to at most TEXT_MAX_BYTES UTF-8 bytes, on a character boundary."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= TEXT_MAX_BYTES:
+        return text
+    return raw[:TEXT_MAX_BYTES].decode("utf-8", "ignore")
+
+
+def stored_sparse(sparse: dict) -> dict[int, float]:
+    """The sparse row Milvus stores: zero weights dropped, plain ints and floats, and for an empty vector
+    the placeholder {EMPTY_SPARSE_TOKEN: EMPTY_SPARSE_WEIGHT} (Milvus rejects an empty row)."""
+    kept = {int(t): float(w) for t, w in sparse.items() if w > 0}
+    return kept or {EMPTY_SPARSE_TOKEN: EMPTY_SPARSE_WEIGHT}
+
+
+def _to_milvus(row: dict) -> dict:
+    return {"id": row["id"], "text": fit_text(row["text"]),
+            "dense": np.asarray(row["dense"], dtype=np.float32).tolist(),
+            "sparse": stored_sparse(row["sparse"]), "metadata": row.get("metadata") or {}}
+
+
+def _chunks(rows: list[dict]) -> Iterator[list[dict]]:
+    chunk: list[dict] = []
+    size = 0
+    for row in rows:
+        row_bytes = len(row["text"]) * 4 + len(row["dense"]) * 4 + len(row["sparse"]) * 12 + 256
+        if chunk and size + row_bytes > UPSERT_CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(row)
+        size += row_bytes
+    if chunk:
+        yield chunk
+
+
+def upsert(client: MilvusClient, name: str, rows: Sequence[dict]) -> int:
+    """Insert or replace ``rows`` by id (idempotent) and return how many distinct rows were written.
+
+    Each row: ``id`` (str), ``text`` (str), ``dense`` (float32 array), ``sparse`` ({token id: weight}),
+    ``metadata`` (dict, optional). Rows are checked first: an invalid one raises MilvusRejected naming it,
+    before anything is written (use :func:`row_problem` to drop bad rows one by one). Within one call the
+    last row of a repeated id wins.
+
+    Texts over TEXT_MAX_BYTES UTF-8 bytes are stored truncated (the vectors come from the full text).
+    A text whose sparse vector is empty (or all zeros) is stored with the placeholder
+    ``{EMPTY_SPARSE_TOKEN: EMPTY_SPARSE_WEIGHT}``: Milvus (and Milvus Lite) reject an empty sparse row,
+    and this token id lies outside every vocabulary, so the document never matches a sparse query while
+    dense and hybrid search find it as usual. Transient failures raise MilvusError.
+    """
+    dim = _dense_dim(client, name)
+    for i, row in enumerate(rows):
+        problem = row_problem(row, dim)
+        if problem:
+            raise MilvusRejected(f"row {i} (id {row.get('id')!r}) cannot go into {name!r}: {problem}")
+    unique = list({row["id"]: row for row in rows}.values())
+    written = 0
+    for chunk in _chunks([_to_milvus(r) for r in unique]):
+        result = _call(f"upsert into {name!r}", client.upsert, name, chunk)
+        written += int(result.get("upsert_count", len(chunk)))
+    return written
+
+
+def count(client: MilvusClient, name: str) -> int:
+    """The exact number of rows in ``name`` (a strongly consistent count(*))."""
+    result = _call(f"count rows of {name!r}", client.query, name, filter="",
+                   output_fields=["count(*)"], consistency_level="Strong")
+    return int(result[0]["count(*)"])
+
+
+# ---- search -------------------------------------------------------------------------------------------
+
+def _ranker(ranker: str) -> Any:
+    """'rrf', 'rrf:K', 'weighted' (0.5/0.5) or 'weighted:DENSE,SPARSE'."""
+    kind, _, args = ranker.partition(":")
+    if kind == "rrf":
+        return RRFRanker(int(args) if args else RRF_K)
+    if kind == "weighted":
+        weights = [float(w) for w in args.split(",")] if args else [0.5, 0.5]
+        if len(weights) != 2:
+            raise ValueError(f"ranker {ranker!r}: weighted needs two weights, dense and sparse")
+        return WeightedRanker(*weights)
+    raise ValueError(f"unknown ranker {ranker!r}; use rrf, rrf:K, weighted or weighted:DENSE,SPARSE")
+
+
+def _query_sparse(sparse: dict | None) -> dict[int, float]:
+    return {int(t): float(w) for t, w in (sparse or {}).items() if w > 0}
+
+
+def _hits(result: Any) -> list[Hit]:
+    rows = result[0] if result else []
+    return [Hit(id=str(r["id"]), score=float(r["distance"]), text=r["entity"].get("text", ""),
+                metadata=r["entity"].get("metadata") or {}) for r in rows]
+
+
+def search(client: MilvusClient, name: str, dense: np.ndarray | None, sparse: dict[int, float] | None,
+           mode: str = "hybrid", k: int = 10, ranker: str = "rrf",
+           consistency_level: str = "Strong") -> list[Hit]:
+    """The ``k`` best documents of ``name`` for one query, best first.
+
+    ``mode``: dense (IP on ``dense``), sparse (IP on ``sparse``) or hybrid (one AnnSearchRequest per
+    field, merged by ``ranker``: rrf by default, or weighted). An empty sparse query gives [] in sparse
+    mode and falls back to dense in hybrid mode. ``consistency_level`` Strong sees every finished upsert;
+    Bounded answers faster but may miss the last seconds of writes.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown search mode {mode!r}; use {', '.join(MODES)}")
+    query_sparse = _query_sparse(sparse)
+    if mode == "sparse" and not query_sparse:
+        return []
+    if mode != "sparse" and dense is None:
+        raise ValueError(f"{mode} search needs a dense query vector")
+    common = dict(limit=k, output_fields=["text", "metadata"], consistency_level=consistency_level)
+    what = f"{mode} search in {name!r}"
+    if mode == "hybrid" and query_sparse:
+        # Each side brings more candidates than k so the fusion can promote a document found by both.
+        reqs = [AnnSearchRequest([_dense_list(dense)], "dense", {"metric_type": "IP"}, 2 * k),
+                AnnSearchRequest([query_sparse], "sparse", {"metric_type": "IP"}, 2 * k)]
+        return _hits(_call(what, client.hybrid_search, name, reqs, _ranker(ranker), **common))
+    field_name, data = ("sparse", query_sparse) if mode == "sparse" else ("dense", _dense_list(dense))
+    return _hits(_call(what, client.search, name, data=[data], anns_field=field_name,
+                       search_params={"metric_type": "IP"}, **common))
+
+
+def _dense_list(dense: np.ndarray) -> list[float]:
+    return np.asarray(dense, dtype=np.float32).reshape(-1).tolist()
+
+
+# ---- the embedded Milvus Lite server --------------------------------------------------------------------
+
+def lite_command() -> list[str]:
+    """How to run ``milvus-lite``: the script next to this Python first, then PATH, then ``-m``."""
+    beside = Path(sys.executable).parent / "milvus-lite"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("milvus-lite")
+    if found:
+        return [found]
+    try:
+        import milvus_lite  # noqa: F401 - only to know whether `python -m milvus_lite` can work
+    except ImportError:
+        raise MilvusError("milvus-lite is not installed (pip install milvus-lite); "
+                          "or set M3Q_MILVUS_URI to a Milvus server") from None
+    return [sys.executable, "-m", "milvus_lite"]
+
+
+def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _answers(uri: str) -> bool:
+    try:
+        client = MilvusClient(uri=uri, timeout=2.0)
+    except Exception:  # noqa: BLE001 - not ready yet
+        return False
+    try:
+        client.list_collections(timeout=2.0)
+        return True
+    except Exception:  # noqa: BLE001 - not ready yet
+        return False
+    finally:
+        client.close()
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def start_lite_server(data_dir: str | os.PathLike, port: int, timeout_s: float = 60.0,
+                      host: str = LITE_HOST) -> subprocess.Popen:
+    """Start ``milvus-lite server`` on ``host:port`` with data in ``data_dir`` and wait until it answers.
+
+    The server's output goes to ``data_dir/milvus-lite.log``; if it exits or is not ready within
+    ``timeout_s``, it is stopped and MilvusError is raised with the tail of that log.
+    """
+    data = Path(data_dir).expanduser()
+    data.mkdir(parents=True, exist_ok=True)
+    log_path = data / LITE_LOG_NAME
+    cmd = [*lite_command(), "server", "--data-dir", str(data), "--host", host, "--port", str(port)]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_ready(proc, host, port, timeout_s, log_path)
+    except BaseException:
+        stop_lite_server(proc)
+        raise
+    return proc
+
+
+def _wait_ready(proc: subprocess.Popen, host: str, port: int, timeout_s: float, log_path: Path) -> None:
+    probe = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise MilvusError(f"milvus-lite server on port {port} exited with code {proc.returncode}; "
+                              f"log {log_path}:\n{_log_tail(log_path)}")
+        if port_open(probe, port) and _answers(f"http://{probe}:{port}"):
+            return
+        time.sleep(0.1)
+    raise MilvusError(f"milvus-lite server on port {port} did not answer within {timeout_s:g} s; "
+                      f"log {log_path}:\n{_log_tail(log_path)}")
+
+
+def stop_lite_server(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """Stop a server from :func:`start_lite_server`: SIGTERM, then SIGKILL after ``timeout_s``."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class LiteServer:
+    """An embedded Milvus Lite server this process started; a context manager that stops it on exit."""
+
+    def __init__(self, data_dir: str | os.PathLike, port: int, host: str = LITE_HOST) -> None:
+        self.data_dir = Path(data_dir).expanduser()
+        self.port = port
+        self.host = host
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        """The URI clients use (M3Q_MILVUS_URI)."""
+        return f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> "LiteServer":
+        """Start the server and wait until it answers (see :func:`start_lite_server`)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = start_lite_server(self.data_dir, self.port, timeout_s, self.host)
+        return self
+
+    def stop(self) -> None:
+        """Stop the server (idempotent)."""
+        if self.proc is not None:
+            stop_lite_server(self.proc)
+            self.proc = None
+
+    def __enter__(self) -> "LiteServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def ensure_lite_server(settings: Settings, timeout_s: float = 60.0) -> LiteServer | None:
+    """Make sure the embedded server of M3Q_MILVUS_PORT runs: reuse one that already answers there
+    (returns None), else start one with data in M3Q_MILVUS_DATA_DIR (returns it; the caller stops it).
+    Raises MilvusError when something else holds the port or the server cannot start."""
+    port = settings.milvus_port
+    if port_open(LITE_HOST, port):
+        if _answers(f"http://{LITE_HOST}:{port}"):
+            return None
+        raise MilvusError(f"port {port} is taken by something that is not Milvus; set M3Q_MILVUS_PORT")
+    return LiteServer(settings.milvus_data_dir, port).start(timeout_s)

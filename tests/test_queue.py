@@ -1,0 +1,177 @@
+"""The queue end to end: real Redis, real worker processes, the tiny checkpoint."""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from producer import wire
+from producer.client import Client
+from producer.embedding_function import RemoteBGEM3EmbeddingFunction
+from producer.wire import Embedding, ItemError, PayloadError
+from tests.conftest import ROOT, TINY, make_settings
+
+TEXTS = ["What is BGE-M3?", "Milvus stores dense and sparse vectors.", "Привет, мир", "東京は日本の首都です。",
+         "word " * 700, "short"]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from worker.encoder import Encoder
+
+    return Encoder.load(str(TINY), "cpu", "float32")
+
+
+@pytest.fixture(scope="module")
+def client(shared_worker):
+    return Client(shared_worker.settings)
+
+
+def _close(a: Embedding, b: Embedding, tol: float = 1e-6) -> None:
+    assert np.abs(a.dense - b.dense).max() <= tol
+    assert a.sparse_dict().keys() == b.sparse_dict().keys()
+    assert np.abs(a.sparse_weights - b.sparse_weights).max(initial=0) <= tol
+
+
+@pytest.mark.parametrize("kind", ["queries", "documents"])
+def test_queue_equals_in_process(client, encoder, kind):
+    remote = client.encode(TEXTS, kind)
+    local = encoder.encode(TEXTS, kind).items
+    assert len(remote) == len(TEXTS)
+    for a, b in zip(remote, local):
+        _close(a, b)
+    # queries are cut at 512 tokens, documents are not
+    assert remote[4].truncated == (kind == "queries")
+
+
+def test_colbert_through_the_queue(client, encoder):
+    remote = client.encode(TEXTS[:3], "documents", colbert=True)
+    local = encoder.encode(TEXTS[:3], "documents", colbert=True).items
+    for a, b in zip(remote, local):
+        assert a.colbert.shape == b.colbert.shape
+        assert np.abs(a.colbert - b.colbert).max() <= 1e-6
+
+
+def test_bad_texts_are_item_errors_and_the_rest_is_encoded(client):
+    items = client.encode(["good text", "", None, 42, "nul\x00byte", "lone \ud800 surrogate", "also good"], "documents")
+    assert isinstance(items[0], Embedding) and isinstance(items[-1], Embedding)
+    reasons = [i.reason for i in items[1:-1]]
+    assert "empty" in reasons[0]
+    assert "string" in reasons[1] and "NoneType" in reasons[1]
+    assert "int" in reasons[2]
+    assert "NUL" in reasons[3]
+    assert "surrogate" in reasons[4]
+
+
+def test_unknown_option_fails_the_job_clearly(client):
+    handle = client.submit(wire.TASK_ENCODE_DOCUMENTS, {"texts": ["x"], "colour": "blue"})
+    with pytest.raises(PayloadError, match="colour"):
+        handle.raw()
+
+
+def test_too_many_texts_refused_before_encoding(shared_worker):
+    s = shared_worker.settings.replace(max_job_texts=10)
+    handle = Client(shared_worker.settings).submit(wire.TASK_ENCODE_DOCUMENTS, {"texts": ["x"] * (shared_worker.settings.max_job_texts + 1)})
+    with pytest.raises(PayloadError, match="M3Q_MAX_JOB_TEXTS"):
+        handle.raw()
+    assert s.max_job_texts == 10
+
+
+def test_await_a_query_from_asyncio(client):
+    async def handler():
+        return await client.aencode_queries(["where is the query lane?"])
+
+    (item,) = asyncio.run(handler())
+    assert item.dense.dtype == np.float32 and abs(np.linalg.norm(item.dense) - 1) < 1e-5
+
+
+def test_handles_are_awaitable(client):
+    async def run():
+        return await client.submit_encode(["a", "b"], "queries")
+
+    items = asyncio.run(run())
+    assert len(items) == 2 and all(isinstance(i, Embedding) for i in items)
+
+
+def test_large_input_is_split_and_kept_in_order(client, encoder):
+    texts = [f"document number {i} " * (1 + i % 7) for i in range(300)]
+    remote = client.encode(texts, "documents", job_texts=16)
+    local = encoder.encode(texts, "documents").items
+    for a, b in zip(remote, local):
+        _close(a, b)
+
+
+def test_remote_embedding_function_equals_pymilvus(client):
+    pytest.importorskip("FlagEmbedding")
+    from pymilvus.model.hybrid import BGEM3EmbeddingFunction
+
+    texts = TEXTS[:4]
+    ref = BGEM3EmbeddingFunction(model_name=str(TINY), device="cpu", use_fp16=False, return_colbert_vecs=True)
+    ours = RemoteBGEM3EmbeddingFunction(model_name=str(TINY), device="cpu", use_fp16=False, return_colbert_vecs=True,
+                                        client=client)
+    assert ours.dim == ref.dim
+    for method in ("encode_documents", "encode_queries", "__call__"):
+        a, b = getattr(ref, method)(texts), getattr(ours, method)(texts)
+        assert a.keys() == b.keys()
+        assert type(b["sparse"]) is type(a["sparse"]) and b["sparse"].shape == a["sparse"].shape
+        assert b["sparse"].dtype == a["sparse"].dtype
+        assert abs(a["sparse"] - b["sparse"]).max() <= 1e-5
+        assert (a["sparse"] != 0).nnz == (b["sparse"] != 0).nnz
+        for x, y in zip(a["dense"], b["dense"]):
+            assert type(x) is type(y) and x.dtype == y.dtype and np.abs(x - y).max() <= 1e-5
+        for x, y in zip(a["colbert_vecs"], b["colbert_vecs"]):
+            assert x.shape == y.shape and np.abs(x - y).max() <= 1e-5
+
+
+def test_sparse_output_goes_into_a_pymilvus_insert_row_by_row(client):
+    ours = RemoteBGEM3EmbeddingFunction(client=client)
+    sparse = ours.encode_documents(["one document", "another one"])["sparse"]
+    rows = [sparse[[i]] for i in range(sparse.shape[0])]  # 2-D rows, as pymilvus accepts them
+    assert all(r.shape == (1, ours.dim["sparse"]) and r.nnz > 0 for r in rows)
+
+
+def test_job_routed_to_one_device_runs_there(spawn_worker):
+    s = make_settings()
+    spawn_worker(s, device="cpu:0")
+    spawn_worker(s, device="cpu:1")
+    client = Client(s)
+    for device in ("cpu:1", "cpu:0", "cpu:1"):
+        raw = client.submit_encode(["route me"], "documents", device=device).raw()
+        assert raw["device"] == device
+
+
+def test_producer_imports_without_torch():
+    code = ("import sys, producer, producer.client, producer.embedding_function, producer.search, producer.cli, "
+            "producer.indexing, producer.status\n"
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+            "assert not bad, bad\nprint('light')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "light" in out.stdout, out.stderr
+
+
+def test_pickle_and_unknown_tasks_are_refused(shared_worker):
+    s = shared_worker.settings
+    evil = wire.make_celery(s, name="evil")
+    evil.conf.accept_content = ["pickle", "msgpack", "json"]
+    pickled = evil.send_task(wire.TASK_ENCODE_QUERIES, args=[{"texts": ["x"]}], queue=wire.query_queue(s),
+                             serializer="pickle")
+    unknown = evil.send_task("m3q.no_such_task", args=[{}], queue=wire.query_queue(s))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not ("ContentDisallowed" in shared_worker.output()
+                                               and "no_such_task" in shared_worker.output()):
+        time.sleep(0.2)
+    log = shared_worker.output()
+    assert "ContentDisallowed" in log or "Refusing to deserialize" in log
+    assert "no_such_task" in log
+    assert pickled.state == "PENDING"  # never run: the body was not even decoded
+    deadline = time.monotonic() + 10
+    while unknown.state == "PENDING" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert unknown.state == "FAILURE"  # answered: an unregistered task fails at once
+    # the worker is still serving
+    (item,) = Client(s).encode_queries(["still alive?"])
+    assert isinstance(item, Embedding)
