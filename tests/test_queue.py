@@ -153,25 +153,27 @@ def test_producer_imports_without_torch():
     assert out.returncode == 0 and "light" in out.stdout, out.stderr
 
 
-def test_pickle_and_unknown_tasks_are_refused(shared_worker):
+@pytest.mark.parametrize("lane", ["queries", "documents"])
+def test_pickle_and_unknown_tasks_are_refused(shared_worker, lane):
     s = shared_worker.settings
+    queue = wire.query_queue(s) if lane == "queries" else wire.document_queue(s)
+    task = wire.TASK_ENCODE_QUERIES if lane == "queries" else wire.TASK_ENCODE_DOCUMENTS
     evil = wire.make_celery(s, name="evil")
     evil.conf.accept_content = ["pickle", "msgpack", "json"]
-    pickled = evil.send_task(wire.TASK_ENCODE_QUERIES, args=[{"texts": ["x"]}], queue=wire.query_queue(s),
-                             serializer="pickle")
-    unknown = evil.send_task("m3q.no_such_task", args=[{}], queue=wire.query_queue(s))
+    before = len(shared_worker.output())
+    pickled = evil.send_task(task, args=[{"texts": ["x"]}], queue=queue, serializer="pickle")
+    unknown = evil.send_task(f"m3q.no_such_task_{lane}", args=[{}], queue=queue)
+    new_log = lambda: shared_worker.output()[before:]
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not ("ContentDisallowed" in shared_worker.output()
-                                               and "no_such_task" in shared_worker.output()):
+    while time.monotonic() < deadline and not ("ContentDisallowed" in new_log() and "no_such_task" in new_log()):
         time.sleep(0.2)
-    log = shared_worker.output()
-    assert "ContentDisallowed" in log or "Refusing to deserialize" in log
-    assert "no_such_task" in log
+    assert "ContentDisallowed" in new_log()
+    assert f"no_such_task_{lane}" in new_log()
     assert pickled.state == "PENDING"  # never run: the body was not even decoded
     deadline = time.monotonic() + 10
     while unknown.state == "PENDING" and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert unknown.state == "FAILURE"  # answered: an unregistered task fails at once
+    assert unknown.state == "FAILURE"  # answered: an unknown task fails at once
     # the worker is still serving
-    (item,) = Client(s).encode_queries(["still alive?"])
+    (item,) = Client(s).encode(["still alive?"], lane)
     assert isinstance(item, Embedding)

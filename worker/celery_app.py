@@ -14,14 +14,15 @@ from celery import Celery, signals
 from producer import wire
 from producer.settings import Settings
 from worker import runtime
+from worker.query_lane import QueryLane
 from worker.tasks import register
 
 log = logging.getLogger(__name__)
 
 
 def worker_queues(s: Settings) -> list[str]:
-    """Queries, documents, and this device's own queue."""
-    return [wire.query_queue(s), wire.document_queue(s), wire.device_queue(s, s.device)]
+    """Queues of Celery's own consumer: documents and this device's queue (queries have their own lane)."""
+    return [wire.document_queue(s), wire.device_queue(s, s.device)]
 
 
 def make_app(s: Settings) -> Celery:
@@ -33,6 +34,7 @@ def make_app(s: Settings) -> Celery:
         task_queues=[wire.kombu_queue(q) for q in worker_queues(s)],
     )
     register(app)
+    app.steps["consumer"].add(QueryLane)
     app.m3q_settings = s  # type: ignore[attr-defined]
     return app
 

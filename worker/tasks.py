@@ -105,21 +105,28 @@ def _flag(payload: dict, name: str, default: bool) -> bool:
     return value
 
 
-def encode_job(rt: Runtime, payload: Any, kind: str) -> dict:
-    """Encode a job's texts; vectors come back as bytes, bad texts as item errors."""
+def encode_options(rt: Runtime, payload: Any) -> tuple[dict, dict]:
+    """The checked payload of an encode job, and the engine options it asks for."""
     payload = check_options(payload, wire.ENCODE_OPTIONS)
     check_size(rt, payload)
     max_length = payload.get("max_length")
     if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
         raise PayloadError(f"option 'max_length' must be an integer of at least 2, got {max_length!r}")
-    result = rt.engine.encode(payload["texts"], kind, dense=_flag(payload, "dense", True),
-                              sparse=_flag(payload, "sparse", True), colbert=_flag(payload, "colbert", False),
-                              max_length=max_length)
+    options = {"dense": _flag(payload, "dense", True), "sparse": _flag(payload, "sparse", True),
+               "colbert": _flag(payload, "colbert", False), "max_length": max_length}
+    return payload, options
+
+
+def encode_job(rt: Runtime, payload: Any, kind: str) -> dict:
+    """Encode a job's texts; vectors come back as bytes, bad texts as item errors."""
+    payload, options = encode_options(rt, payload)
+    result = rt.engine.encode(payload["texts"], kind, **options)
     return {"items": [encode_item(i) for i in result.items], "truncated": result.truncated,
-            "tokens": result.tokens, **_stamp(rt)}
+            "tokens": result.tokens, **stamp(rt)}
 
 
-def _stamp(rt: Runtime) -> dict:
+def stamp(rt: Runtime) -> dict:
+    """Which worker, device, model and dtype produced a result."""
     info = rt.encoder.info()
     return {"worker": rt.hostname, "device": info["device"], "model": info["model"], "dtype": info["dtype"]}
 
@@ -150,7 +157,7 @@ def index_job(task: Task, rt: Runtime, payload: Any) -> dict:
     stored = _upsert(task, rt, collection, rows) if rows else 0
     return {"stored": stored, "ids": [r["id"] for r in rows], "truncated": result.truncated,
             "errors": [[i, f"{name_item(i, payload['ids'][i])}: {errors[i]}"] for i in sorted(errors)],
-            "batch": payload.get("batch"), **_stamp(rt)}
+            "batch": payload.get("batch"), **stamp(rt)}
 
 
 def _check_rows(rt: Runtime, ids: list, metadata: list | None, n: int) -> dict[int, str]:

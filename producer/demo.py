@@ -1,0 +1,132 @@
+"""`m3q demo`: the whole job end to end on embedded defaults.
+
+Redis (a local ``redis-server`` is started if none answers), Milvus Lite (started unless ``M3Q_MILVUS_URI`` is
+set), one worker; then it indexes the sample corpus shipped with m3-queue and runs a few hybrid searches.
+Everything it started, it stops.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from urllib.parse import urlparse
+
+import redis
+
+from producer.settings import Settings
+
+SAMPLE = Path(__file__).resolve().parent / "data" / "sample_corpus.jsonl"
+QUERIES = ["How does hybrid search merge dense and sparse results?", "Which city is the capital of Japan?",
+           "what happens when a worker dies"]
+
+
+class InfraError(RuntimeError):
+    """A service the demo needs is missing, with what to do about it."""
+
+
+def run_demo(s: Settings, collection: str = "m3q_demo") -> int:
+    """Start what is missing, index the sample corpus, search it, stop what was started."""
+    _check_model(s)
+    with ExitStack() as stack:
+        s = _ensure_redis(s, stack)
+        s = _ensure_milvus(s, stack)
+        _start_worker(s, stack)
+        _index_and_search(s, collection)
+    return 0
+
+
+def _check_model(s: Settings) -> None:
+    # Fail in seconds, not after starting services, when the model is neither local nor downloadable.
+    from worker.model import resolve_checkpoint
+
+    print(f"model: {s.model}")
+    resolve_checkpoint(s.model)
+
+
+def _ensure_redis(s: Settings, stack: ExitStack) -> Settings:
+    try:
+        redis.Redis.from_url(s.broker_url, socket_connect_timeout=2).ping()
+        print(f"redis: {urlparse(s.broker_url).hostname}:{urlparse(s.broker_url).port or 6379} answers")
+        return s
+    except redis.ConnectionError:
+        pass
+    url = urlparse(s.broker_url)
+    if url.hostname not in ("localhost", "127.0.0.1") or not shutil.which("redis-server"):
+        raise InfraError(f"no Redis answers at {url.hostname}:{url.port or 6379}. Install one "
+                         "(apt-get install redis-server, or docker run -p 6379:6379 redis) or set M3Q_BROKER_URL")
+    port = url.port or 6379
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    stack.callback(_stop, proc)
+    _wait(lambda: redis.Redis.from_url(s.broker_url, socket_connect_timeout=1).ping(), "redis-server", 20)
+    print(f"redis: started a local redis-server on port {port}")
+    return s
+
+
+def _ensure_milvus(s: Settings, stack: ExitStack) -> Settings:
+    if s.milvus_uri:
+        print(f"milvus: {s.milvus_uri}")
+        return s
+    from producer.milvus import ensure_lite_server
+
+    proc = ensure_lite_server(s)
+    if proc is not None:
+        stack.callback(_stop, proc)
+    uri = f"http://127.0.0.1:{s.milvus_port}"
+    print(f"milvus: Milvus Lite at {uri} (data in {os.path.expanduser(s.milvus_data_dir)})")
+    return s.replace(milvus_uri=uri)
+
+
+def _start_worker(s: Settings, stack: ExitStack) -> None:
+    from producer.status import collect
+
+    env = {**os.environ, **{f"M3Q_{k.upper()}": str(v) for k, v in vars(s).items()}}
+    log = tempfile.NamedTemporaryFile(prefix="m3q-demo-worker-", suffix=".log", delete=False)
+    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--device", s.device], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    stack.callback(_stop, proc)
+    print(f"worker: starting on {s.device} (log: {log.name})")
+    deadline = time.monotonic() + 300
+    while not any(w["pid"] == proc.pid for w in collect(s)["workers"]):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise InfraError(f"the worker did not start:\n{Path(log.name).read_text(errors='replace')[-2000:]}")
+        time.sleep(0.5)
+
+
+def _index_and_search(s: Settings, collection: str) -> None:
+    from producer.indexing import index_file
+    from producer.search import Searcher
+
+    report = index_file(s, SAMPLE, collection)
+    print(report.summary())
+    searcher = Searcher(s)
+    for query in QUERIES:
+        print(f"\nhybrid search: {query}")
+        for rank, hit in enumerate(searcher.search(query, collection, "hybrid", k=3), 1):
+            print(f"  {rank}. {hit.score:.4f}  {hit.id:<10} {hit.text[:80]}")
+
+
+def _wait(check, what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            check()
+            return
+        except Exception:  # noqa: BLE001 - not up yet
+            if time.monotonic() > deadline:
+                raise InfraError(f"{what} did not come up in {timeout_s:.0f}s") from None
+            time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
