@@ -85,6 +85,12 @@ class Encoder:
         return cls(net, tokenizer, limits or Limits(), model, device, replica)
 
     @property
+    def max_positions(self) -> int:
+        """Longest input the position embeddings allow (XLM-R reserves pad_token_id + 1 of them)."""
+        c = self.model.config
+        return c.max_position_embeddings - c.pad_token_id - 1
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.model.transformer.word.weight.dtype
 
@@ -100,6 +106,8 @@ class Encoder:
         limit = max_length or self.limits.max_length(kind)
         if limit < 2:
             raise ValueError(f"max_length must be at least 2, got {limit}")
+        if limit > self.max_positions:
+            raise ValueError(f"max_length {limit} is over the model's {self.max_positions} positions")
         out: list[Prepared | ItemError | None] = [None] * len(texts)
         good = []
         for i, text in enumerate(texts):

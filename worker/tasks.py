@@ -15,7 +15,7 @@ from celery import Celery, Task
 
 from producer import wire
 from producer.status import record_failure, redis_client
-from producer.wire import ItemError, PayloadError, check_options, encode_item, name_item
+from producer.wire import ItemError, PayloadError, check_options, encode_item
 from worker.runtime import Runtime, current
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,8 @@ def encode_options(rt: Runtime, payload: Any) -> tuple[dict, dict]:
     payload = check_options(payload, wire.ENCODE_OPTIONS)
     check_size(rt, payload)
     max_length = payload.get("max_length")
-    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
-        raise PayloadError(f"option 'max_length' must be an integer of at least 2, got {max_length!r}")
+    if max_length is not None and (not isinstance(max_length, int) or not 2 <= max_length <= rt.encoder.max_positions):
+        raise PayloadError(f"option 'max_length' must be an integer from 2 to {rt.encoder.max_positions}, got {max_length!r}")
     options = {"dense": _flag(payload, "dense", True), "sparse": _flag(payload, "sparse", True),
                "colbert": _flag(payload, "colbert", False), "max_length": max_length}
     return payload, options
@@ -147,17 +147,36 @@ def index_job(task: Task, rt: Runtime, payload: Any) -> dict:
     metadata = payload.get("metadata") or [None] * n
     good = [i for i in range(n) if i not in errors]
     result = rt.engine.encode([texts[i] for i in good], "documents", colbert=False)
+    rows = _rows(payload["ids"], texts, metadata, good, result.items, errors)
+    stored = _upsert(task, rt, collection, rows) if rows else 0
+    # Items are named by id, not by their place in this job: the producer maps places to input positions.
+    return {"stored": stored, "ids": [r["id"] for r in rows], "truncated": result.truncated,
+            "errors": [[i, f"{_name(payload['ids'][i])}: {errors[i]}"] for i in sorted(errors)],
+            "batch": payload.get("batch"), **stamp(rt)}
+
+
+def _name(raw_id: Any, limit: int = 80) -> str:
+    shown = repr(raw_id)
+    return f"id {shown if len(shown) <= limit else shown[:limit] + '...'}"
+
+
+def _rows(ids: list, texts: list, metadata: list, good: list[int], items: list, errors: dict[int, str]) -> list[dict]:
+    """Milvus rows of the encoded items; an item Milvus would refuse becomes an error, not a failed batch."""
+    from producer.milvus import row_problem
+
     rows = []
-    for i, item in zip(good, result.items):
+    for i, item in zip(good, items):
         if isinstance(item, ItemError):
             errors[i] = item.reason
+            continue
+        row = {"id": str(ids[i]), "text": texts[i], "dense": item.dense, "sparse": item.sparse_dict(),
+               "metadata": metadata[i] or {}}
+        problem = row_problem(row)
+        if problem:
+            errors[i] = problem
         else:
-            rows.append({"id": str(payload["ids"][i]), "text": texts[i], "dense": item.dense,
-                         "sparse": item.sparse_dict(), "metadata": metadata[i] or {}})
-    stored = _upsert(task, rt, collection, rows) if rows else 0
-    return {"stored": stored, "ids": [r["id"] for r in rows], "truncated": result.truncated,
-            "errors": [[i, f"{name_item(i, payload['ids'][i])}: {errors[i]}"] for i in sorted(errors)],
-            "batch": payload.get("batch"), **stamp(rt)}
+            rows.append(row)
+    return rows
 
 
 def _check_rows(rt: Runtime, ids: list, metadata: list | None, n: int) -> dict[int, str]:
@@ -172,7 +191,7 @@ def _check_rows(rt: Runtime, ids: list, metadata: list | None, n: int) -> dict[i
         elif len(str(raw)) > rt.settings.max_id_chars:
             errors[i] = f"id is {len(str(raw))} characters, over the limit of {rt.settings.max_id_chars} (M3Q_MAX_ID_CHARS)"
         elif str(raw) in seen:
-            errors[i] = f"duplicate id {str(raw)!r} (first at item {seen[str(raw)]})"
+            errors[i] = f"duplicate id {str(raw)!r}: an earlier document of the same job has it"
         else:
             seen[str(raw)] = i
         if i not in errors and metadata is not None:
