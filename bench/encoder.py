@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo root, not bench/ (bench/queue.py would shadow the stdlib)
 
 from bench import corpus  # noqa: E402
 from worker.encoder import Encoder, Limits  # noqa: E402

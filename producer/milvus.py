@@ -52,6 +52,10 @@ UPSERT_CHUNK_BYTES = 16 * 1024 * 1024
 """Rows are sent in chunks of about this size, well under Milvus' gRPC message limit."""
 CONNECT_TIMEOUT_S = 10.0
 """How long a connection attempt may take before it is a MilvusError."""
+CREATE_RACE_WAIT_S = 5.0
+"""After losing a create race, how long to wait for the winner's collection to appear."""
+CREATE_RACE_SETTLE_S = 0.2
+"""...and how long to leave the winner to finish opening it (Milvus Lite) before using it."""
 LITE_HOST = "127.0.0.1"
 """The embedded server binds to loopback only: Milvus Lite has no authentication."""
 LITE_LOG_NAME = "milvus-lite.log"
@@ -139,10 +143,13 @@ def connect(settings: Settings, timeout_s: float = CONNECT_TIMEOUT_S) -> MilvusC
     server when M3Q_MILVUS_URI is empty). Raises MilvusError, naming the URI, when it cannot connect."""
     uri = milvus_uri(settings)
     extra = {"token": settings.milvus_token} if settings.milvus_token else {}
+    client = None
     try:
         client = MilvusClient(uri=uri, timeout=timeout_s, **extra)
         client.list_collections(timeout=timeout_s)  # some URIs connect lazily: prove it answers now
     except Exception as e:  # noqa: BLE001 - any failure here means "cannot reach Milvus at uri"
+        if client is not None:
+            client.close()
         raise MilvusError(f"cannot connect to Milvus at {redact(uri)}: {_reason(e)}") from e
     return client
 
@@ -157,17 +164,33 @@ def ensure_collection(client: MilvusClient, name: str, dense_dim: int, model: st
     ``model`` is compared as given, so pass a stable identity (a hub id), not a machine-specific path.
     """
     if not _call(f"has_collection {name!r}", client.has_collection, name):
-        try:
-            _call(f"create collection {name!r}", client.create_collection, name,
-                  schema=_schema(dense_dim, model), properties={PROP_MODEL: model, PROP_DIM: str(dense_dim)},
-                  consistency_level="Bounded")
-        except (MilvusError, MilvusRejected):
-            # Another process may have won the race; only a collection that still is missing is an error.
-            if not _call(f"has_collection {name!r}", client.has_collection, name):
-                raise
+        _create_or_join(client, name, dense_dim, model)
     check_collection(client, name, dense_dim, model)
     _ensure_indexes(client, name)
     _call(f"load collection {name!r}", client.load_collection, name)
+
+
+def _create_or_join(client: MilvusClient, name: str, dense_dim: int, model: str) -> None:
+    try:
+        _call(f"create collection {name!r}", client.create_collection, name,
+              schema=_schema(dense_dim, model), properties={PROP_MODEL: model, PROP_DIM: str(dense_dim)},
+              consistency_level="Bounded")
+    except (MilvusError, MilvusRejected):
+        # Another process may have won the race; only a collection that does not appear is an error.
+        if not _await_collection(client, name):
+            raise
+
+
+def _await_collection(client: MilvusClient, name: str) -> bool:
+    # Milvus Lite's create is not atomic: a loser can fail ("File exists") while the winner is still
+    # writing the collection, so wait for it to appear, then let the winner finish opening it.
+    deadline = time.monotonic() + CREATE_RACE_WAIT_S
+    while time.monotonic() < deadline:
+        if _call(f"has_collection {name!r}", client.has_collection, name):
+            time.sleep(CREATE_RACE_SETTLE_S)
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _schema(dense_dim: int, model: str) -> Any:
@@ -238,19 +261,30 @@ def _dense_dim(client: MilvusClient, name: str) -> int:
 
 def row_problem(row: dict, dense_dim: int | None = None) -> str | None:
     """Why ``row`` cannot be stored, or None when it can (so a caller can reject one row, not a batch)."""
-    rid = row.get("id")
-    if not isinstance(rid, str) or not rid:
-        return "id must be a non-empty string"
-    if len(rid.encode("utf-8", "surrogatepass")) > ID_MAX_BYTES:
+    rid, text = row.get("id"), row.get("text")
+    if not isinstance(rid, str) or not rid or not isinstance(text, str):
+        return "id must be a non-empty string and text a string"
+    if not _is_utf8(rid) or not _is_utf8(text):
+        return "id or text has a lone surrogate (not valid UTF-8)"
+    if len(rid.encode("utf-8")) > ID_MAX_BYTES:
         return f"id is over {ID_MAX_BYTES} UTF-8 bytes"
-    if not isinstance(row.get("text"), str):
-        return "text must be a string"
-    dense = np.asarray(row.get("dense"), dtype=np.float32)
+    try:
+        dense = np.asarray(row.get("dense"), dtype=np.float32)
+    except (TypeError, ValueError):
+        return "dense must be a vector of numbers"
     if dense.ndim != 1 or (dense_dim is not None and dense.shape[0] != dense_dim):
         return f"dense must be a vector of {dense_dim or 'the collection'}'s dim, got shape {dense.shape}"
     if not np.isfinite(dense).all():
         return "dense has a NaN or infinite value"
     return _sparse_problem(row.get("sparse")) or _metadata_problem(row.get("metadata"))
+
+
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _sparse_problem(sparse: object) -> str | None:
@@ -283,7 +317,7 @@ def _metadata_problem(metadata: object) -> str | None:
 
 def fit_text(text: str) -> str:
     """``text`` cut to at most TEXT_MAX_BYTES UTF-8 bytes, on a character boundary."""
-    raw = text.encode("utf-8", "surrogatepass")
+    raw = text.encode("utf-8")
     if len(raw) <= TEXT_MAX_BYTES:
         return text
     return raw[:TEXT_MAX_BYTES].decode("utf-8", "ignore")
@@ -366,7 +400,8 @@ def _ranker(ranker: str) -> Any:
 
 
 def _query_sparse(sparse: dict | None) -> dict[int, float]:
-    return {int(t): float(w) for t, w in (sparse or {}).items() if w > 0}
+    # The placeholder of empty rows is dropped too, so it can never make those rows match.
+    return {int(t): float(w) for t, w in (sparse or {}).items() if w > 0 and int(t) != EMPTY_SPARSE_TOKEN}
 
 
 def _hits(result: Any) -> list[Hit]:
