@@ -213,14 +213,25 @@ def _check_metadata(value: Any) -> str | None:
     return None
 
 
+def model_identity(model: str) -> str:
+    """The model name recorded on a collection: a hub id as is, a local checkpoint by its folder name.
+
+    Workers on different machines keep the same checkpoint under different paths; the folder name (e.g.
+    ``bge-m3``) is what they share.
+    """
+    from pathlib import Path
+
+    return Path(model).name if Path(model).expanduser().is_dir() else model
+
+
 def _upsert(task: Task, rt: Runtime, collection: str, rows: list[dict]) -> int:
     from producer import milvus
 
     try:
         client = rt.milvus()
-        milvus.ensure_collection(client, collection, int(rows[0]["dense"].shape[0]), rt.encoder.name)
+        milvus.ensure_collection(client, collection, int(rows[0]["dense"].shape[0]), model_identity(rt.encoder.name))
         return milvus.upsert(client, collection, rows)
-    except milvus.SchemaMismatch as e:
+    except (milvus.SchemaMismatch, milvus.MilvusRejected) as e:
         raise PayloadError(str(e)) from None
     except milvus.MilvusError as e:
         rt.reset_milvus()
