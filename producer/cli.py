@@ -82,6 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=["tiny", "small", "base", "large"], default="small")
     p.add_argument("--seed", type=int, default=0)
 
+    p = command("reindex", cmd_reindex, "Re-index a file or milvus:COLLECTION into a new collection behind an "
+                "alias, resumably; the alias switches when every document is in.")
+    p.add_argument("--from", dest="source", help="File (JSONL, CSV, Parquet) or milvus:COLLECTION")
+    p.add_argument("--into", dest="alias", help="Alias to switch; the data goes into ALIAS_vN")
+    p.add_argument("--resume", metavar="JOB", help="Go on with a re-index job (skips stored batches)")
+    p.add_argument("--job-id", help="Id of a new job (default: random)")
+    p.add_argument("--allow-rejects", action="store_true", default=None, help="Switch even if rows were rejected")
+    p.add_argument("--rate-limit", type=float, metavar="DOCS_PER_S", help="Send at most this many documents/s")
+    p.add_argument("--drop-old", action="store_true", default=None,
+                   help="Drop the collection the alias leaves; alone with --into: drop every unaliased ALIAS_vN")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--id-field", default="id")
+    p.add_argument("--no-progress", action="store_true", help="No progress bar")
+
     command("milvus", cmd_milvus, "Run the embedded Milvus Lite server (for several workers on one machine).")
     p = command("demo", cmd_demo, "The whole job end to end on embedded defaults: index a sample corpus, search it.")
     p.add_argument("--collection", default="m3q_demo")
@@ -223,6 +237,29 @@ def cmd_status(args: argparse.Namespace, s: Settings) -> int:
 
     print(render(collect(s)))
     return 0
+
+
+def cmd_reindex(args: argparse.Namespace, s: Settings) -> int:
+    """Start or resume a re-index, or drop the collections an alias left behind."""
+    from producer import reindex
+
+    if args.resume:
+        report = reindex.resume_reindex(s, args.resume, allow_rejects=args.allow_rejects,
+                                        rate_limit_docs_s=args.rate_limit, drop_old=args.drop_old,
+                                        progress=not args.no_progress)
+    elif args.source and args.alias:
+        report = reindex.start_reindex(s, args.source, args.alias, allow_rejects=bool(args.allow_rejects),
+                                       rate_limit_docs_s=args.rate_limit, drop_old=bool(args.drop_old),
+                                       job_id=args.job_id, progress=not args.no_progress,
+                                       text_field=args.text_field, id_field=args.id_field)
+    elif args.drop_old and args.alias:
+        dropped = reindex.drop_unaliased(s, args.alias)
+        print("\n".join(f"dropped {name}" for name in dropped) or "nothing to drop")
+        return 0
+    else:
+        raise ValueError("use --from SOURCE --into NAME, --resume JOB, or --drop-old --into NAME")
+    print(report.summary())
+    return 0 if report.switched else 1
 
 
 def cmd_replica(args: argparse.Namespace, s: Settings) -> int:

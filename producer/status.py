@@ -41,7 +41,29 @@ def collect(s: Settings) -> dict[str, Any]:
     workers = [json.loads(v) for v in (r.mget(keys) if keys else []) if v]
     queues = {q: r.llen(q) for q in _queues(s, r)}
     failures = [json.loads(v) for v in r.lrange(failures_key(s), 0, 19)]
-    return {"workers": sorted(workers, key=lambda w: w["hostname"]), "queues": queues, "failures": failures}
+    return {"workers": sorted(workers, key=lambda w: w["hostname"]), "queues": queues, "failures": failures,
+            "reindex": _reindex_jobs(s)}
+
+
+def _reindex_jobs(s: Settings) -> list[dict[str, Any]]:
+    """Re-index jobs (done/total, rate, eta_s, state), oldest first."""
+    from producer.reindex import list_jobs  # imported here: reindex imports this module
+
+    return list_jobs(s)
+
+
+def _render_reindex(jobs: list[dict[str, Any]]) -> list[str]:
+    if not jobs:
+        return []
+    lines = ["RE-INDEX JOBS"]
+    for j in jobs:
+        eta = f" eta={j['eta_s']:.0f}s" if j.get("eta_s") else ""
+        lines.append(f"  {j['id']}  {j.get('state')}  {j.get('source')} -> {j.get('target', '?')} "
+                     f"(alias {j.get('alias')})  {j.get('done', 0)}/{j.get('total', '?')} "
+                     f"rate={float(j.get('rate') or 0):.1f} docs/s{eta} rejected={j.get('rejected', 0)}")
+        if j.get("error"):
+            lines.append(f"    error: {j['error']}")
+    return lines
 
 
 def _queues(s: Settings, r: redis.Redis) -> list[str]:
@@ -64,6 +86,7 @@ def render(status: dict[str, Any]) -> str:
     if status["failures"]:
         lines.append("FAILED JOBS (newest first)")
         lines += [f"  {f['task']} {f['id']}: {f['reason']}" for f in status["failures"]]
+    lines += _render_reindex(status.get("reindex", []))
     for extra in status.get("sections", []):
         lines += extra
     return "\n".join(lines)

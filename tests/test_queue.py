@@ -177,3 +177,25 @@ def test_pickle_and_unknown_tasks_are_refused(shared_worker, lane):
     # the worker is still serving
     (item,) = Client(s).encode(["still alive?"], lane)
     assert isinstance(item, Embedding)
+
+
+def test_worker_answers_ping_and_inspect(shared_worker):
+    app = Client(shared_worker.settings).app
+    replies = app.control.ping(timeout=5)
+    assert any(name.startswith("m3q-cpu-") for reply in replies for name in reply)
+    active = app.control.inspect(timeout=5).active_queues() or {}
+    queues = {q["name"] for qs in active.values() for q in qs}
+    assert wire.document_queue(shared_worker.settings) in queues
+    assert wire.device_queue(shared_worker.settings, "cpu") in queues
+
+
+def test_status_shows_workers_and_queue_depths(shared_worker):
+    from tests.conftest import settings_env
+
+    s = shared_worker.settings
+    Client(s).submit_encode(["waiting"], "documents", device="cpu:9")  # a queue nobody consumes: depth 1
+    out = subprocess.run([sys.executable, "-m", "producer.cli", "status"], cwd=ROOT, env=settings_env(s),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "device=cpu" in out.stdout and f"model={TINY}" in out.stdout and "dtype=float32" in out.stdout
+    assert f"{wire.device_queue(s, 'cpu:9')}: 1 waiting" in out.stdout

@@ -1,0 +1,514 @@
+"""Background re-indexing: resumable, throttled, with a zero-downtime alias switch.
+
+    report = start_reindex(settings, "docs.jsonl", "docs")        # into docs_v{N}, then alias docs -> it
+    report = start_reindex(settings, "milvus:docs_v1", "docs")     # re-encode what a collection stores
+    job_id = start_in_background(settings, "docs.jsonl", "docs")   # from a web app; poll get_job(...)
+    report = resume_reindex(settings, job_id)                      # after a crash or a failed batch
+
+The source is read in a deterministic order (file order; primary-key order for ``milvus:COLLECTION``) and
+cut into fixed batches of ``M3Q_JOB_TEXTS`` rows: batch k is always rows [k*B, (k+1)*B). The checkpoint
+lives in Redis under ``{M3Q_QUEUE_PREFIX}:reindex:{job_id}``:
+
+- the job hash: source, alias, target, state (running/failed/done/switched), total, done, stored, rejected,
+  started, updated, rate, error (naming the failed batch);
+- ``:batches``: the set of batch numbers whose result is recorded (a batch is counted once, atomically);
+- ``:tasks`` / ``:sent``: the Celery task id chosen for a batch *before* it is sent, and the set of batches
+  whose send returned. On resume, a sent batch is awaited by its task id, never sent again;
+- ``:rejects``: the first REJECTS_KEPT rejected rows with their reasons.
+
+Guarantee about double encoding: a batch that a worker stored is never sent again. The only batch that
+may be encoded twice is one whose send was cut by the crash itself (its task id is recorded, the end of
+its send is not): sends are sequential, so that is at most one batch (``M3Q_JOB_TEXTS`` documents) per
+interrupted run, counted in the job's ``unconfirmed_resends``. A batch whose job failed is sent again.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import msgpack
+from celery.result import AsyncResult
+
+from producer import milvus, wire
+from producer.client import Client, Handle, JobFailed
+from producer.settings import Settings
+from producer.sources import count_documents, read_documents
+from producer.status import redis_client
+from producer.wire import PayloadError
+
+MILVUS_PREFIX = "milvus:"
+"""A source of this form re-encodes what an existing collection stores (id, text, metadata)."""
+REJECTS_KEPT = 1000
+"""Rejected rows kept with their reasons in Redis (the count is always exact)."""
+READ_BATCH_ROWS = 1000
+"""Rows fetched per page when reading a Milvus source."""
+STATES = ("running", "failed", "done", "switched")
+
+_COMPLETE = """
+if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'done', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'stored', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'rejected', #ARGV - 5)
+redis.call('HINCRBY', KEYS[1], 'truncated', ARGV[4])
+redis.call('HSET', KEYS[1], 'updated', ARGV[5])
+redis.call('SREM', KEYS[4], ARGV[1])
+for i = 6, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+redis.call('LTRIM', KEYS[3], 0, %d - 1)
+return 1
+""" % REJECTS_KEPT
+"""Record one batch's result exactly once (SADD guards the counters), atomically."""
+
+
+class ReindexFailed(JobFailed):
+    """A batch failed; the job is marked failed in Redis and can be resumed."""
+
+
+@dataclass
+class ReindexReport:
+    """What a re-index run did."""
+
+    job_id: str
+    target: str
+    state: str
+    total: int = 0
+    stored: int = 0
+    count: int = 0
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    switched: bool = False
+    previous: str | None = None
+    dropped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One paragraph for the CLI."""
+        lines = [f"re-index {self.job_id}: {self.state}; {self.count} documents in {self.target} "
+                 f"({self.stored} stored of {self.total}); rejected {len(self.rejected)}"]
+        lines += [f"  row {row}: {reason}" for row, reason in self.rejected[:50]]
+        if self.switched:
+            lines.append(f"alias now points to {self.target}" + (f" (was {self.previous})" if self.previous else ""))
+        elif self.state == "done" and self.rejected:
+            lines.append("alias NOT switched: there were rejected rows (use --allow-rejects, then --resume)")
+        elif self.state == "done":
+            lines.append("alias NOT switched: nothing was stored")
+        lines += [f"dropped {name}" for name in self.dropped]
+        return "\n".join(lines)
+
+
+# ---- keys ---------------------------------------------------------------------------------------------
+
+def job_key(s: Settings, job_id: str) -> str:
+    """The job's checkpoint hash; its sets and lists share this prefix."""
+    return f"{s.queue_prefix}:reindex:{job_id}"
+
+
+def _jobs_key(s: Settings) -> str:
+    return f"{s.queue_prefix}:reindex-jobs"
+
+
+# ---- public API ---------------------------------------------------------------------------------------
+
+def start_reindex(settings: Settings, source: str, alias: str, *, allow_rejects: bool = False,
+                  rate_limit_docs_s: float | None = None, drop_old: bool = False, job_id: str | None = None,
+                  progress: bool = True, text_field: str = "text", id_field: str = "id") -> ReindexReport:
+    """Re-index ``source`` (a file or ``milvus:COLLECTION``) into ``{alias}_v{N}``, then switch ``alias``."""
+    job_id = job_id or uuid.uuid4().hex[:12]
+    r = redis_client(settings)
+    if r.exists(job_key(settings, job_id)) and r.hget(job_key(settings, job_id), "state") != b"starting":
+        raise ValueError(f"re-index job {job_id} exists; resume it with `m3q reindex --resume {job_id}`")
+    client = Client(settings)
+    mc = milvus.connect(settings)
+    try:
+        job = _create_job(settings, mc, job_id, source, alias, text_field, id_field)
+        job.update(allow_rejects=int(allow_rejects), drop_old=int(drop_old), rate_limit_docs_s=rate_limit_docs_s or 0)
+        r.hset(job_key(settings, job_id), mapping=job)
+        r.sadd(_jobs_key(settings), job_id)
+        return _run(settings, client, mc, job_id, progress)
+    finally:
+        mc.close()
+
+
+def resume_reindex(settings: Settings, job_id: str, *, allow_rejects: bool | None = None,
+                   rate_limit_docs_s: float | None = None, drop_old: bool | None = None,
+                   progress: bool = True) -> ReindexReport:
+    """Go on with a job: batches already stored are skipped (never encoded again); options left None keep
+    the job's own. A job that is done but unswitched (rejects) switches when ``allow_rejects`` is given."""
+    r = redis_client(settings)
+    if not r.exists(job_key(settings, job_id)):
+        raise ValueError(f"no re-index job {job_id!r} (see `m3q status`)")
+    changes = {"allow_rejects": allow_rejects, "rate_limit_docs_s": rate_limit_docs_s, "drop_old": drop_old}
+    changes = {k: int(v) if isinstance(v, bool) else v for k, v in changes.items() if v is not None}
+    if changes:
+        r.hset(job_key(settings, job_id), mapping=changes)
+    client = Client(settings)
+    mc = milvus.connect(settings)
+    try:
+        return _run(settings, client, mc, job_id, progress)
+    finally:
+        mc.close()
+
+
+def start_in_background(settings: Settings, source: str, alias: str, **options: Any) -> str:
+    """Start a re-index in a daemon thread and return its job id at once; poll :func:`get_job`."""
+    job_id = options.pop("job_id", None) or uuid.uuid4().hex[:12]
+    key = job_key(settings, job_id)
+    r = redis_client(settings)
+    r.hset(key, mapping={"state": "starting", "source": source, "alias": alias, "started": time.time()})
+    r.sadd(_jobs_key(settings), job_id)
+
+    def run() -> None:
+        try:
+            start_reindex(settings, source, alias, job_id=job_id, progress=False, **options)
+        except Exception as e:  # noqa: BLE001 - a background job's error belongs in its checkpoint
+            if r.hget(key, "state") != b"failed":
+                r.hset(key, mapping={"state": "failed", "error": f"{type(e).__name__}: {e}"[:2000]})
+    threading.Thread(target=run, name=f"m3q-reindex-{job_id}", daemon=True).start()
+    return job_id
+
+
+def get_job(settings: Settings, job_id: str, rejects: int = 20) -> dict[str, Any]:
+    """A job's checkpoint: done/total, stored, rejected, rate (docs/s), eta_s, state, error, target, ...
+    plus the first ``rejects`` rejected rows. Raises ValueError for an unknown job."""
+    r = redis_client(settings)
+    raw = r.hgetall(job_key(settings, job_id))
+    if not raw:
+        raise ValueError(f"no re-index job {job_id!r}")
+    job: dict[str, Any] = {"id": job_id, **{k.decode(): _number(v.decode()) for k, v in raw.items()}}
+    job["batches_done"] = r.scard(job_key(settings, job_id) + ":batches")
+    left = max(0, int(job.get("total", 0)) - int(job.get("done", 0)))
+    rate = float(job.get("rate", 0) or 0)
+    job["eta_s"] = 0.0 if left == 0 else (left / rate if rate > 0 and job.get("state") == "running" else None)
+    job["rejects"] = [_reject(v) for v in r.lrange(job_key(settings, job_id) + ":rejects", 0, rejects - 1)]
+    return job
+
+
+def list_jobs(settings: Settings) -> list[dict[str, Any]]:
+    """Every re-index job of this queue prefix, oldest first."""
+    r = redis_client(settings)
+    ids = sorted(v.decode() for v in r.smembers(_jobs_key(settings)))
+    jobs = []
+    for job_id in ids:
+        try:
+            jobs.append(get_job(settings, job_id, rejects=0))
+        except ValueError:
+            r.srem(_jobs_key(settings), job_id)  # its checkpoint was deleted
+    return sorted(jobs, key=lambda j: float(j.get("started", 0) or 0))
+
+
+def drop_unaliased(settings: Settings, alias: str) -> list[str]:
+    """Drop the versioned collections ``{alias}_v{N}`` that no alias points to; return their names."""
+    mc = milvus.connect(settings)
+    try:
+        current = _alias_target(mc, alias)
+        dropped = []
+        for name in _versions(mc, alias):
+            if name != current and not _aliases_of(mc, name) and not _in_use(settings, name):
+                milvus._call(f"drop collection {name!r}", mc.drop_collection, name)
+                dropped.append(name)
+        return dropped
+    finally:
+        mc.close()
+
+
+# ---- creating a job -----------------------------------------------------------------------------------
+
+def _create_job(s: Settings, mc: Any, job_id: str, source: str, alias: str,
+                text_field: str, id_field: str) -> dict[str, Any]:
+    """Check the source, reserve the next versioned collection and describe the job."""
+    source_collection = _source_collection(mc, source)
+    total = milvus.count(mc, source_collection) if source_collection else count_documents(_path(source))
+    # The worker creates the collection on its first upsert, with the model identity it records.
+    target = _reserve_target(s, mc, alias, job_id)
+    now = time.time()
+    return {"source": source, "source_collection": source_collection or "", "alias": alias, "target": target,
+            "state": "running", "total": total or 0, "done": 0, "stored": 0, "rejected": 0, "truncated": 0,
+            "batch_texts": s.job_texts, "text_field": text_field, "id_field": id_field, "started": now,
+            "updated": now, "rate": 0, "error": "", "unconfirmed_resends": 0}
+
+
+def _path(source: str) -> Path:
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{source}: no such file (a collection is written milvus:NAME)")
+    return path
+
+
+def _source_collection(mc: Any, source: str) -> str | None:
+    """For ``milvus:NAME``: the collection itself (an alias is resolved now, so a resume reads the same one)."""
+    if not source.startswith(MILVUS_PREFIX):
+        return None
+    name = source[len(MILVUS_PREFIX):]
+    resolved = _alias_target(mc, name) or name
+    if not milvus._call(f"has_collection {resolved!r}", mc.has_collection, resolved):
+        raise ValueError(f"source collection {name!r} does not exist")
+    return resolved
+
+
+def _versions(mc: Any, alias: str) -> list[str]:
+    pattern = re.compile(re.escape(alias) + r"_v(\d+)$")
+    names = [n for n in milvus._call("list collections", mc.list_collections) if pattern.match(n)]
+    return sorted(names, key=lambda n: int(pattern.match(n).group(1)))
+
+
+def _reserve_target(s: Settings, mc: Any, alias: str, job_id: str) -> str:
+    """The next free ``{alias}_v{N}``: above every existing version, and claimed in Redis (SET NX) so two
+    jobs started at once never share one before a worker has created it."""
+    versions = _versions(mc, alias)
+    n = int(versions[-1].rsplit("_v", 1)[1]) + 1 if versions else 1
+    r = redis_client(s)
+    while not r.set(f"{s.queue_prefix}:reindex-target:{alias}_v{n}", job_id, nx=True):
+        n += 1
+    return f"{alias}_v{n}"
+
+
+# ---- the driver ---------------------------------------------------------------------------------------
+
+@dataclass
+class _Batch:
+    number: int
+    rows: list[tuple[int, Any, Any, Any]]   # (position, text, id, metadata) to send
+    rejects: list[tuple[int, str]]           # rows refused before sending
+    size: int                                # every row of the batch, sent or not
+    handle: Handle | None = None
+
+
+def _run(s: Settings, client: Client, mc: Any, job_id: str, progress: bool) -> ReindexReport:
+    """Send the batches not yet recorded, record each as it finishes, then switch the alias."""
+    r = redis_client(s)
+    key = job_key(s, job_id)
+    job = get_job(s, job_id, rejects=0)
+    if job["state"] in ("running", "failed"):
+        r.hset(key, mapping={"state": "running", "error": ""})
+        _drive(s, client, mc, job_id, job, progress)
+        r.hset(key, mapping={"state": "done", "total": get_job(s, job_id)["done"], "updated": time.time()})
+    job = get_job(s, job_id, rejects=REJECTS_KEPT)
+    if job["state"] == "done" and int(job["stored"]) > 0 and (int(job["rejected"]) == 0 or job.get("allow_rejects")):
+        _switch(s, mc, job_id, job)
+        job = get_job(s, job_id, rejects=REJECTS_KEPT)
+    return _report(mc, job)
+
+
+def _drive(s: Settings, client: Client, mc: Any, job_id: str, job: dict, progress: bool) -> None:
+    key = job_key(s, job_id)
+    r = redis_client(s)
+    done = {int(b) for b in r.smembers(key + ":batches")}
+    sent = {int(b) for b in r.smembers(key + ":sent")}
+    tasks = {int(k): v.decode() for k, v in r.hgetall(key + ":tasks").items()}
+    complete = r.register_script(_COMPLETE)
+    pace = _Pacer(float(job.get("rate_limit_docs_s") or 0))
+    bar = _bar(int(job["total"]) or None, int(job["done"]), progress)
+    window: deque[_Batch] = deque()
+    started, docs = time.monotonic(), 0
+    try:
+        for batch in _batches(mc, job, done):
+            if len(window) >= s.max_in_flight:
+                docs += _finish(s, r, complete, key, window.popleft(), started, docs, bar)
+            pace.wait(batch.size)
+            batch.handle = _send(s, client, r, key, job, batch, tasks.get(batch.number), batch.number in sent)
+            window.append(batch)
+        while window:
+            docs += _finish(s, r, complete, key, window.popleft(), started, docs, bar)
+    finally:
+        bar.close()
+
+
+def _batches(mc: Any, job: dict, done: set[int]) -> Iterator[_Batch]:
+    """The source's fixed batches not yet done; rows that cannot be sent are rejected with a reason."""
+    size = int(job["batch_texts"])
+    chunk: list = []
+    number = 0
+    for row in _source_rows(mc, job):
+        chunk.append(row)
+        if len(chunk) == size:
+            if number not in done:
+                yield _make_batch(number, chunk)
+            chunk, number = [], number + 1
+    if chunk and number not in done:
+        yield _make_batch(number, chunk)
+
+
+def _make_batch(number: int, chunk: list) -> _Batch:
+    rows, rejects = [], []
+    for position, text, doc_id, metadata, error in chunk:
+        reason = error or wire.unsendable(text) or _unsendable_metadata(metadata)
+        if reason:
+            rejects.append((position, f"{wire.name_item(position, doc_id)}: {reason}"))
+        else:
+            rows.append((position, text, doc_id, metadata))
+    return _Batch(number, rows, rejects, len(chunk))
+
+
+def _unsendable_metadata(value: object) -> str | None:
+    try:
+        msgpack.packb(value)
+    except (TypeError, ValueError) as e:
+        return f"metadata is not JSON: {e}"
+    return None
+
+
+def _source_rows(mc: Any, job: dict) -> Iterator[tuple[int, Any, Any, Any, str | None]]:
+    """(position, text, id, metadata, error) in the source's natural order; positions start at 1."""
+    if job.get("source_collection"):
+        yield from _collection_rows(mc, str(job["source_collection"]))
+        return
+    docs = read_documents(_path(str(job["source"])), str(job["text_field"]), str(job["id_field"]))
+    for position, doc in enumerate(docs, 1):
+        yield position, doc.text, doc.id, doc.metadata, doc.error
+
+
+def _collection_rows(mc: Any, name: str) -> Iterator[tuple[int, Any, Any, Any, None]]:
+    # A query iterator pages by primary key, so the order (and with it every batch) is the same each run.
+    it = milvus._call(f"read {name!r}", mc.query_iterator, name, batch_size=READ_BATCH_ROWS, filter="",
+                      output_fields=["id", "text", "metadata"])
+    position = 0
+    try:
+        while page := milvus._call(f"read {name!r}", it.next):
+            for row in page:
+                position += 1
+                yield position, row["text"], row["id"], row.get("metadata") or {}, None
+    finally:
+        it.close()
+
+
+def _send(s: Settings, client: Client, r: Any, key: str, job: dict, batch: _Batch, task_id: str | None,
+          was_sent: bool) -> Handle | None:
+    """A handle on the batch's job: the one sent by an earlier run when its send finished, else a new one."""
+    if not batch.rows:
+        return None
+    if task_id and was_sent:
+        previous = AsyncResult(task_id, app=client.app)
+        if previous.state != "FAILURE":
+            return Handle(previous, wire.TASK_INDEX_DOCUMENTS, len(batch.rows), s.job_timeout_s, batch.rows[0][0])
+    elif task_id:
+        r.hincrby(key, "unconfirmed_resends", 1)  # the crash cut this send: it may have reached a worker
+    positions, texts, ids, metadata = (list(c) for c in zip(*batch.rows))
+    payload = {"collection": str(job["target"]), "texts": texts, "ids": ids, "metadata": metadata,
+               "batch": batch.number}
+    new_id = str(uuid.uuid4())
+    r.hset(key + ":tasks", batch.number, new_id)   # recorded before sending: a crash after it is seen
+    result = client.app.send_task(wire.TASK_INDEX_DOCUMENTS, args=[payload], task_id=new_id,
+                                  queue=wire.task_queue(s, wire.TASK_INDEX_DOCUMENTS),
+                                  headers={"m3q_sent": time.time()})
+    r.sadd(key + ":sent", batch.number)
+    return Handle(result, wire.TASK_INDEX_DOCUMENTS, len(texts), s.job_timeout_s, positions[0], positions)
+
+
+def _finish(s: Settings, r: Any, complete: Any, key: str, batch: _Batch, started: float, docs: int, bar) -> int:
+    """Wait for one batch and record it once; a failed job marks the whole re-index failed."""
+    stored, truncated, rejects = 0, 0, list(batch.rejects)
+    if batch.handle is not None:
+        try:
+            raw = batch.handle.raw()
+        except (JobFailed, PayloadError) as e:
+            _fail(r, key, batch, e)
+        positions = [row[0] for row in batch.rows]
+        stored, truncated = int(raw["stored"]), int(raw.get("truncated", 0))
+        rejects += [(positions[i], reason) for i, reason in raw["errors"]]
+    now = time.time()
+    rate = (docs + batch.size) / max(time.monotonic() - started, 1e-6)
+    r.hset(key, "rate", round(rate, 2))
+    complete(keys=[key, key + ":batches", key + ":rejects", key + ":sent"],
+             args=[batch.number, batch.size, stored, truncated, now] + [f"{p}\t{why}" for p, why in sorted(rejects)])
+    bar.update(batch.size)
+    return batch.size
+
+
+def _fail(r: Any, key: str, batch: _Batch, e: Exception) -> None:
+    first, last = (batch.rows[0][0], batch.rows[-1][0]) if batch.rows else (0, 0)
+    error = f"batch {batch.number} (rows {first}..{last}) failed: {type(e).__name__}: {e}"
+    r.hset(key, mapping={"state": "failed", "error": error[:2000], "updated": time.time()})
+    job_id = key.rsplit(":", 1)[1]
+    raise ReindexFailed(f"re-index {job_id}: {error}; fix the cause, then `m3q reindex --resume {job_id}`") from e
+
+
+class _Pacer:
+    """Producer-side pacing to at most ``rate`` documents/s (0: no limit)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.start = time.monotonic()
+        self.docs = 0
+
+    def wait(self, docs: int) -> None:
+        if self.rate > 0:
+            delay = self.start + self.docs / self.rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        self.docs += docs
+
+
+def _bar(total: int | None, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="doc", desc="re-indexing", disable=not enabled,
+                dynamic_ncols=True)
+
+
+# ---- the switch ---------------------------------------------------------------------------------------
+
+def _switch(s: Settings, mc: Any, job_id: str, job: dict) -> None:
+    """Point ``alias`` at the finished collection in one step; drop the previous one when asked."""
+    alias, target = str(job["alias"]), str(job["target"])
+    previous = _alias_target(mc, alias)
+    if previous is None:
+        if milvus._call(f"has_collection {alias!r}", mc.has_collection, alias):
+            raise ValueError(f"{alias!r} is a collection, not an alias: pick another name for --into")
+        milvus._call(f"create alias {alias!r}", mc.create_alias, target, alias)
+    elif previous != target:
+        milvus._call(f"alter alias {alias!r}", mc.alter_alias, target, alias)
+    fields = {"state": "switched", "previous": previous or "", "switched_at": time.time()}
+    if job.get("drop_old") and previous and previous != target and not _aliases_of(mc, previous):
+        milvus._call(f"drop collection {previous!r}", mc.drop_collection, previous)
+        fields["dropped"] = previous
+    redis_client(s).hset(job_key(s, job_id), mapping=fields)
+
+
+def _alias_target(mc: Any, alias: str) -> str | None:
+    """The collection behind ``alias``, or None when there is no such alias."""
+    if alias not in milvus._call("list aliases", mc.list_aliases).get("aliases", []):
+        return None  # asked first: describe_alias logs an error for an unknown alias
+    return milvus._call(f"describe alias {alias!r}", mc.describe_alias, alias)["collection_name"]
+
+
+def _aliases_of(mc: Any, collection: str) -> list[str]:
+    return list(milvus._call(f"list aliases of {collection!r}", mc.list_aliases, collection_name=collection)
+                .get("aliases", []))
+
+
+def _in_use(s: Settings, collection: str) -> bool:
+    """Whether an unfinished re-index job writes to or reads from ``collection``."""
+    return any(j.get("state") in ("starting", "running", "failed", "done")
+               and collection in (j.get("target"), j.get("source_collection")) for j in list_jobs(s))
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+
+def _report(mc: Any, job: dict) -> ReindexReport:
+    target = str(job["target"])
+    return ReindexReport(job_id=str(job["id"]), target=target, state=str(job["state"]), total=int(job["total"]),
+                         stored=int(job["stored"]), count=_count(mc, target), rejected=job["rejects"],
+                         switched=job["state"] == "switched", previous=job.get("previous") or None,
+                         dropped=[str(job["dropped"])] if job.get("dropped") else [])
+
+
+def _count(mc: Any, name: str) -> int:
+    # A job that stored nothing never made its collection.
+    return milvus.count(mc, name) if milvus._call(f"has_collection {name!r}", mc.has_collection, name) else 0
+
+
+def _reject(raw: bytes) -> tuple[int, str]:
+    position, _, reason = raw.decode().partition("\t")
+    return int(position), reason
+
+
+def _number(value: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
