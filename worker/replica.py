@@ -80,6 +80,10 @@ FILLER_SCORE = -30.0
 # Typical |sparse_linear(h)| is about this value (real BGE-M3 lexical weights
 # are mostly 0.05-0.35).
 SPARSE_SCALE = 0.25
+# Share of probe tokens whose sparse weight is positive.  Above one half
+# because a text's tokens share context, so per-text shares scatter around
+# this value; 0.6 keeps short texts from ending up with no lexical weights.
+SPARSE_POSITIVE_SHARE = 0.6
 
 
 # --------------------------------------------------------------------------
@@ -418,8 +422,9 @@ def _build_heads(
 ) -> tuple[torch.nn.Linear, torch.nn.Linear]:
     """The ColBERT head Linear(h, h) and the sparse head Linear(h, 1), as BGE-M3 stores them.
 
-    The sparse bias is set to minus the median pre-activation over the corpus,
-    so about half of the tokens of typical text get a positive weight.
+    The sparse bias is calibrated on the corpus so that a share of
+    ``SPARSE_POSITIVE_SHARE`` of the tokens of typical text get a positive
+    lexical weight relu(sparse_linear(h)); the rest get none.
     """
     hidden = model.config.hidden_size
     generator = torch.Generator().manual_seed(seed + 1)  # separate stream from the encoder
@@ -430,8 +435,9 @@ def _build_heads(
         colbert.bias.zero_()
         sparse.weight.normal_(0.0, SPARSE_SCALE / math.sqrt(hidden), generator=generator)
         pre_activation = _probe_hidden_states(model, tokenizer) @ sparse.weight[0]
+        threshold = torch.quantile(pre_activation, 1.0 - SPARSE_POSITIVE_SHARE).item()
         # Rounded so thread-count float noise cannot change the saved bytes.
-        sparse.bias.fill_(round(-pre_activation.median().item(), 3))
+        sparse.bias.fill_(round(-threshold, 3))
     return colbert, sparse
 
 
