@@ -19,6 +19,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.command in ("worker", "demo", "milvus") else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pymilvus logs a traceback for errors that m3q already reports in one clear line.
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
     try:
         settings = Settings.from_env(**{f.name: getattr(args, f.name, None) for f in fields(Settings)})
         return int(args.run(args, settings) or 0)
@@ -215,7 +217,7 @@ def cmd_index(args: argparse.Namespace, s: Settings) -> int:
 
     report = index_file(s, args.file, args.collection, args.text_field, args.id_field)
     print(report.summary())
-    return 0 if report.stored or not report.rejected else 1
+    return 0 if report.stored or not (report.rejected or report.source_errors) else 1
 
 
 def cmd_search(args: argparse.Namespace, s: Settings) -> int:

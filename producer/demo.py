@@ -44,8 +44,9 @@ def _check_model(s: Settings) -> None:
     # Fail in seconds, not after starting services, when the model is neither local nor downloadable.
     from worker.model import resolve_checkpoint
 
-    print(f"model: {s.model}")
-    resolve_checkpoint(s.model)
+    folder = resolve_checkpoint(s.model)
+    replica = (folder / "m3q_replica.json").exists()
+    print(f"model: {s.model}" + (" (a RANDOM-WEIGHT REPLICA: the rankings below mean nothing)" if replica else ""))
 
 
 def _ensure_redis(s: Settings, stack: ExitStack) -> Settings:
@@ -74,9 +75,9 @@ def _ensure_milvus(s: Settings, stack: ExitStack) -> Settings:
         return s
     from producer.milvus import ensure_lite_server
 
-    proc = ensure_lite_server(s)
-    if proc is not None:
-        stack.callback(_stop, proc)
+    server = ensure_lite_server(s)
+    if server is not None:  # None: one already answers on that port, and it is not ours to stop
+        stack.callback(server.stop)
     uri = f"http://127.0.0.1:{s.milvus_port}"
     print(f"milvus: Milvus Lite at {uri} (data in {os.path.expanduser(s.milvus_data_dir)})")
     return s.replace(milvus_uri=uri)

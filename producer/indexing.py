@@ -44,10 +44,14 @@ def index_file(s: Settings, path: str | Path, collection: str, text_field: str =
 
 def _rows(docs: Iterator[Document], report: FileReport) -> Iterator[tuple[int, object, object, object]]:
     # (row number, text, id, metadata); rows the file itself got wrong are reported and never sent.
+    # A repeated id is one of those: its rows may land in different jobs, upserted in no fixed order.
+    first_row: dict[str, int] = {}
     for row, doc in enumerate(docs, 1):
         report.total += 1
         if doc.error:
             report.source_errors.append((row, f"{doc.id}: {doc.error}"))
+        elif first_row.setdefault(str(doc.id), row) != row:
+            report.source_errors.append((row, f"id {doc.id!r}: duplicate id, first at row {first_row[str(doc.id)]}"))
         else:
             yield row, doc.text, doc.id, doc.metadata
 

@@ -431,8 +431,9 @@ def search(client: MilvusClient, name: str, dense: np.ndarray | None, sparse: di
     what = f"{mode} search in {name!r}"
     if mode == "hybrid" and query_sparse:
         # Each side brings more candidates than k so the fusion can promote a document found by both.
-        reqs = [AnnSearchRequest([_dense_list(dense)], "dense", {"metric_type": "IP"}, 2 * k),
-                AnnSearchRequest([query_sparse], "sparse", {"metric_type": "IP"}, 2 * k)]
+        per_field = min(2 * k, 16384)  # Milvus' limit on one request's hits
+        reqs = [AnnSearchRequest([_dense_list(dense)], "dense", {"metric_type": "IP"}, per_field),
+                AnnSearchRequest([query_sparse], "sparse", {"metric_type": "IP"}, per_field)]
         return _hits(_call(what, client.hybrid_search, name, reqs, _ranker(ranker), **common))
     field_name, data = ("sparse", query_sparse) if mode == "sparse" else ("dense", _dense_list(dense))
     return _hits(_call(what, client.search, name, data=[data], anns_field=field_name,

@@ -9,6 +9,9 @@ from producer.milvus import Hit
 from producer.settings import Settings
 from producer.wire import ItemError
 
+MAX_K = 16384
+"""Most hits one search returns (Milvus' limit on ``limit``)."""
+
 
 class Searcher:
     """Holds a producer client and a Milvus client; reuse one per process."""
@@ -22,6 +25,8 @@ class Searcher:
         """Ranked hits for ``text`` in ``collection``; mode is hybrid, dense or sparse."""
         if mode not in ("hybrid", "dense", "sparse"):
             raise ValueError(f"mode must be hybrid, dense or sparse, got {mode!r}")
+        if not isinstance(k, int) or not 1 <= k <= MAX_K:
+            raise ValueError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")  # before encoding the query
         (item,) = self.client.encode_queries([text])
         if isinstance(item, ItemError):
             raise ValueError(f"query rejected: {item.reason}")
