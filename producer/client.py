@@ -8,18 +8,34 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import ssl
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import msgpack
+import redis
+from celery import states
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+from kombu.utils.url import maybe_sanitize_url
 
 from producer import wire
 from producer.settings import Settings
+from producer.status import redis_client
 from producer.wire import Item, PayloadError, decode_item
+
+log = logging.getLogger(__name__)
+
+RETRY_MAX_DELAY_S = 5.0
+"""Longest pause between two tries to reach Redis while it is down (the delay doubles from 0.2 s)."""
+RESULT_POLL_S = 5.0
+"""A waiting producer also reads its job's result directly this often, besides listening for it: after a
+Redis restart Celery's pub/sub listener may have lost the subscription and would wait in vain."""
 
 
 class JobFailed(RuntimeError):
@@ -28,6 +44,10 @@ class JobFailed(RuntimeError):
 
 class JobTimeout(JobFailed):
     """No result within ``M3Q_JOB_TIMEOUT_S``: no worker alive, or one that is far behind."""
+
+
+class BrokerError(ConnectionError):
+    """Redis refused the producer (password, certificate) or stayed unreachable for ``M3Q_JOB_TIMEOUT_S``."""
 
 
 @dataclass
@@ -46,17 +66,38 @@ class Handle:
         return self.async_result.id
 
     def raw(self, timeout_s: float | None = None) -> dict:
-        """The job's result as the worker sent it."""
+        """The job's result as the worker sent it; waits through a Redis restart, up to the timeout."""
+        timeout_s = timeout_s or self.timeout_s
+        deadline = time.monotonic() + timeout_s
+        delay_s = 0.2
+        while True:
+            try:
+                wait_s = min(RESULT_POLL_S, deadline - time.monotonic())
+                return self.async_result.get(timeout=max(0.01, wait_s), propagate=True, interval=0.005)
+            except CeleryTimeout:
+                if time.monotonic() < deadline:
+                    continue  # each get() first reads the stored result, then listens again
+                raise JobTimeout(f"job {self.id} ({self.task}, {self.size} texts) had no result after "
+                                 f"{timeout_s:.0f}s: is a worker running? (`m3q status`)") from None
+            except PayloadError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the worker's exception, re-raised with the job named
+                if self._lost_redis(e) and time.monotonic() + delay_s < deadline:
+                    log.warning("waiting for job %s: Redis unreachable (%s); retrying in %.1fs", self.id, e, delay_s)
+                    time.sleep(delay_s)
+                    delay_s = min(2 * delay_s, RETRY_MAX_DELAY_S)
+                    continue
+                raise JobFailed(f"job {self.id} ({self.task}, items {self.first_index}.."
+                                f"{self.first_index + self.size - 1}) failed: {type(e).__name__}: {e}") from e
+
+    def _lost_redis(self, e: Exception) -> bool:
+        # The wait itself lost Redis, as opposed to a job that failed (whose state is final and cached).
+        if not _unreachable(e):
+            return False
         try:
-            return self.async_result.get(timeout=timeout_s or self.timeout_s, propagate=True, interval=0.005)
-        except CeleryTimeout:
-            raise JobTimeout(f"job {self.id} ({self.task}, {self.size} texts) had no result after "
-                             f"{timeout_s or self.timeout_s:.0f}s: is a worker running? (`m3q status`)") from None
-        except PayloadError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the worker's exception, re-raised with the job named
-            raise JobFailed(f"job {self.id} ({self.task}, items {self.first_index}.."
-                            f"{self.first_index + self.size - 1}) failed: {type(e).__name__}: {e}") from e
+            return self.async_result.state not in states.READY_STATES
+        except Exception:  # noqa: BLE001 - Redis still down
+            return True
 
     def result(self, timeout_s: float | None = None) -> list[Item]:
         """Decoded items of an encode job, in order."""
@@ -83,6 +124,7 @@ class Client:
         self.settings = settings or Settings.from_env()
         self.app = wire.make_celery(self.settings, name="m3q-producer")
         self._dims: dict[str, int] | None = None
+        self._redis_checked = False
 
     # ---- single jobs -------------------------------------------------------------------------------------
 
@@ -96,8 +138,51 @@ class Client:
             raise PayloadError(f"job payload is {size:,} bytes, over the limit of "
                                f"{self.settings.max_payload_bytes:,} (M3Q_MAX_PAYLOAD_BYTES); send smaller jobs")
         queue = wire.device_queue(self.settings, device) if device else wire.task_queue(self.settings, task)
-        result = self.app.send_task(task, args=[payload], queue=queue, headers={"m3q_sent": time.time()})
+        result = self._send(task, payload, queue)
         return Handle(result, task, len(payload.get("texts", [])), self.settings.job_timeout_s, first_index)
+
+    def _send(self, task: str, payload: dict, queue: str) -> AsyncResult:
+        """Publish a job; while Redis is unreachable (restarting), retry with backoff up to M3Q_JOB_TIMEOUT_S."""
+        self._check_redis()
+        task_id = str(uuid.uuid4())  # the same id on every try: a publish that landed but lost its reply is one job
+        deadline = time.monotonic() + self.settings.job_timeout_s
+        delay_s = 0.2
+        while True:
+            try:
+                return self.app.send_task(task, args=[payload], queue=queue, task_id=task_id,
+                                          headers={"m3q_sent": time.time()})
+            except Exception as e:  # noqa: BLE001 - sorted below: unreachable is retried, the rest raised
+                if not _unreachable(e):
+                    raise
+                if time.monotonic() + delay_s >= deadline:
+                    raise BrokerError(f"cannot send job {task_id} ({task}): Redis at "
+                                      f"{maybe_sanitize_url(self.settings.broker_url)} unreachable for "
+                                      f"{self.settings.job_timeout_s:.0f}s (M3Q_JOB_TIMEOUT_S): {e}") from e
+                log.warning("sending job %s: Redis unreachable (%s); retrying in %.1fs", task_id, e, delay_s)
+                time.sleep(delay_s)
+                delay_s = min(2 * delay_s, RETRY_MAX_DELAY_S)
+
+    def _check_redis(self) -> None:
+        # Once per client: a wrong password or an untrusted certificate is reported at once, where Celery
+        # would retry it as a lost connection for 20 s and then ask for a restart.
+        if self._redis_checked:
+            return
+        answered = True
+        for url in dict.fromkeys([self.settings.broker_url, self.settings.backend_url]):
+            if not url.startswith(("redis://", "rediss://")):
+                continue
+            client = redis_client(self.settings.replace(broker_url=url))
+            try:
+                client.ping()
+            except redis.ConnectionError as e:
+                if _unreachable(e):
+                    answered = False  # down for now: the send retries, and the next job checks again
+                    continue
+                hint = "; check M3Q_REDIS_TLS_CA_FILE" if _tls_failure(e) else "; check the password in the URL"
+                raise BrokerError(f"Redis at {maybe_sanitize_url(url)} refused the producer: {e}{hint}") from None
+            finally:
+                client.close()
+        self._redis_checked = answered
 
     def submit_encode(self, texts: Sequence[object], kind: str = "documents", *, device: str | None = None,
                       first_index: int = 0, **options: Any) -> Handle:
@@ -164,8 +249,10 @@ class Client:
         """Index documents; rejected ones are reported with their input position, never dropped silently."""
         if len(ids) != len(texts) or (metadata is not None and len(metadata) != len(texts)):
             raise ValueError("texts, ids (and metadata) must have the same length")
+        report = IndexReport()
         rows = ((i, texts[i], ids[i], None if metadata is None else metadata[i]) for i in range(len(texts)))
-        return self.index_rows(collection, rows, job_texts=job_texts, progress=progress)
+        return self.index_rows(collection, _first_of_each_id(rows, report), job_texts=job_texts, progress=progress,
+                               report=report)
 
     def index_rows(self, collection: str, rows: Iterable[tuple[int, object, object, object]], *,
                    job_texts: int | None = None, progress: Callable[[int], None] | None = None,
@@ -221,6 +308,19 @@ def _index_batches(rows: Iterable[tuple[int, object, object, object]], size: int
         yield batch
 
 
+def _first_of_each_id(rows: Iterable[tuple[int, object, object, object]],
+                      report: IndexReport) -> Iterator[tuple[int, object, object, object]]:
+    """The rows whose id comes first in this call; a repeat is rejected here, since its jobs may run in any order."""
+    first: dict[str, int] = {}
+    for row in rows:
+        key = str(row[2])
+        if isinstance(row[2], (str, int)) and first.setdefault(key, row[0]) != row[0]:
+            report.rejected.append((row[0], f"{wire.name_item(row[0], row[2])}: duplicate id {key!r}, "
+                                            f"first at item {first[key]}"))
+            continue
+        yield row
+
+
 def _unsendable_metadata(value: object) -> str | None:
     try:
         msgpack.packb(value)
@@ -245,3 +345,24 @@ def _answer_unsendable(texts: Sequence[object]) -> tuple[list[Item | None], list
 def _waited(handle: Handle) -> Handle:
     handle.raw()  # raises on failure; the result stays cached in the AsyncResult
     return handle
+
+
+def _causes(e: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _tls_failure(e: BaseException) -> bool:
+    return any(isinstance(c, ssl.SSLError) or "CERTIFICATE_VERIFY_FAILED" in str(c) for c in _causes(e))
+
+
+def _unreachable(e: BaseException) -> bool:
+    """Whether ``e`` says Redis cannot be reached right now (retry), not that it refused us (report)."""
+    causes = list(_causes(e))
+    if any(isinstance(c, (redis.AuthenticationError, redis.exceptions.AuthorizationError,
+                          redis.exceptions.ResponseError)) for c in causes) or _tls_failure(e):
+        return False
+    return any(isinstance(c, (OperationalError, redis.ConnectionError, redis.TimeoutError, OSError)) for c in causes)

@@ -58,7 +58,9 @@ def task_queue(s: Settings, task: str) -> str:
 
 def celery_config(s: Settings) -> dict[str, Any]:
     """Celery settings for long batches delivered at least once, with pickle refused."""
-    transport: dict[str, Any] = {"visibility_timeout": s.visibility_timeout_s}
+    # A running worker sweeps for jobs of dead workers every unacked_restore_interval seconds (kombu's
+    # default throttle would make that about 100 s).
+    transport: dict[str, Any] = {"visibility_timeout": s.visibility_timeout_s, "unacked_restore_throttle": 1}
     config: dict[str, Any] = dict(
         broker_url=s.broker_url,
         result_backend=s.backend_url,
@@ -73,6 +75,11 @@ def celery_config(s: Settings) -> dict[str, Any]:
         broker_transport_options=transport,
         result_backend_transport_options=dict(transport),
         result_expires=s.result_expires_s,
+        # A result must outlive a Redis restart: by default storing it fails at once on a lost connection, and
+        # the job only comes back after the visibility timeout. Bounded (about 10 minutes at Celery's longest
+        # pause of 10 s); past that, the job is redelivered instead.
+        result_backend_always_retry=True,
+        result_backend_max_retries=60,
         result_extended=False,
         task_default_queue=document_queue(s),
         task_track_started=False,

@@ -68,6 +68,7 @@ class Runtime:
         self.metrics = metrics.Metrics(settings.metrics_port)
         self.engine = Engine(encoder, settings.batch_wait_ms, settings.cross_job_batching, self._on_step)
         self._milvus = None
+        self._redis = None
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="m3q-heartbeat", daemon=True)
 
@@ -96,6 +97,14 @@ class Runtime:
         """Drop the Milvus client after a failure, so the next try reconnects."""
         self._milvus = None
 
+    def redis(self):
+        """A Redis client on the broker, created on first use and shared by all threads (it reconnects itself)."""
+        if self._redis is None:
+            from producer.status import redis_client
+
+            self._redis = redis_client(self.settings)
+        return self._redis
+
     def _on_step(self, step: StepStats) -> None:
         c = self.counters
         c.texts += step.texts
@@ -116,20 +125,16 @@ class Runtime:
         return f"{self.settings.queue_prefix}:worker:{self.hostname}"
 
     def _beat(self) -> None:
-        from producer.status import redis_client
-
         while not self._stop.is_set():
             try:
-                redis_client(self.settings).set(self._key(), json.dumps(self.status()), ex=int(3 * HEARTBEAT_S))
+                self.redis().set(self._key(), json.dumps(self.status()), ex=int(3 * HEARTBEAT_S))
             except Exception as e:  # noqa: BLE001 - Redis may be restarting; the next beat retries
                 log.debug("heartbeat failed: %s", e)
             self._stop.wait(HEARTBEAT_S)
 
     def _forget(self) -> None:
-        from producer.status import redis_client
-
         try:
-            redis_client(self.settings).delete(self._key())
+            self.redis().delete(self._key())
         except Exception:  # noqa: BLE001 - best effort on the way out
             pass
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -14,11 +15,15 @@ import msgpack
 from celery import Celery, Task
 
 from producer import wire
-from producer.status import record_failure, redis_client
+from producer.status import record_failure
 from producer.wire import ItemError, PayloadError, check_options, encode_item
 from worker.runtime import Runtime, current
 
 log = logging.getLogger(__name__)
+
+TEST_CRASH_ENV = "M3Q_TEST_CRASH_ON_TEXT"
+"""Test only: a worker whose environment sets this exits at once (os._exit(86)) on a job holding that text."""
+TEST_CRASH_EXIT_CODE = 86
 
 
 class PoisonJob(RuntimeError):
@@ -27,18 +32,17 @@ class PoisonJob(RuntimeError):
 
 def register(app: Celery) -> None:
     """Register m3q's tasks on ``app`` under their wire names."""
-
     @app.task(name=wire.TASK_ENCODE_QUERIES, bind=True)
     def encode_queries(self: Task, payload: dict) -> dict:
-        return _guarded(self, lambda rt: encode_job(rt, payload, "queries"))
+        return _guarded(self, payload, lambda rt: encode_job(rt, payload, "queries"))
 
     @app.task(name=wire.TASK_ENCODE_DOCUMENTS, bind=True)
     def encode_documents(self: Task, payload: dict) -> dict:
-        return _guarded(self, lambda rt: encode_job(rt, payload, "documents"))
+        return _guarded(self, payload, lambda rt: encode_job(rt, payload, "documents"))
 
     @app.task(name=wire.TASK_INDEX_DOCUMENTS, bind=True)
     def index_documents(self: Task, payload: dict) -> dict:
-        return _guarded(self, lambda rt: index_job(self, rt, payload))
+        return _guarded(self, payload, lambda rt: index_job(self, rt, payload))
 
     @app.task(name=wire.TASK_INFO)
     def info(payload: dict | None = None) -> dict:
@@ -46,27 +50,37 @@ def register(app: Celery) -> None:
         return {**rt.encoder.info(), "hostname": rt.hostname}
 
 
-def _guarded(task: Task, run) -> dict:
+def _guarded(task: Task, payload: Any, run) -> dict:
     """Run a job, counting deliveries (a job that keeps crashing workers stops) and recording failures."""
     rt = current()
     started = time.monotonic()
-    _check_deliveries(task, rt)
     sent = (task.request.headers or {}).get("m3q_sent") if task.request.headers else None
     if sent:
         rt.metrics.queue_wait_s.labels(task.name).observe(max(0.0, time.time() - float(sent)))
     try:
+        _check_deliveries(task, rt)  # inside the try: a poison job is recorded like any failure
+        _crash_if_asked(payload)
         result = run(rt)
     except Exception as e:
         if not _is_retry(e):
             rt.counters.errors += 1
             rt.metrics.jobs.labels(task.name, "failed").inc()
             rt.metrics.errors.labels(type(e).__name__).inc()
-            record_failure(rt.settings, task.name, task.request.id or "?", f"{type(e).__name__}: {e}")
+            _record(rt, task, e)
         raise
     rt.counters.jobs += 1
     rt.metrics.jobs.labels(task.name, "ok").inc()
     rt.metrics.job_s.labels(task.name).observe(time.monotonic() - started)
     return result
+
+
+def _crash_if_asked(payload: Any) -> None:
+    # Test only (TEST_CRASH_ENV): a real process death mid-job, for the redelivery and poison-job tests.
+    text = os.environ.get(TEST_CRASH_ENV)
+    if text and isinstance(payload, dict) and text in (payload.get("texts") or []):
+        log.error("%s matched a text of this job: exiting at once (test hook)", TEST_CRASH_ENV)
+        logging.shutdown()
+        os._exit(TEST_CRASH_EXIT_CODE)
 
 
 def _is_retry(e: Exception) -> bool:
@@ -75,12 +89,23 @@ def _is_retry(e: Exception) -> bool:
     return isinstance(e, Retry)
 
 
+def _record(rt: Runtime, task: Task, e: Exception) -> None:
+    # Best effort: with Redis down the failure cannot be recorded, and that must not hide the job's own error.
+    try:
+        record_failure(rt.settings, task.name, task.request.id or "?", f"{type(e).__name__}: {e}", rt.redis())
+    except Exception as why:  # noqa: BLE001
+        log.warning("could not record the failure of job %s in Redis: %s", task.request.id, why)
+
+
 def _check_deliveries(task: Task, rt: Runtime) -> None:
     # Acks are late, so a job that kills its worker comes back; count how often, and stop it looping.
     key = f"{rt.settings.queue_prefix}:deliveries:{task.request.id}"
-    client = redis_client(rt.settings)
-    deliveries = client.incr(key)
-    client.expire(key, rt.settings.result_expires_s)
+    try:
+        pipe = rt.redis().pipeline(transaction=False)
+        deliveries, _ = pipe.incr(key).expire(key, rt.settings.result_expires_s).execute()
+    except Exception as e:  # noqa: BLE001 - Redis restarting: run the job uncounted rather than fail it
+        log.warning("could not count the deliveries of job %s (%s); running it anyway", task.request.id, e)
+        return
     if deliveries > rt.settings.task_max_retries + 1 + (task.request.retries or 0):
         raise PoisonJob(f"job {task.request.id} was delivered {deliveries} times without finishing "
                         f"(M3Q_TASK_MAX_RETRIES={rt.settings.task_max_retries}); giving up")
@@ -92,7 +117,8 @@ def check_size(rt: Runtime, payload: dict) -> None:
     if len(texts) > rt.settings.max_job_texts:
         raise PayloadError(f"job has {len(texts):,} texts, over the limit of {rt.settings.max_job_texts:,} "
                            "(M3Q_MAX_JOB_TEXTS); the producer client splits large inputs for you")
-    size = len(msgpack.packb(payload, default=repr))
+    # surrogatepass: a lone surrogate (JSON can carry one) is an item error later, not a crash of the whole job
+    size = len(msgpack.packb(payload, default=repr, unicode_errors="surrogatepass"))
     if size > rt.settings.max_payload_bytes:
         raise PayloadError(f"job payload is {size:,} bytes, over the limit of {rt.settings.max_payload_bytes:,} "
                            "(M3Q_MAX_PAYLOAD_BYTES)")
