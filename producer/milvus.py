@@ -138,11 +138,26 @@ def milvus_uri(settings: Settings) -> str:
     return uri
 
 
-def connect(settings: Settings, timeout_s: float = CONNECT_TIMEOUT_S) -> MilvusClient:
+def connect(settings: Settings, timeout_s: float = CONNECT_TIMEOUT_S, tries: int = 3) -> MilvusClient:
     """A client for the Milvus of ``settings`` (server URI, Milvus Lite ``.db`` path, or the embedded
-    server when M3Q_MILVUS_URI is empty). Raises MilvusError, naming the URI, when it cannot connect."""
+    server when M3Q_MILVUS_URI is empty). Raises MilvusError, naming the URI, when it cannot connect.
+
+    Tried ``tries`` times: pymilvus shares one gRPC channel per URI, and Milvus Lite closes an idle one
+    ("too many pings"); the first call on it then fails once and the next one opens a fresh channel.
+    """
     uri = milvus_uri(settings)
-    extra = {"token": settings.milvus_token} if settings.milvus_token else {}
+    for attempt in range(1, tries + 1):
+        try:
+            return _connect_once(uri, settings.milvus_token, timeout_s)
+        except MilvusError:
+            if attempt == tries:
+                raise
+            time.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")
+
+
+def _connect_once(uri: str, token: str, timeout_s: float) -> MilvusClient:
+    extra = {"token": token} if token else {}
     client = None
     try:
         client = MilvusClient(uri=uri, timeout=timeout_s, **extra)
