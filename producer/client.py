@@ -82,6 +82,8 @@ class Handle:
             except PayloadError:
                 raise
             except Exception as e:  # noqa: BLE001 - the worker's exception, re-raised with the job named
+                if _listener_gave_up(e):
+                    return self._poll(deadline, timeout_s)
                 if self._lost_redis(e) and time.monotonic() + delay_s < deadline:
                     log.warning("waiting for job %s: Redis unreachable (%s); retrying in %.1fs", self.id, e, delay_s)
                     time.sleep(delay_s)
@@ -89,6 +91,34 @@ class Handle:
                     continue
                 raise JobFailed(f"job {self.id} ({self.task}, items {self.first_index}.."
                                 f"{self.first_index + self.size - 1}) failed: {type(e).__name__}: {e}") from e
+
+    def _poll(self, deadline: float, timeout_s: float) -> dict:
+        """Read the stored result until it is ready.
+
+        Used once Celery's result listener gave up reconnecting after a long Redis outage ("the Celery
+        application must be restarted"): plain reads reconnect by themselves.
+        """
+        backend = self.async_result.backend
+        delay_s = 0.05
+        while time.monotonic() < deadline:
+            try:
+                meta = backend.get_task_meta(self.id)
+            except Exception as e:  # noqa: BLE001 - still down: keep trying until the deadline
+                if not _unreachable(e):
+                    raise
+                meta = {}
+            if meta.get("status") == states.SUCCESS:
+                return meta["result"]
+            if meta.get("status") in states.READY_STATES:
+                error = meta["result"]
+                if isinstance(error, PayloadError):
+                    raise error
+                raise JobFailed(f"job {self.id} ({self.task}, items {self.first_index}.."
+                                f"{self.first_index + self.size - 1}) failed: {type(error).__name__}: {error}")
+            time.sleep(delay_s)
+            delay_s = min(2 * delay_s, 1.0)
+        raise JobTimeout(f"job {self.id} ({self.task}, {self.size} texts) had no result after "
+                         f"{timeout_s:.0f}s: is a worker running? (`m3q status`)")
 
     def _lost_redis(self, e: Exception) -> bool:
         # The wait itself lost Redis, as opposed to a job that failed (whose state is final and cached).
@@ -357,6 +387,11 @@ def _causes(e: BaseException) -> Iterator[BaseException]:
 
 def _tls_failure(e: BaseException) -> bool:
     return any(isinstance(c, ssl.SSLError) or "CERTIFICATE_VERIFY_FAILED" in str(c) for c in _causes(e))
+
+
+def _listener_gave_up(e: BaseException) -> bool:
+    """Celery's result listener stopped reconnecting after a long Redis outage (it never tries again)."""
+    return isinstance(e, RuntimeError) and "Retry limit exceeded while trying to reconnect" in str(e)
 
 
 def _unreachable(e: BaseException) -> bool:
