@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo root, not bench/ (bench/queue.py would shadow the stdlib)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from bench import corpus  # noqa: E402
 from worker.encoder import Encoder, Limits  # noqa: E402

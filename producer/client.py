@@ -326,7 +326,7 @@ def _index_batches(rows: Iterable[tuple[int, object, object, object]], size: int
     """Batches of sendable rows; a row that cannot travel is rejected here, with its reason."""
     batch = []
     for row in rows:
-        reason = wire.unsendable(row[1]) or _unsendable_metadata(row[3])
+        reason = wire.unsendable(row[1]) or wire.unsendable_metadata(row[3])
         if reason:
             report.rejected.append((row[0], f"{wire.name_item(row[0], row[2])}: {reason}"))
             continue
@@ -349,14 +349,6 @@ def _first_of_each_id(rows: Iterable[tuple[int, object, object, object]],
                                             f"first at item {first[key]}"))
             continue
         yield row
-
-
-def _unsendable_metadata(value: object) -> str | None:
-    try:
-        msgpack.packb(value)
-    except (TypeError, ValueError) as e:
-        return f"metadata is not JSON: {e}"
-    return None
 
 
 def _answer_unsendable(texts: Sequence[object]) -> tuple[list[Item | None], list[int]]:

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import msgpack
 from celery.result import AsyncResult
 
 from producer import milvus, wire
@@ -334,20 +333,12 @@ def _batches(mc: Any, job: dict, done: set[int]) -> Iterator[_Batch]:
 def _make_batch(number: int, chunk: list) -> _Batch:
     rows, rejects = [], []
     for position, text, doc_id, metadata, error in chunk:
-        reason = error or wire.unsendable(text) or _unsendable_metadata(metadata)
+        reason = error or wire.unsendable(text) or wire.unsendable_metadata(metadata)
         if reason:
             rejects.append((position, f"{wire.name_item(position, doc_id)}: {reason}"))
         else:
             rows.append((position, text, doc_id, metadata))
     return _Batch(number, rows, rejects, len(chunk))
-
-
-def _unsendable_metadata(value: object) -> str | None:
-    try:
-        msgpack.packb(value)
-    except (TypeError, ValueError) as e:
-        return f"metadata is not JSON: {e}"
-    return None
 
 
 def _source_rows(mc: Any, job: dict) -> Iterator[tuple[int, Any, Any, Any, str | None]]:

@@ -147,6 +147,17 @@ def unsendable(value: object) -> str | None:
     return None
 
 
+def unsendable_metadata(value: object) -> str | None:
+    """Why ``value`` cannot travel as metadata (it must pack as msgpack), or None."""
+    import msgpack
+
+    try:
+        msgpack.packb(value)
+    except (TypeError, ValueError) as e:
+        return f"metadata is not JSON: {e}"
+    return None
+
+
 def name_item(index: int, item_id: object = None) -> str:
     """How an error names an item: its position, and its id when it has one."""
     return f"item {index}" if item_id is None else f"item {index} (id {item_id!r})"
