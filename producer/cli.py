@@ -135,7 +135,9 @@ def cmd_encode(args: argparse.Namespace, s: Settings) -> int:
     """JSONL in, JSONL out, one output line per input line, in order."""
     encode = _local_encoder(s, args) if args.local else _remote_encoder(s, args)
     truncated = 0
-    for chunk in _chunks(_read_jsonl(sys.stdin), 1024):
+    from producer.client import chunked
+
+    for chunk in chunked(_read_jsonl(sys.stdin), 1024):
         good = [i for i, (_, _, error) in enumerate(chunk) if error is None]
         items, n = encode([chunk[i][1] for i in good]) if good else ([], 0)
         by_line = dict(zip(good, items))
@@ -184,17 +186,6 @@ def _read_jsonl(stream) -> Iterator[tuple[Any, Any, str | None]]:
             yield (row.get("id") if isinstance(row, dict) else None), None, f"line {n} has no 'text' field"
             continue
         yield row.get("id"), row["text"], None
-
-
-def _chunks(rows: Iterator, size: int) -> Iterator[list]:
-    chunk: list = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _item_json(doc_id: Any, error: str | None, item: Any, colbert: bool) -> dict:

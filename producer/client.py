@@ -324,18 +324,26 @@ def merge_index_result(report: IndexReport, raw: dict, first_index: int) -> None
 def _index_batches(rows: Iterable[tuple[int, object, object, object]], size: int,
                    report: IndexReport) -> Iterator[list[tuple[int, object, object, object]]]:
     """Batches of sendable rows; a row that cannot travel is rejected here, with its reason."""
-    batch = []
-    for row in rows:
-        reason = wire.unsendable(row[1]) or wire.unsendable_metadata(row[3])
-        if reason:
-            report.rejected.append((row[0], f"{wire.name_item(row[0], row[2])}: {reason}"))
-            continue
-        batch.append(row)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    return chunked((row for row in rows if _sendable_row(row, report)), size)
+
+
+def _sendable_row(row: tuple[int, object, object, object], report: IndexReport) -> bool:
+    reason = wire.unsendable(row[1]) or wire.unsendable_metadata(row[3])
+    if reason:
+        report.rejected.append((row[0], f"{wire.name_item(row[0], row[2])}: {reason}"))
+    return reason is None
+
+
+def chunked(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of ``size`` items (the last may be shorter), read lazily."""
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _first_of_each_id(rows: Iterable[tuple[int, object, object, object]],
