@@ -1,12 +1,16 @@
-"""Encoder benchmark: pymilvus' BGEM3EmbeddingFunction (the reference) against m3-queue's encoder.
+"""Encoder benchmark: the reference BGE-M3 implementation against m3-queue's encoder.
 
     m3q replica /tmp/replica-small --size small
-    python bench/encoder.py --model /tmp/replica-small [--device cpu] [--rounds 2]
+    python bench/encoder.py --model /tmp/replica-small [--device cpu] [--rounds 2] [--reference pymilvus|flag]
 
 Three paths on the same checkpoint, interleaved in one process so that a noisy machine hurts them alike:
 (a) the reference, float32 (``use_fp16=False``, ``passage_max_length=8192``); (b) this encoder in float32;
-(c) this encoder in bfloat16 on cpu, float16 on cuda. Prints documents/s, tokens/s and single-query p50
-latency, each also as a ratio to (a), and the largest deviation of each path from (a).
+(c) this encoder in bfloat16 on cpu, float16 on cuda. On cuda a fourth, (a16), is the reference with
+``use_fp16=True``, what GPU users of the reference run; (c) is then also compared with it.
+The reference is pymilvus' BGEM3EmbeddingFunction (default) or, with ``--reference flag``, FlagEmbedding's
+BGEM3FlagModel called directly as pymilvus calls it (batches of 16; queries one at a time, at the
+passage length). Prints documents/s, tokens/s and single-query p50 latency, each also as a ratio to (a),
+and the largest deviation of each path from (a).
 """
 from __future__ import annotations
 
@@ -25,11 +29,13 @@ from bench import corpus  # noqa: E402
 from worker.encoder import Encoder, Limits  # noqa: E402
 
 
-def reference_path(model: str, device: str):
-    """(encode documents, encode one query) through pymilvus' BGEM3EmbeddingFunction."""
+def reference_path(model: str, device: str, reference: str = "pymilvus", fp16: bool = False):
+    """(encode documents, encode one query) through the reference: pymilvus or FlagEmbedding directly."""
+    if reference == "flag":
+        return flag_path(model, device, fp16)
     from pymilvus.model.hybrid import BGEM3EmbeddingFunction
 
-    ef = BGEM3EmbeddingFunction(model_name=model, device=device, use_fp16=False, passage_max_length=8192)
+    ef = BGEM3EmbeddingFunction(model_name=model, device=device, use_fp16=fp16, passage_max_length=8192)
 
     def docs(texts):
         out = ef.encode_documents(texts)
@@ -38,6 +44,21 @@ def reference_path(model: str, device: str):
                 for i in range(m.shape[0])]
         return _pack(out["dense"], rows)
     return docs, lambda q: ef.encode_queries([q])
+
+
+def flag_path(model: str, device: str, fp16: bool = False):
+    """(encode documents, encode one query) through FlagEmbedding's BGEM3FlagModel, with pymilvus' settings."""
+    from FlagEmbedding import BGEM3FlagModel
+
+    flag = BGEM3FlagModel(model, devices=device, use_fp16=fp16, passage_max_length=8192)
+
+    def encode(texts):
+        return flag.encode(texts, batch_size=16, return_dense=True, return_sparse=True, return_colbert_vecs=False)
+
+    def docs(texts):
+        out = encode(texts)
+        return _pack(out["dense_vecs"], [{int(k): float(v) for k, v in w.items()} for w in out["lexical_weights"]])
+    return docs, lambda q: encode([q])
 
 
 def our_path(model: str, device: str, dtype: str, max_batch_tokens: int):
@@ -73,12 +94,16 @@ def main(argv=None) -> int:
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--max-batch-tokens", type=int, default=16384)
     p.add_argument("--skip-reference", action="store_true", help="only our paths (ratios then unavailable)")
+    p.add_argument("--reference", choices=("pymilvus", "flag"), default="pymilvus",
+                   help="pymilvus' BGEM3EmbeddingFunction, or FlagEmbedding's BGEM3FlagModel directly")
     args = p.parse_args(argv)
 
     low = "bfloat16" if args.device == "cpu" else "float16"
     paths = {}
     if not args.skip_reference:
-        paths["(a) reference fp32"] = reference_path(args.model, args.device)
+        paths["(a) reference fp32"] = reference_path(args.model, args.device, args.reference)
+        if args.device.startswith("cuda"):
+            paths["(a16) reference fp16"] = reference_path(args.model, args.device, args.reference, fp16=True)
     b_docs, b_query, enc = our_path(args.model, args.device, "float32", args.max_batch_tokens)
     paths["(b) m3q float32"] = (b_docs, b_query)
     c_docs, c_query, _ = our_path(args.model, args.device, low, args.max_batch_tokens)
@@ -89,7 +114,9 @@ def main(argv=None) -> int:
     tokens = sum(len(p.ids) for p in enc.prepare(docs, "documents"))
     print(f"corpus: {len(docs)} documents, {tokens:,} tokens (longest "
           f"{max(len(p.ids) for p in enc.prepare(docs, 'documents')):,}); {len(queries)} single queries; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}"
+          f"{' (' + torch.cuda.get_device_name(args.device) + ')' if args.device.startswith('cuda') else ''}; "
+          f"reference {'none' if args.skip_reference else args.reference}")
 
     for _, (run_docs, run_query) in paths.items():  # warm-up: first calls pay one-off costs
         run_docs(docs[:8]); run_query(queries[0])
@@ -128,6 +155,12 @@ def report(paths, seconds, latency, outputs, n_docs, tokens) -> None:
         dev = deviation(outputs[ref], outputs[n]) if ref else (float("nan"),) * 3
         print(f"{n:<22} {n_docs / best[n]:8.1f} {tokens / best[n]:9.0f} {speed:6.2f} {p50[n]:13.2f} {lat:6.2f} "
               f"{p99[n]:7.2f}  {dev[0]:.1e} / {dev[1]:.1e} / {dev[2]}")
+    ref16 = next((n for n in names if n.startswith("(a16)")), None)
+    for n in names if ref16 else ():  # our low-precision path against the reference's fp16
+        if n.startswith("(c)"):
+            dev = deviation(outputs[ref16], outputs[n])
+            print(f"{n} against {ref16}: x ref16 {best[ref16] / best[n]:.2f} (speed), query p50 x ref16 "
+                  f"{p50[n] / p50[ref16]:.2f}; max dev dense / sparse / same ids {dev[0]:.1e} / {dev[1]:.1e} / {dev[2]}")
 
 
 if __name__ == "__main__":

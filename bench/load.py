@@ -3,6 +3,7 @@
     python bench/load.py queries --model /tmp/replica-small [--clients 32] [--seconds 60]
     python bench/load.py bulk    --model /tmp/replica-small [--seconds 60]
     python bench/load.py scaling [--workers 1,2,4,8] [--us-per-token 100]
+    python bench/load.py engine  --model /tmp/replica-small [--device cpu] [--preempt-ms 0,50]
 
 ``queries``: concurrent clients each send one query at a time, with cross-job batching on and then off;
 prints throughput, p50 and p99, and the p99 of one query on an idle worker.
@@ -10,6 +11,8 @@ prints throughput, p50 and p99, and the p99 of one query on an idle worker.
 prints query p50/p99 against the idle p99.
 ``scaling``: the queue's own scaling with the TEST-ONLY stand-in encoder that sleeps per token (so this
 2-core machine's CPU is not what is measured): 1, 2, 4 and 8 workers, throughput against K x one worker's.
+``engine``: ``bulk`` without the queue: the device loop in-process, with document steps sliced
+(``M3Q_PREEMPT_MS``) and whole; shows what the slicing itself does to query latency and bulk throughput.
 """
 from __future__ import annotations
 
@@ -111,6 +114,34 @@ def cmd_bulk(args) -> None:
     print(f"p99 during bulk / idle p99: {percentile(during, 99) / percentile(idle, 99):.2f}x (target <= 3)")
 
 
+def cmd_engine(args) -> None:
+    from worker.encoder import Encoder, Limits
+    from worker.engine import Engine
+
+    encoder = Encoder.load(args.model, args.device, args.dtype, Limits())
+    texts = corpus.queries(500)
+    rng = random.Random(3)
+    docs = [" ".join(corpus.queries(rng.randint(60, 500), seed=i)) for i in range(args.docs // 50 or 8)]
+    tokens = sum(len(p.ids) for p in encoder.prepare(docs))
+    for preempt_ms in [float(x) for x in args.preempt_ms.split(",")]:
+        engine = Engine(encoder, preempt_ms=preempt_ms)
+        [engine.encode([t], "queries") for t in texts[:20]]
+        idle = [_timed(lambda: engine.encode([t], "queries")) for t in texts[:100]]
+        started = time.perf_counter()
+        jobs = [engine.submit(docs[i:i + 8], "documents") for i in range(0, len(docs), 8)]
+        during = []
+        while not all(j.done() for j in jobs):
+            during.append(_timed(lambda: engine.encode([rng.choice(texts)], "queries")))
+            time.sleep(0.01)
+        bulk_s = time.perf_counter() - started
+        engine.stop()
+        print(f"preempt {preempt_ms:g} ms: bulk {tokens / bulk_s:9.0f} tok/s ({len(docs)} docs, {tokens:,} tokens, "
+              f"{bulk_s:.1f} s, {len(during)} queries served meanwhile)")
+        print("  " + _line("idle", idle, sum(idle)))
+        print("  " + _line("during bulk", during, bulk_s))
+        print(f"  p99 during bulk / idle p99: {percentile(during, 99) / percentile(idle, 99):.2f}x", flush=True)
+
+
 def cmd_scaling(args) -> None:
     model = f"test-stand-in:sleep-us-per-token={args.us_per_token:g}"
     docs = [" ".join(["token"] * 200)] * args.docs
@@ -133,16 +164,18 @@ def cmd_scaling(args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scenario", choices=["queries", "bulk", "scaling"])
+    p.add_argument("scenario", choices=["queries", "bulk", "scaling", "engine"])
     p.add_argument("--model", default="tests/data/tiny-bge-m3")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="cpu", help="engine only")
+    p.add_argument("--preempt-ms", default="0,50", help="engine only: slice sizes to compare")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--workers", default="1,2,4,8")
     p.add_argument("--us-per-token", type=float, default=100)
     p.add_argument("--docs", type=int, default=2000)
     args = p.parse_args(argv)
-    {"queries": cmd_queries, "bulk": cmd_bulk, "scaling": cmd_scaling}[args.scenario](args)
+    {"queries": cmd_queries, "bulk": cmd_bulk, "scaling": cmd_scaling, "engine": cmd_engine}[args.scenario](args)
     return 0
 
 

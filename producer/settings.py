@@ -44,6 +44,7 @@ class Settings:
     query_prefetch: int = field(default=64, metadata={"doc": "Query jobs a worker takes at once on its query lane (merged into few forward passes)."})
     batch_wait_ms: float = field(default=2.0, metadata={"doc": "How long the device waits for more queries to batch together."})
     cross_job_batching: bool = field(default=True, metadata={"doc": "Merge texts of concurrent jobs into one forward pass."})
+    preempt_ms: float = field(default=25.0, metadata={"doc": "While queries arrive, document steps run in slices of about this much device work, and waiting queries run between slices (0: whole steps)."})
     metrics_port: int = field(default=0, metadata={"doc": "Port of the worker's Prometheus endpoint; 0 turns it off."})
     index_retries: int = field(default=5, metadata={"doc": "Retries of an index job when Milvus fails."})
     index_retry_backoff_s: float = field(default=2.0, metadata={"doc": "First retry delay of an index job; doubles each time."})

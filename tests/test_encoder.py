@@ -22,6 +22,7 @@ from producer.wire import Embedding, ItemError
 from worker.device import DeviceError
 from worker.encoder import Encoder, EncodeResult, Limits
 from worker.model import ModelLoadError
+from worker.slicing import Slicer
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "data" / "golden.npz"
@@ -298,6 +299,18 @@ def test_token_budget_splits_into_steps(f32: Encoder, tiny_model: Path, golden, 
     assert [i.n_tokens for i in split.items] == lengths
     for i in (0, len(texts) // 2, len(texts) - 1):
         assert_close([split.items[i]], [as_reference(f32.encode([texts[i]], colbert=True).items[0])], SAME)
+
+
+def test_sliced_step_equals_the_whole_step(f32: Encoder, golden) -> None:
+    # Document steps run in short slices with pauses between them (worker/slicing.py): the same numbers.
+    texts = golden["documents_texts"].tolist() + [words(700), words(700), words(90)]
+    prepared = f32.prepare(texts, "documents")
+    pauses = []
+    slicer = Slicer(lambda: pauses.append(1), target_s=1e-9, device=torch.device("cpu"))
+    sliced = f32.run(prepared, colbert=True, slicer=slicer)
+    assert len(pauses) > 3 * f32.model.config.num_hidden_layers  # within layers, not only between them
+    assert_close(sliced, [as_reference(i) for i in f32.run(prepared, colbert=True)], SAME)
+    assert_close(sliced, golden_items(golden, "documents") + [as_reference(i) for i in sliced[-3:]], TOL)
 
 
 def test_text_longer_than_budget_encodes_alone(tiny_model: Path) -> None:

@@ -89,6 +89,23 @@ def test_query_completes_before_a_long_document_job(encoder):
     assert done["query"] < done["documents"]
 
 
+def test_query_runs_inside_one_long_document_step():
+    # One document of 3,000 tokens is one step of 3 s on the stand-in; a query sent during it must not
+    # wait for the step: it runs between two slices of it (M3Q_PREEMPT_MS).
+    from worker.standin import SleepPerTokenEncoder
+
+    engine = Engine(SleepPerTokenEncoder(1000, Limits(), "cpu"), batch_wait_ms=0, preempt_ms=25)
+    document = engine.submit([" ".join(["word"] * 3000)], "documents")
+    time.sleep(0.3)
+    sent = time.monotonic()
+    engine.encode(["a short question"], "queries", timeout_s=10)
+    waited = time.monotonic() - sent
+    assert not document.done(), "the query waited for the whole document step"
+    assert waited < 0.5, f"the query waited {waited:.2f} s"
+    assert document.result(30).items[0].n_tokens == 3002
+    engine.stop()
+
+
 def test_query_through_the_queue_overtakes_a_document_backlog(spawn_worker):
     s = make_settings(max_batch_tokens=4096)
     spawn_worker(s)

@@ -17,6 +17,7 @@ from producer.wire import Embedding, ItemError, Item, check_text
 from worker.batcher import plan_batches
 from worker.device import dtype_name, pin, resolve_device, resolve_dtype
 from worker.model import BGEM3Model, ModelLoadError, resolve_checkpoint
+from worker.slicing import Slicer
 
 log = logging.getLogger(__name__)
 
@@ -131,21 +132,23 @@ class Encoder:
     # ---- core + post ----------------------------------------------------------------------------------
 
     def run(self, step: Sequence[Prepared], dense: bool = True, sparse: bool = True,
-            colbert: bool = False) -> list[Item]:
+            colbert: bool = False, slicer: Slicer | None = None) -> list[Item]:
         """One forward pass over ``step``; items come back aligned with ``step``.
 
         On out-of-memory the step is halved and retried; a lone text that still does not fit gets an error.
+        A ``slicer`` runs the pass in short slices with pauses between them (worker/slicing.py).
         """
         order = sorted(range(len(step)), key=lambda i: -len(step[i].ids))
-        items = self._run_sorted([step[i] for i in order], dense, sparse, colbert)
+        items = self._run_sorted([step[i] for i in order], dense, sparse, colbert, slicer)
         aligned: list[Item] = [None] * len(step)  # type: ignore[list-item]
         for i, item in zip(order, items):
             aligned[i] = item
         return aligned
 
-    def _run_sorted(self, step: list[Prepared], dense: bool, sparse: bool, colbert: bool) -> list[Item]:
+    def _run_sorted(self, step: list[Prepared], dense: bool, sparse: bool, colbert: bool,
+                    slicer: Slicer | None) -> list[Item]:
         try:
-            return self._forward(step, dense, sparse, colbert)
+            return self._forward(step, dense, sparse, colbert, slicer)
         except torch.OutOfMemoryError:
             if self.model.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -154,13 +157,14 @@ class Encoder:
                                   "(out of memory); lower M3Q_DOCUMENT_MAX_LENGTH")]
             half = len(step) // 2
             log.warning("out of memory on a step of %d texts; splitting it", len(step))
-            return (self._run_sorted(step[:half], dense, sparse, colbert)
-                    + self._run_sorted(step[half:], dense, sparse, colbert))
+            return (self._run_sorted(step[:half], dense, sparse, colbert, slicer)
+                    + self._run_sorted(step[half:], dense, sparse, colbert, slicer))
 
-    def _forward(self, step: Sequence[Prepared], dense: bool, sparse: bool, colbert: bool) -> list[Item]:
+    def _forward(self, step: Sequence[Prepared], dense: bool, sparse: bool, colbert: bool,
+                 slicer: Slicer | None) -> list[Item]:
         lengths = [len(p.ids) for p in step]
         ids = torch.tensor([t for p in step for t in p.ids], dtype=torch.long)
-        out = self.model(ids, lengths, dense=dense, sparse=sparse, colbert=colbert)
+        out = self.model(ids, lengths, dense=dense, sparse=sparse, colbert=colbert, slicer=slicer)
         sparse_rows = _split_sparse(out.sparse, len(step)) if out.sparse is not None else None
         items: list[Item] = []
         for j, p in enumerate(step):

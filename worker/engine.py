@@ -8,8 +8,12 @@ then picks the next step:
   ``batch_wait_ms`` for more to arrive (cross-job batching);
 * otherwise one step of document texts, again across jobs, longest first.
 
-A query therefore waits for at most one document step. Each job gets back exactly its own items; an
-exception in a step fails only the jobs that had texts in that step, and the loop goes on.
+A document step runs in slices of about ``preempt_ms`` of device work while queries are arriving (longer
+slices otherwise, see worker/slicing.py); between slices the loop runs every waiting query step, then
+resumes the document step where it stopped. A query therefore waits for at most one slice of document
+work, not for a whole step. Each job gets back exactly
+its own items; an exception in a step fails only the jobs that had texts in that step, and the loop goes
+on.
 """
 from __future__ import annotations
 
@@ -23,8 +27,11 @@ from typing import Callable, Sequence
 
 from producer.wire import Embedding, Item, ItemError
 from worker.encoder import EncodeResult, Encoder, Prepared
+from worker.slicing import Slicer
 
 log = logging.getLogger(__name__)
+
+QUERIES_ABOUT_S = 2.0  # a query this recent keeps document slices short (worker/slicing.py)
 
 
 @dataclass
@@ -60,11 +67,14 @@ class Engine:
     """Serializes device work across jobs and threads."""
 
     def __init__(self, encoder: Encoder, batch_wait_ms: float = 2.0, cross_job_batching: bool = True,
-                 on_step: Callable[[StepStats], None] | None = None) -> None:
+                 on_step: Callable[[StepStats], None] | None = None, preempt_ms: float = 25.0) -> None:
         self.encoder = encoder
         self.batch_wait_s = batch_wait_ms / 1000
         self.cross_job = cross_job_batching
         self.on_step = on_step
+        self._slicer = Slicer(self._serve_queries, preempt_ms / 1000, encoder.model.device,
+                              self._queries_about) if preempt_ms > 0 else None
+        self._last_query = float("-inf")
         self._queues: dict[str, deque[Job]] = {"queries": deque(), "documents": deque()}
         self._cond = threading.Condition()
         self._stopped = False
@@ -87,6 +97,8 @@ class Engine:
             if self._stopped:
                 raise RuntimeError("engine is stopped")
             self._queues[kind].append(job)
+            if kind == "queries":
+                self._last_query = job.submitted
             self._cond.notify()
         return job.future
 
@@ -114,14 +126,29 @@ class Engine:
             picked = self._next_step()
             if picked is None:
                 return
-            kind, step = picked
-            try:
-                self._run(kind, step)
-            except Exception as e:  # noqa: BLE001 - a failed step fails its own jobs, never the loop
-                log.exception("step of %d texts failed", len(step))
-                for job in {id(j): j for j, _ in step}.values():
-                    if not job.future.done():
-                        job.future.set_exception(e)
+            self._run_guarded(*picked)
+
+    def _run_guarded(self, kind: str, step: list[tuple[Job, Prepared]]) -> None:
+        try:
+            self._run(kind, step)
+        except Exception as e:  # noqa: BLE001 - a failed step fails its own jobs, never the loop
+            log.exception("step of %d texts failed", len(step))
+            for job in {id(j): j for j, _ in step}.values():
+                if not job.future.done():
+                    job.future.set_exception(e)
+
+    def _queries_about(self) -> bool:
+        # Queries arrived lately, so more are likely: keep document slices short.
+        return time.monotonic() - self._last_query < QUERIES_ABOUT_S
+
+    def _serve_queries(self) -> None:
+        """Run every waiting query step now, in the middle of a document step (the slicer's pause)."""
+        while True:
+            with self._cond:
+                if not self._queues["queries"]:
+                    return
+                step = self._take(self._queues["queries"])
+            self._run_guarded("queries", step)
 
     def _next_step(self) -> tuple[str, list[tuple[Job, Prepared]]] | None:
         with self._cond:
@@ -164,14 +191,15 @@ class Engine:
         return step
 
     def _run(self, kind: str, step: list[tuple[Job, Prepared]]) -> None:
-        started = time.perf_counter()
+        slicer = self._slicer if kind == "documents" else None
+        started, paused = time.perf_counter(), slicer.paused_s if slicer else 0.0
         want = [any(getattr(j, f) for j, _ in step) for f in ("dense", "sparse", "colbert")]
-        items = self.encoder.run([p for _, p in step], *want)
+        items = self.encoder.run([p for _, p in step], *want, slicer=slicer)
         lengths = [len(p.ids) for _, p in step]
         jobs = {id(j): j for j, _ in step}
         if self.on_step:
-            self.on_step(StepStats(kind, len(step), sum(lengths), len(step) * max(lengths),
-                                   time.perf_counter() - started, len(jobs)))
+            seconds = time.perf_counter() - started - ((slicer.paused_s - paused) if slicer else 0.0)
+            self.on_step(StepStats(kind, len(step), sum(lengths), len(step) * max(lengths), seconds, len(jobs)))
         for (job, p), item in zip(step, items):
             job.items[p.index] = _only_requested(item, job)
             job.open_items -= 1

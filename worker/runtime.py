@@ -66,7 +66,8 @@ class Runtime:
         self.hostname = hostname or f"m3q@{socket.gethostname()}:{os.getpid()}"
         self.counters = Counters()
         self.metrics = metrics.Metrics(settings.metrics_port)
-        self.engine = Engine(encoder, settings.batch_wait_ms, settings.cross_job_batching, self._on_step)
+        self.engine = Engine(encoder, settings.batch_wait_ms, settings.cross_job_batching, self._on_step,
+                             settings.preempt_ms)
         self._milvus = None
         self._redis = None
         self._stop = threading.Event()

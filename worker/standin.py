@@ -12,9 +12,11 @@ import time
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from producer.wire import Embedding, Item
 from worker.encoder import Encoder, Limits, Prepared
+from worker.slicing import Slicer
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class _Config:
 
 class _Model:
     config = _Config()
+    device = torch.device("cpu")
     dims = {"dense": 8, "colbert_vecs": 8, "sparse": 250002}
 
 
@@ -49,12 +52,15 @@ class SleepPerTokenEncoder(Encoder):
 
     @property
     def dtype(self):
-        import torch
-
         return torch.float32
 
-    def _forward(self, step: Sequence[Prepared], dense: bool, sparse: bool, colbert: bool) -> list[Item]:
-        time.sleep(sum(len(p.ids) for p in step) * self.seconds_per_token)
+    def _forward(self, step: Sequence[Prepared], dense: bool, sparse: bool, colbert: bool,
+                 slicer: Slicer | None = None) -> list[Item]:
+        tokens = sum(len(p.ids) for p in step)
+        if slicer is None:
+            time.sleep(tokens * self.seconds_per_token)
+        for a, b in slicer.ranges(tokens, 1.0, "sleep") if slicer else ():
+            time.sleep((b - a) * self.seconds_per_token)
         return [Embedding(np.full(8, len(p.ids), np.float32), np.array([4], np.int64), np.ones(1, np.float32),
                           None, len(p.ids), p.truncated) for p in step]
 
