@@ -67,7 +67,7 @@ def cmd_queries(args) -> None:
     results = {}
     for batching in (True, False):
         s = bench_settings(model=args.model, dtype=args.dtype, cross_job_batching=batching)
-        workers = start_workers(s, 1)
+        workers = start_workers(s, 1, args.device)
         try:
             client = Client(s)
             idle = [_timed(lambda: client.encode_queries([t])) for t in texts[:100]]
@@ -87,7 +87,7 @@ def cmd_queries(args) -> None:
 def cmd_bulk(args) -> None:
     texts = corpus.queries(500)
     s = bench_settings(model=args.model, dtype=args.dtype)
-    workers = start_workers(s, 1)
+    workers = start_workers(s, 1, args.device)
     try:
         client = Client(s)
         idle = [_timed(lambda: client.encode_queries([t])) for t in texts[:100]]
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     p.add_argument("scenario", choices=["queries", "bulk", "scaling", "engine"])
     p.add_argument("--model", default="tests/data/tiny-bge-m3")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="cpu", help="engine only")
+    p.add_argument("--device", default="cpu", help="the worker's device (queries, bulk, engine)")
     p.add_argument("--preempt-ms", default="0,50", help="engine only: slice sizes to compare")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=60)
