@@ -186,8 +186,8 @@ benchmark() {
         --docs "${GPU_CHECK_DOCS:-800}" --tokens "${GPU_CHECK_TOKENS:-250000}" --queries "${GPU_CHECK_QUERIES:-100}"
 }
 
-engine_slicing() {  # queries during a bulk encode, in-process: document steps sliced (50 ms) and whole
-    timeout 150 "$PY" -W ignore bench/load.py engine --model "$MODEL" --device "$DEV" --docs 2400 --preempt-ms 0,50
+engine_slicing() {  # queries during a bulk encode, in-process: document steps sliced (25 ms) and whole
+    timeout 150 "$PY" -W ignore bench/load.py engine --model "$MODEL" --device "$DEV" --docs 2400 --preempt-ms 0,25
 }
 
 main() {

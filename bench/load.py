@@ -1,12 +1,13 @@
 """Load benchmark: many single queries, queries during a bulk index, and scaling across workers.
 
-    python bench/load.py queries --model /tmp/replica-small [--clients 32] [--seconds 60]
+    python bench/load.py queries --model /tmp/replica-small [--clients 32] [--seconds 60] [--in-process]
     python bench/load.py bulk    --model /tmp/replica-small [--seconds 60]
     python bench/load.py scaling [--workers 1,2,4,8] [--us-per-token 100]
-    python bench/load.py engine  --model /tmp/replica-small [--device cpu] [--preempt-ms 0,50]
+    python bench/load.py engine  --model /tmp/replica-small [--device cpu] [--preempt-ms 0,25]
 
 ``queries``: concurrent clients each send one query at a time, with cross-job batching on and then off;
-prints throughput, p50 and p99, and the p99 of one query on an idle worker.
+prints throughput, p50 and p99, and the p99 of one query on an idle worker. ``--in-process`` sends them
+straight to the device loop, without the queue: what the device alone allows.
 ``bulk``: the same single queries while the same worker encodes long documents (1,000 to 8,000 tokens);
 prints query p50/p99 against the idle p99.
 ``scaling``: the queue's own scaling with the TEST-ONLY stand-in encoder that sleeps per token (so this
@@ -62,14 +63,35 @@ def _line(name: str, latencies: list[float], seconds: float) -> str:
             f"   p99 {percentile(latencies, 99) * 1e3:7.1f} ms")
 
 
+class InProcess:
+    """The device loop without the queue (``--in-process``): what the device alone allows."""
+
+    def __init__(self, args, batching: bool) -> None:
+        from worker.encoder import Encoder, Limits
+        from worker.engine import Engine
+
+        self.engine = Engine(Encoder.load(args.model, args.device, args.dtype, Limits()), cross_job_batching=batching)
+
+    def encode_queries(self, texts: list[str]):
+        return self.engine.encode(texts, "queries")
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+
 def cmd_queries(args) -> None:
     texts = corpus.queries(500)
     results = {}
     for batching in (True, False):
-        s = bench_settings(model=args.model, dtype=args.dtype, cross_job_batching=batching)
-        workers = start_workers(s, 1, args.device)
-        try:
+        if args.in_process:
+            client = InProcess(args, batching)
+            workers = [client]
+        else:
+            s = bench_settings(model=args.model, dtype=args.dtype, cross_job_batching=batching)
+            workers = start_workers(s, 1, args.device)
             client = Client(s)
+        try:
+            [client.encode_queries([t]) for t in texts[:10]]
             idle = [_timed(lambda: client.encode_queries([t])) for t in texts[:100]]
             loaded = query_load(client, args.clients, args.seconds, texts)
         finally:
@@ -168,7 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="tests/data/tiny-bge-m3")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu", help="the worker's device (queries, bulk, engine)")
-    p.add_argument("--preempt-ms", default="0,50", help="engine only: slice sizes to compare")
+    p.add_argument("--preempt-ms", default="0,25", help="engine only: slice sizes to compare")
+    p.add_argument("--in-process", action="store_true", help="queries only: the device loop without the queue")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--workers", default="1,2,4,8")
