@@ -5,7 +5,8 @@
 #
 # Needs a Redis on 127.0.0.1:6379; if none answers, it starts redis-server from PATH, or from Debian
 # packages in .whl/redis/*.deb (a box without network). Missing Python packages come from .whl/site/*.whl,
-# as in bench/gpu_check.sh. Knobs: GPU_LOAD_DEVICE (cuda), GPU_LOAD_SIZE (large), GPU_LOAD_SECONDS (20).
+# as in bench/gpu_check.sh. Knobs: GPU_LOAD_DEVICE (cuda), GPU_LOAD_SIZE (large), GPU_LOAD_SECONDS (20),
+# GPU_LOAD_SCENARIOS ("queries bulk").
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-${TMPDIR:-/tmp}/m3q-gpu-load}
@@ -39,10 +40,10 @@ main() {
     echo "== $(date +%T) replica ($SIZE)"
     [ -f "$MODEL/m3q_replica.json" ] || "$PY" -m worker.replica "$MODEL" --size "$SIZE" || return 1
     nvidia-smi -L 2>/dev/null
-    echo "== $(date +%T) many single queries, 32 clients"
-    timeout 240 "$PY" -W ignore bench/load.py queries --model "$MODEL" --device "$DEV" --seconds "$SECONDS_EACH"
-    echo "== $(date +%T) queries during a bulk encode"
-    timeout 150 "$PY" -W ignore bench/load.py bulk --model "$MODEL" --device "$DEV" --seconds "$SECONDS_EACH"
+    for scenario in ${GPU_LOAD_SCENARIOS:-queries bulk}; do
+        echo "== $(date +%T) bench/load.py $scenario"
+        timeout 240 "$PY" -W ignore bench/load.py "$scenario" --model "$MODEL" --device "$DEV" --seconds "$SECONDS_EACH"
+    done
     echo "== $(date +%T) done"
 }
 

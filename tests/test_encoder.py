@@ -21,7 +21,8 @@ import torch
 from producer.wire import Embedding, ItemError
 from worker.device import DeviceError
 from worker.encoder import Encoder, EncodeResult, Limits
-from worker.model import ModelLoadError
+from worker import model as model_module
+from worker.model import ModelLoadError, padding_for as model_padding_for
 from worker.slicing import Slicer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -311,6 +312,22 @@ def test_sliced_step_equals_the_whole_step(f32: Encoder, golden) -> None:
     assert len(pauses) > 3 * f32.model.config.num_hidden_layers  # within layers, not only between them
     assert_close(sliced, [as_reference(i) for i in f32.run(prepared, colbert=True)], SAME)
     assert_close(sliced, golden_items(golden, "documents") + [as_reference(i) for i in sliced[-3:]], TOL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_padded_attention_equals_per_run_attention(f32: Encoder, golden, kind: str, monkeypatch) -> None:
+    # On CUDA a step's attention runs as one masked call over a padded batch (worker/model.py padding_for);
+    # forced on here, it must give the golden numbers too.
+    texts = golden[f"{kind}_texts"].tolist()
+    per_run = f32.encode(texts, kind, colbert=True).items
+    used = []
+    monkeypatch.setattr(model_module, "PADDED_ATTENTION_ON", {"cpu"})
+    monkeypatch.setattr(model_module, "PADDING_AT_MOST", float("inf"))
+    monkeypatch.setattr(model_module, "padding_for", lambda *a: used.append(model_padding_for(*a)) or used[-1])
+    padded = f32.encode(texts, kind, colbert=True).items
+    assert any(p is not None for p in used), "no step ran with padded attention"
+    assert_close(padded, [as_reference(i) for i in per_run], SAME)
+    assert_close(padded, golden_items(golden, kind), TOL)
 
 
 def test_text_longer_than_budget_encodes_alone(tiny_model: Path) -> None:

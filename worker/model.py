@@ -26,6 +26,9 @@ HEADS = ("colbert_linear.pt", "sparse_linear.pt")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 CHECKPOINT_PATTERNS = ["*.json", "sentencepiece.bpe.model", *HEADS]
 CONTIGUOUS_FROM = 256  # sequence length from which attention gets contiguous heads
+PADDED_ATTENTION_ON = {"cuda"}  # device types where a step's attention is one masked call (padding_for)
+PADDING_AT_MOST = 2.0  # ... if the padded batch has at most this many times the real rows,
+PADDING_FREE = 8192    # or at most this many rows in all (a step of queries)
 
 
 class ModelLoadError(RuntimeError):
@@ -102,9 +105,12 @@ class Layer(nn.Module):
         self.down = nn.Linear(c.intermediate_size, c.hidden_size)
         self.out_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, runs: Sequence[tuple[int, int, int]], slicer: Slicer | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, runs: Sequence[tuple[int, int, int]], slicer: Slicer | None = None,
+                padded: Padding | None = None) -> torch.Tensor:
         if slicer is None:
             qkv = self.qkv(x)
+            if padded is not None:
+                return self._rest(self._attend_padded(qkv, padded), x)
             ctx = [self._attend(*self._heads(qkv, run), 0, run[1] * run[2]) for run in runs]
             return self._rest(torch.cat(ctx), x)
         # The same arithmetic, cut into row slices with pauses between them (worker/slicing.py).
@@ -133,6 +139,14 @@ class Layer(nn.Module):
         # Long sequences: the CPU attention kernel runs about 15% faster on contiguous heads than on strided
         # views, which pays for the copy; short ones (queries) are faster without it.
         return [t.contiguous() for t in heads] if length >= CONTIGUOUS_FROM else heads
+
+    def _attend_padded(self, qkv: torch.Tensor, p: Padding) -> torch.Tensor:
+        """All sequences' attention in one masked call (see :func:`padding_for`)."""
+        padded = qkv.new_zeros(p.count * p.length, qkv.shape[-1])
+        padded[p.slots] = qkv
+        q, k, v = self._heads(padded, (0, p.count, p.length))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=p.keys)
+        return out.transpose(1, 2).reshape(p.count * p.length, -1)[p.slots]
 
     @staticmethod
     def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: int, b: int) -> torch.Tensor:
@@ -170,8 +184,9 @@ class Transformer(nn.Module):
         x = self.word(ids) + self.position(self._positions(ids, lengths)) + self.token_type.weight[0]
         x = self.norm(x)
         runs = equal_length_runs(lengths)
+        padded = padding_for(lengths, ids.device) if slicer is None and len(runs) > 1 else None
         for layer in self.layers:
-            x = layer(x, runs, slicer)
+            x = layer(x, runs, slicer, padded)
             if slicer is not None:
                 slicer.checkpoint()
         return x
@@ -185,6 +200,34 @@ class Transformer(nn.Module):
         starts = lengths_t.cumsum(0) - lengths_t
         before = torch.repeat_interleave(total[starts] - real[starts], lengths_t)
         return (total - before) * real + pad
+
+
+@dataclass(frozen=True)
+class Padding:
+    """Where each packed token sits in a [count, length] padded batch, and which keys are real."""
+
+    count: int
+    length: int
+    slots: torch.Tensor  # [tokens]: row * length + position of each packed token
+    keys: torch.Tensor   # [count, 1, 1, length]: True for a real key
+
+
+def padding_for(lengths: Sequence[int], device: torch.device) -> Padding | None:
+    """A padded layout for attention, where one masked call beats one call per run of equal lengths.
+
+    On CUDA a step of queries has a run per distinct length, and each run costs kernel launches in every
+    layer; one masked call costs a few. Only where padding at most doubles the rows, or the padded batch
+    is small. On a CPU the per-run calls without a mask are faster (``PADDED_ATTENTION_ON``).
+    """
+    count, length = len(lengths), max(lengths)
+    if device.type not in PADDED_ATTENTION_ON or count * length > max(PADDING_AT_MOST * sum(lengths), PADDING_FREE):
+        return None
+    lengths_t = torch.tensor(lengths)
+    rows = torch.repeat_interleave(torch.arange(count), lengths_t)
+    starts = torch.repeat_interleave(lengths_t.cumsum(0) - lengths_t, lengths_t)
+    slots = rows * length + torch.arange(len(rows)) - starts
+    keys = (torch.arange(length)[None, :] < lengths_t[:, None])[:, None, None, :]
+    return Padding(count, length, slots.to(device), keys.to(device))
 
 
 def equal_length_runs(lengths: Sequence[int]) -> list[tuple[int, int, int]]:
