@@ -17,8 +17,9 @@ from celery import bootsteps, states
 from kombu import Consumer
 
 from producer import wire
+from producer.status import record_failure
 from worker import runtime
-from worker.tasks import encode_options, stamp
+from worker.tasks import check_deliveries, crash_if_asked, encode_options, stamp
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,11 @@ class QueryLane(bootsteps.ConsumerStep):
                 return
             if name != wire.TASK_ENCODE_QUERIES:
                 raise wire.PayloadError(f"task {name!r} does not belong on the query lane")
+            if message.headers.get("redelivered"):
+                # Only redeliveries are counted: no Redis round trip on the common path.
+                check_deliveries(rt, task_id, rt.settings.task_max_retries + 1, uncounted=1)
             payload, options = encode_options(rt, body[0][0] if body and body[0] else None)
+            crash_if_asked(payload)
             future = rt.engine.submit(payload["texts"], "queries", **options)
         except Exception as e:  # noqa: BLE001 - a bad job is answered, never dropped
             self._fail(task_id, message, e)
@@ -92,6 +97,9 @@ class QueryLane(bootsteps.ConsumerStep):
         rt.metrics.errors.labels(type(error).__name__).inc()
         try:
             self.app.backend.mark_as_failure(task_id, error)
+            record_failure(rt.settings, wire.TASK_ENCODE_QUERIES, task_id, f"{type(error).__name__}: {error}", rt.redis())
+        except Exception as why:  # noqa: BLE001 - best effort, like the document lane's record
+            log.warning("could not record the failure of query job %s: %s", task_id, why)
         finally:
             message.ack()
 

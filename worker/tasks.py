@@ -58,8 +58,9 @@ def _guarded(task: Task, payload: Any, run) -> dict:
     if sent:
         rt.metrics.queue_wait_s.labels(task.name).observe(max(0.0, time.time() - float(sent)))
     try:
-        _check_deliveries(task, rt)  # inside the try: a poison job is recorded like any failure
-        _crash_if_asked(payload)
+        # Inside the try: a poison job is recorded like any failure.
+        check_deliveries(rt, task.request.id, rt.settings.task_max_retries + 1 + (task.request.retries or 0))
+        crash_if_asked(payload)
         result = run(rt)
     except Exception as e:
         if not _is_retry(e):
@@ -74,7 +75,7 @@ def _guarded(task: Task, payload: Any, run) -> dict:
     return result
 
 
-def _crash_if_asked(payload: Any) -> None:
+def crash_if_asked(payload: Any) -> None:
     # Test only (TEST_CRASH_ENV): a real process death mid-job, for the redelivery and poison-job tests.
     text = os.environ.get(TEST_CRASH_ENV)
     if text and isinstance(payload, dict) and text in (payload.get("texts") or []):
@@ -97,17 +98,22 @@ def _record(rt: Runtime, task: Task, e: Exception) -> None:
         log.warning("could not record the failure of job %s in Redis: %s", task.request.id, why)
 
 
-def _check_deliveries(task: Task, rt: Runtime) -> None:
-    # Acks are late, so a job that kills its worker comes back; count how often, and stop it looping.
-    key = f"{rt.settings.queue_prefix}:deliveries:{task.request.id}"
+def check_deliveries(rt: Runtime, job_id: str, allowed: int, uncounted: int = 0) -> None:
+    """Count one more delivery of a job; past ``allowed`` deliveries it is a :class:`PoisonJob`.
+
+    Acks are late, so a job that kills its worker comes back; this stops it looping. ``uncounted``:
+    earlier deliveries that were not counted in Redis (the query lane counts redeliveries only).
+    """
+    key = f"{rt.settings.queue_prefix}:deliveries:{job_id}"
     try:
         pipe = rt.redis().pipeline(transaction=False)
-        deliveries, _ = pipe.incr(key).expire(key, rt.settings.result_expires_s).execute()
+        counted, _ = pipe.incr(key).expire(key, rt.settings.result_expires_s).execute()
     except Exception as e:  # noqa: BLE001 - Redis restarting: run the job uncounted rather than fail it
-        log.warning("could not count the deliveries of job %s (%s); running it anyway", task.request.id, e)
+        log.warning("could not count the deliveries of job %s (%s); running it anyway", job_id, e)
         return
-    if deliveries > rt.settings.task_max_retries + 1 + (task.request.retries or 0):
-        raise PoisonJob(f"job {task.request.id} was delivered {deliveries} times without finishing "
+    deliveries = counted + uncounted
+    if deliveries > allowed:
+        raise PoisonJob(f"job {job_id} was delivered {deliveries} times without finishing "
                         f"(M3Q_TASK_MAX_RETRIES={rt.settings.task_max_retries}); giving up")
 
 
