@@ -324,11 +324,12 @@ def test_milvus_unreachable_retries_then_fails_naming_the_batch(workers):
 
 
 @pytest.mark.slow
-def test_poison_job_is_given_up_after_bounded_deliveries_and_shown_by_status(private_redis, workers):
+@pytest.mark.parametrize("kind", ["documents", "queries"])  # Celery's task path, and the query lane
+def test_poison_job_is_given_up_after_bounded_deliveries_and_shown_by_status(private_redis, workers, kind):
     server = private_redis()
     s = make_settings(broker_url=server.url(), visibility_timeout_s=2, task_max_retries=1, job_timeout_s=TIMEOUT_S)
     crash = {CRASH_ENV: "poison pill"}
-    handle = Client(s).submit_encode(["a fine text", "poison pill"], "documents")
+    handle = Client(s).submit_encode(["a fine text", "poison pill"], kind)
     # Each delivery kills its worker; the next one to start takes the job back (kombu restores it at start-up).
     for _ in range(1 + s.task_max_retries):
         w = workers(s, env=crash, wait=False)
@@ -338,31 +339,13 @@ def test_poison_job_is_given_up_after_bounded_deliveries_and_shown_by_status(pri
         handle.raw(TIMEOUT_S)
     assert f"delivered {2 + s.task_max_retries} times" in str(failed.value)
     alive(last)
+    assert Client(s).encode(["a fine text"], kind)[0].dense is not None  # the worker goes on
 
     out = m3q(s, "status")
     assert out.returncode == 0, out.stderr
     print(f"\n$ m3q status\n{out.stdout}")
     failed_jobs = out.stdout.split("FAILED JOBS", 1)[1]
     assert handle.id in failed_jobs and "PoisonJob" in failed_jobs, out.stdout
-
-
-def test_poison_query_job_is_given_up_too(private_redis, workers):
-    # Query jobs come through the query lane, not Celery's task path; they are counted on redelivery.
-    server = private_redis()
-    s = make_settings(broker_url=server.url(), visibility_timeout_s=2, task_max_retries=1, job_timeout_s=TIMEOUT_S)
-    crash = {CRASH_ENV: "poison question"}
-    handle = Client(s).submit_encode(["a fine question", "poison question"], "queries")
-    for _ in range(1 + s.task_max_retries):
-        w = workers(s, env=crash, wait=False)
-        assert w.proc.wait(TIMEOUT_S) == CRASH_EXIT_CODE, w.output()[-3000:]
-    last = workers(s, env=crash)
-    with pytest.raises(JobFailed, match="PoisonJob") as failed:
-        handle.raw(TIMEOUT_S)
-    assert f"delivered {2 + s.task_max_retries} times" in str(failed.value)
-    alive(last)
-    assert Client(s).encode_queries(["a fine question"])[0].dense is not None  # the lane goes on
-    out = m3q(s, "status")
-    assert handle.id in out.stdout.split("FAILED JOBS", 1)[1] and "PoisonJob" in out.stdout, out.stdout
 
 
 # ---- bad input through the queue --------------------------------------------------------------------------
