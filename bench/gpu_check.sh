@@ -16,16 +16,9 @@
 #   .whl/ref/*.whl   FlagEmbedding 1.4.2 with a transformers 4.57 stack (it does not import under
 #                    transformers 5)  -> pip --target /tmp/ref, used only by the benchmark
 # Each step's exit status is summed up at the end; a failing step does not stop the later ones.
-set -u -o pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-${TMPDIR:-/tmp}/m3q-gpu-check}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-DEV=${GPU_CHECK_DEVICE:-cuda}
-SIZE=${GPU_CHECK_SIZE:-large}
-MODEL=/tmp/m3q-replica-$SIZE
-WHEELS=${GPU_CHECK_WHEELS:-.whl}
-export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_NO_INDEX=1
+NAME=gpu-check DEV=${GPU_CHECK_DEVICE:-cuda} SIZE=${GPU_CHECK_SIZE:-large}
+GPU_WHEELS=${GPU_CHECK_WHEELS:-.whl}
+source "$(dirname "$0")/gpu_common.sh"
 declare -A STATUS
 
 step() { echo; echo "================ $* ================ ($(date +%T))"; }
@@ -36,11 +29,6 @@ record() {  # record NAME COMMAND...: run it, keep its exit status
     "$@"
     STATUS[$name]=$?
     echo "---- $name: exit ${STATUS[$name]} after $((SECONDS - start)) s"
-}
-
-install_wheels() {  # install_wheels DIR TARGET: the wheels in DIR into TARGET, no network, no dependencies
-    ls "$1"/*.whl >/dev/null 2>&1 || { echo "no wheels in $1"; return 1; }
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$2" "$1"/*.whl
 }
 
 environment() {
@@ -59,13 +47,6 @@ if torch.cuda.is_available():
 EOF
 }
 
-site_packages() {  # what the tests import beyond the image: celery, kombu, redis-py
-    if "$PY" -c "import celery, kombu, redis" 2>/dev/null; then echo "celery, kombu, redis: already importable"; return 0; fi
-    install_wheels "$WHEELS/site" /tmp/site || return 1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    "$PY" -c "import celery, kombu, redis; print('celery', celery.__version__, 'kombu', kombu.__version__, 'redis', redis.__version__, 'from', celery.__file__)"
-}
-
 REF_PATH=""   # prepended to PYTHONPATH for the benchmark only
 REFERENCE=""  # "flag" once FlagEmbedding's BGEM3FlagModel imports
 reference_packages() {
@@ -75,11 +56,6 @@ reference_packages() {
     install_wheels "$WHEELS/ref" /tmp/ref || return 1
     PYTHONPATH=/tmp/ref${PYTHONPATH:+:$PYTHONPATH} "$PY" -W ignore -c "$probe" || return 1
     REF_PATH=/tmp/ref REFERENCE=flag
-}
-
-replica() {
-    if [ -f "$MODEL/m3q_replica.json" ]; then echo "reusing $MODEL"; return 0; fi
-    timeout 240 "$PY" -m worker.replica "$MODEL" --size "$SIZE" && du -sh "$MODEL"
 }
 
 encoder_tests() {

@@ -7,30 +7,20 @@
 # packages in .whl/redis/*.deb (a box without network). Missing Python packages come from .whl/site/*.whl,
 # as in bench/gpu_check.sh. Knobs: GPU_LOAD_DEVICE (cuda), GPU_LOAD_SIZE (large), GPU_LOAD_SECONDS (20),
 # GPU_LOAD_SCENARIOS ("queries bulk").
-set -u -o pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-${TMPDIR:-/tmp}/m3q-gpu-load}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-DEV=${GPU_LOAD_DEVICE:-cuda}
-SIZE=${GPU_LOAD_SIZE:-large}
+NAME=gpu-load DEV=${GPU_LOAD_DEVICE:-cuda} SIZE=${GPU_LOAD_SIZE:-large}
 SECONDS_EACH=${GPU_LOAD_SECONDS:-20}
-MODEL=/tmp/m3q-replica-$SIZE
-export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source "$(dirname "$0")/gpu_common.sh"
 
 redis_up() { "$PY" -c "import redis; redis.Redis(socket_timeout=2).ping()" 2>/dev/null; }
 
 main() {
     echo "== $(date +%T) packages"
-    if ! "$PY" -c "import celery, kombu, redis" 2>/dev/null; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/site/*.whl || return 1
-        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    fi
+    site_packages || return 1
     echo "== $(date +%T) redis"
     if ! redis_up; then
         local server=redis-server libs=""
         if ! command -v redis-server >/dev/null; then
-            for f in .whl/redis/*.deb; do dpkg -x "$f" /tmp/redis-root; done
+            for f in "$WHEELS"/redis/*.deb; do dpkg -x "$f" /tmp/redis-root; done
             server=/tmp/redis-root/usr/bin/redis-server libs=/tmp/redis-root/usr/lib/x86_64-linux-gnu
         fi
         LD_LIBRARY_PATH=$libs "$server" --port 6379 --bind 127.0.0.1 --daemonize yes --save "" --appendonly no || return 1
@@ -38,7 +28,7 @@ main() {
     fi
     redis_up && echo "redis answers" || return 1
     echo "== $(date +%T) replica ($SIZE)"
-    [ -f "$MODEL/m3q_replica.json" ] || "$PY" -m worker.replica "$MODEL" --size "$SIZE" || return 1
+    replica || return 1
     nvidia-smi -L 2>/dev/null
     for scenario in ${GPU_LOAD_SCENARIOS:-queries bulk}; do
         echo "== $(date +%T) bench/load.py $scenario"
