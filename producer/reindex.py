@@ -14,7 +14,16 @@ lives in Redis under ``{M3Q_QUEUE_PREFIX}:reindex:{job_id}``:
 - ``:batches``: the set of batch numbers whose result is recorded (a batch is counted once, atomically);
 - ``:tasks`` / ``:sent``: the Celery task id chosen for a batch *before* it is sent, and the set of batches
   whose send returned. On resume, a sent batch is awaited by its task id, never sent again;
-- ``:rejects``: the first REJECTS_KEPT rejected rows with their reasons.
+- ``:rejects``: the first REJECTS_KEPT rejected rows with their reasons;
+- ``:driver``: the driver lock (a ``producer.lease.Lease``: SET NX with a TTL of DRIVER_LOCK_TTL_S,
+  renewed by a heartbeat thread): one process at a time drives a job, a second one fails at once with
+  DriverBusy naming the holder. A driver that dies leaves its lock to expire, so a resume works at most
+  DRIVER_LOCK_TTL_S later. A driver whose lock is lost (not renewed in time, or taken) sends no further
+  batch and fails with DriverLost.
+
+A job that reaches a final state (done or switched) gives all its keys, and its target's reservation, a
+TTL of FINISHED_KEPT_S (7 days): they expire then, and ``list_jobs`` forgets the job. A failed job keeps
+its keys without a TTL, since it can be resumed.
 
 Guarantee about double encoding: a batch that a worker stored is never sent again. The only batch that
 may be encoded twice is one whose send was cut by the crash itself (its task id is recorded, the end of
@@ -23,6 +32,7 @@ interrupted run, counted in the job's ``unconfirmed_resends``. A batch whose job
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -32,10 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import redis
 from celery.result import AsyncResult
 
 from producer import milvus, wire
 from producer.client import Client, Handle, JobFailed
+from producer.lease import Lease, LeaseBusy
 from producer.settings import Settings
 from producer.sources import count_documents, read_documents
 from producer.status import redis_client
@@ -48,6 +60,13 @@ REJECTS_KEPT = 1000
 READ_BATCH_ROWS = 1000
 """Rows fetched per page when reading a Milvus source."""
 STATES = ("running", "failed", "done", "switched")
+DRIVER_LOCK_TTL_S = 30.0
+"""A driver's lock lives this long unless its heartbeat renews it (every third of it): short, because a
+dead driver's job can be resumed only once its lock has expired."""
+FINISHED_KEPT_S = 7 * 24 * 3600
+"""How long a done or switched job keeps its Redis keys (failed jobs keep theirs: they can be resumed)."""
+JOB_KEY_SUFFIXES = (":batches", ":tasks", ":sent", ":rejects")
+"""The keys that go with the job hash, named by their suffix; they expire with it."""
 
 _COMPLETE = """
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
@@ -63,9 +82,36 @@ return 1
 """ % REJECTS_KEPT
 """Record one batch's result exactly once (SADD guards the counters), atomically."""
 
+_FAIL_UNLESS_DRIVEN = """
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[2], 'updated', ARGV[3])
+return 1
+"""
+"""Mark the job failed unless another driver holds its lock now (the checkpoint is then that driver's)."""
+
+_FINALIZE = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+for i = 1, #KEYS - 1 do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
+if redis.call('GET', KEYS[#KEYS]) == ARGV[2] then redis.call('EXPIRE', KEYS[#KEYS], ARGV[1]) end
+return 1
+"""
+"""Write a final state and, in the same step, give the job's keys a TTL; the last key is the target's
+reservation, which expires only when it is this job's."""
+
 
 class ReindexFailed(JobFailed):
-    """A batch failed; the job is marked failed in Redis and can be resumed."""
+    """A batch failed, or the driver lost its lock; the job is marked failed in Redis and can be resumed."""
+
+
+class DriverLost(ReindexFailed):
+    """The driver's lock expired or was taken while it drove the job, so it stopped sending batches. The
+    job is marked failed unless another driver holds it by then: its checkpoint is that driver's."""
+
+
+class DriverBusy(ValueError):
+    """Another process drives this job now; the message names the job and the lock's holder. A ValueError
+    like the one for an existing job id: the id cannot be driven from here at this time."""
 
 
 @dataclass
@@ -109,64 +155,134 @@ def _jobs_key(s: Settings) -> str:
     return f"{s.queue_prefix}:reindex-jobs"
 
 
+def _target_key(s: Settings, target: str) -> str:
+    """The reservation of a versioned collection by the job that will write it (its value: the job id)."""
+    return f"{s.queue_prefix}:reindex-target:{target}"
+
+
+def _new_job_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+# ---- the driver lock ----------------------------------------------------------------------------------
+
+class DriverLock(Lease):
+    """The right to drive one job: a lease on the job's ``:driver`` key (see producer/lease.py), so two
+    processes never send a job's batches at once. What it adds is the job: a refusal or a loss names it
+    and says how to resume it, and a lost driver marks it failed.
+
+    Re-entrant: ``start_in_background`` takes it before its thread starts (a second driver fails at once,
+    in the caller) and the thread's ``start_reindex`` holds it once more; the last release frees it."""
+
+    def __init__(self, s: Settings, job_id: str) -> None:
+        super().__init__(redis_client(s), job_key(s, job_id) + ":driver", DRIVER_LOCK_TTL_S,
+                         thread_name=f"m3q-reindex-lock-{job_id}")
+        self.settings, self.job_id = s, job_id
+
+    def acquire(self) -> "DriverLock":
+        """Take the lock, or hold it once more; raise DriverBusy at once when another driver holds it."""
+        try:
+            super().acquire()
+        except LeaseBusy as busy:
+            raise DriverBusy(f"re-index {self.job_id} is already being driven by {busy.holder}; if that "
+                             f"process is gone, its lock expires in {busy.expires_in_s:.1f} s and "
+                             f"`m3q reindex --resume {self.job_id}` works again") from None
+        return self
+
+    def ensure_held(self) -> None:
+        """Raise DriverLost once the lock is lost: a driver that may have a successor sends nothing more."""
+        reason = self.lost_reason()
+        if reason is None:
+            return
+        error = f"the driver {self.token} lost its lock ({reason}) and stopped sending batches"
+        with contextlib.suppress(redis.RedisError):  # Redis gone: the job stays "running" until resumed
+            self.fail_job(error)
+        raise DriverLost(f"re-index {self.job_id}: {error}; `m3q reindex --resume {self.job_id}` goes on")
+
+    def fail_job(self, error: str) -> bool:
+        """Mark the job failed with ``error`` unless another driver holds it now; whether it was marked."""
+        fail = self.redis.register_script(_FAIL_UNLESS_DRIVEN)
+        return bool(fail(keys=[job_key(self.settings, self.job_id), self.key],
+                         args=[self.token, error[:2000], time.time()]))
+
+
 # ---- public API ---------------------------------------------------------------------------------------
 
 def start_reindex(settings: Settings, source: str, alias: str, *, allow_rejects: bool = False,
                   rate_limit_docs_s: float | None = None, drop_old: bool = False, job_id: str | None = None,
-                  progress: bool = True, text_field: str = "text", id_field: str = "id") -> ReindexReport:
-    """Re-index ``source`` (a file or ``milvus:COLLECTION``) into ``{alias}_v{N}``, then switch ``alias``."""
-    job_id = job_id or uuid.uuid4().hex[:12]
+                  progress: bool = True, text_field: str = "text", id_field: str = "id",
+                  lock: DriverLock | None = None) -> ReindexReport:
+    """Re-index ``source`` (a file or ``milvus:COLLECTION``) into ``{alias}_v{N}``, then switch ``alias``.
+    Raises DriverBusy when another process drives ``job_id``. ``lock``: one the caller already holds on
+    the job (it replaces ``job_id``), as ``start_in_background`` does before its thread starts."""
     r = redis_client(settings)
-    if r.exists(job_key(settings, job_id)) and r.hget(job_key(settings, job_id), "state") != b"starting":
-        raise ValueError(f"re-index job {job_id} exists; resume it with `m3q reindex --resume {job_id}`")
-    client = Client(settings)
-    mc = milvus.connect(settings)
-    try:
-        job = _create_job(settings, mc, job_id, source, alias, text_field, id_field)
-        job.update(allow_rejects=int(allow_rejects), drop_old=int(drop_old), rate_limit_docs_s=rate_limit_docs_s or 0)
-        r.hset(job_key(settings, job_id), mapping=job)
-        r.sadd(_jobs_key(settings), job_id)
-        return _run(settings, client, mc, job_id, progress)
-    finally:
-        mc.close()
+    with lock or DriverLock(settings, job_id or _new_job_id()) as lock:
+        _refuse_existing(settings, lock.job_id)
+        client = Client(settings)
+        mc = milvus.connect(settings)
+        try:
+            job = _create_job(settings, mc, lock.job_id, source, alias, text_field, id_field)
+            job.update(allow_rejects=int(allow_rejects), drop_old=int(drop_old),
+                       rate_limit_docs_s=rate_limit_docs_s or 0)
+            r.hset(job_key(settings, lock.job_id), mapping=job)
+            r.sadd(_jobs_key(settings), lock.job_id)
+            return _run(settings, client, mc, lock, progress)
+        finally:
+            mc.close()
 
 
 def resume_reindex(settings: Settings, job_id: str, *, allow_rejects: bool | None = None,
                    rate_limit_docs_s: float | None = None, drop_old: bool | None = None,
                    progress: bool = True) -> ReindexReport:
     """Go on with a job: batches already stored are skipped (never encoded again); options left None keep
-    the job's own. A job that is done but unswitched (rejects) switches when ``allow_rejects`` is given."""
+    the job's own. A job that is done but unswitched (rejects) switches when ``allow_rejects`` is given.
+    Raises DriverBusy, changing nothing, while another process drives the job."""
     r = redis_client(settings)
     if not r.exists(job_key(settings, job_id)):
         raise ValueError(f"no re-index job {job_id!r} (see `m3q status`)")
-    changes = {"allow_rejects": allow_rejects, "rate_limit_docs_s": rate_limit_docs_s, "drop_old": drop_old}
-    changes = {k: int(v) if isinstance(v, bool) else v for k, v in changes.items() if v is not None}
-    if changes:
-        r.hset(job_key(settings, job_id), mapping=changes)
-    client = Client(settings)
-    mc = milvus.connect(settings)
-    try:
-        return _run(settings, client, mc, job_id, progress)
-    finally:
-        mc.close()
+    with DriverLock(settings, job_id) as lock:
+        changes = {"allow_rejects": allow_rejects, "rate_limit_docs_s": rate_limit_docs_s, "drop_old": drop_old}
+        changes = {k: int(v) if isinstance(v, bool) else v for k, v in changes.items() if v is not None}
+        if changes:
+            r.hset(job_key(settings, job_id), mapping=changes)
+        client = Client(settings)
+        mc = milvus.connect(settings)
+        try:
+            return _run(settings, client, mc, lock, progress)
+        finally:
+            mc.close()
 
 
 def start_in_background(settings: Settings, source: str, alias: str, **options: Any) -> str:
-    """Start a re-index in a daemon thread and return its job id at once; poll :func:`get_job`."""
-    job_id = options.pop("job_id", None) or uuid.uuid4().hex[:12]
-    key = job_key(settings, job_id)
-    r = redis_client(settings)
-    r.hset(key, mapping={"state": "starting", "source": source, "alias": alias, "started": time.time()})
-    r.sadd(_jobs_key(settings), job_id)
+    """Start a re-index in a daemon thread and return its job id at once; poll :func:`get_job`. The driver
+    lock is taken here, before the thread starts: a job id that another process drives raises DriverBusy
+    in the caller, and one that exists raises ValueError."""
+    lock = DriverLock(settings, options.pop("job_id", None) or _new_job_id()).acquire()
+    try:
+        _refuse_existing(settings, lock.job_id)
+        r = redis_client(settings)
+        r.hset(job_key(settings, lock.job_id),
+               mapping={"state": "starting", "source": source, "alias": alias, "started": time.time()})
+        r.sadd(_jobs_key(settings), lock.job_id)
+        threading.Thread(target=_drive_in_background, args=(lock, source, alias, options),
+                         name=f"m3q-reindex-{lock.job_id}", daemon=True).start()
+    except BaseException:
+        lock.release()
+        raise
+    return lock.job_id
 
-    def run() -> None:
-        try:
-            start_reindex(settings, source, alias, job_id=job_id, progress=False, **options)
-        except Exception as e:  # noqa: BLE001 - a background job's error belongs in its checkpoint
-            if r.hget(key, "state") != b"failed":
-                r.hset(key, mapping={"state": "failed", "error": f"{type(e).__name__}: {e}"[:2000]})
-    threading.Thread(target=run, name=f"m3q-reindex-{job_id}", daemon=True).start()
-    return job_id
+
+def _drive_in_background(lock: DriverLock, source: str, alias: str, options: dict[str, Any]) -> None:
+    """The background thread's work; it still holds the lock when it records an error in the checkpoint,
+    where the job's poller looks, and releases it last."""
+    try:
+        start_reindex(lock.settings, source, alias, lock=lock, progress=False, **options)
+    except ReindexFailed:
+        pass  # already recorded (or, for a lost lock, left to the driver that holds the job now)
+    except Exception as e:  # noqa: BLE001 - a background job's error belongs in its checkpoint
+        lock.fail_job(f"{type(e).__name__}: {e}")
+    finally:
+        lock.release()
 
 
 def get_job(settings: Settings, job_id: str, rejects: int = 20) -> dict[str, Any]:
@@ -215,6 +331,13 @@ def drop_unaliased(settings: Settings, alias: str) -> list[str]:
 
 # ---- creating a job -----------------------------------------------------------------------------------
 
+def _refuse_existing(s: Settings, job_id: str) -> None:
+    """A new job never takes over an existing one's checkpoint ("starting" is start_in_background's own)."""
+    r = redis_client(s)
+    if r.exists(job_key(s, job_id)) and r.hget(job_key(s, job_id), "state") != b"starting":
+        raise ValueError(f"re-index job {job_id} exists; resume it with `m3q reindex --resume {job_id}`")
+
+
 def _create_job(s: Settings, mc: Any, job_id: str, source: str, alias: str,
                 text_field: str, id_field: str) -> dict[str, Any]:
     """Check the source, reserve the next versioned collection and describe the job."""
@@ -259,7 +382,7 @@ def _reserve_target(s: Settings, mc: Any, alias: str, job_id: str) -> str:
     versions = _versions(mc, alias)
     n = int(versions[-1].rsplit("_v", 1)[1]) + 1 if versions else 1
     r = redis_client(s)
-    while not r.set(f"{s.queue_prefix}:reindex-target:{alias}_v{n}", job_id, nx=True):
+    while not r.set(_target_key(s, f"{alias}_v{n}"), job_id, nx=True):
         n += 1
     return f"{alias}_v{n}"
 
@@ -275,24 +398,25 @@ class _Batch:
     handle: Handle | None = None
 
 
-def _run(s: Settings, client: Client, mc: Any, job_id: str, progress: bool) -> ReindexReport:
-    """Send the batches not yet recorded, record each as it finishes, then switch the alias."""
-    r = redis_client(s)
-    key = job_key(s, job_id)
+def _run(s: Settings, client: Client, mc: Any, lock: DriverLock, progress: bool) -> ReindexReport:
+    """Send the batches not yet recorded, record each as it finishes, then switch the alias; all of it
+    under the job's driver lock, which the caller holds."""
+    job_id = lock.job_id
     job = get_job(s, job_id, rejects=0)
     if job["state"] in ("running", "failed"):
-        r.hset(key, mapping={"state": "running", "error": ""})
-        _drive(s, client, mc, job_id, job, progress)
-        r.hset(key, mapping={"state": "done", "total": get_job(s, job_id)["done"], "updated": time.time()})
+        redis_client(s).hset(job_key(s, job_id), mapping={"state": "running", "error": ""})
+        _drive(s, client, mc, job, lock, progress)
+        lock.ensure_held()  # only the job's driver may declare it done
+        _finalize(s, job, {"state": "done", "total": get_job(s, job_id)["done"], "updated": time.time()})
     job = get_job(s, job_id, rejects=REJECTS_KEPT)
     if job["state"] == "done" and int(job["stored"]) > 0 and (int(job["rejected"]) == 0 or job.get("allow_rejects")):
-        _switch(s, mc, job_id, job)
+        _switch(s, mc, job)
         job = get_job(s, job_id, rejects=REJECTS_KEPT)
     return _report(mc, job)
 
 
-def _drive(s: Settings, client: Client, mc: Any, job_id: str, job: dict, progress: bool) -> None:
-    key = job_key(s, job_id)
+def _drive(s: Settings, client: Client, mc: Any, job: dict, lock: DriverLock, progress: bool) -> None:
+    key = job_key(s, lock.job_id)
     r = redis_client(s)
     done = {int(b) for b in r.smembers(key + ":batches")}
     sent = {int(b) for b in r.smembers(key + ":sent")}
@@ -307,6 +431,7 @@ def _drive(s: Settings, client: Client, mc: Any, job_id: str, job: dict, progres
             if len(window) >= s.max_in_flight:
                 docs += _finish(s, r, complete, key, window.popleft(), started, docs, bar)
             pace.wait(batch.size)
+            lock.ensure_held()  # a driver whose lock may be another's by now sends nothing more
             batch.handle = _send(s, client, r, key, job, batch, tasks.get(batch.number), batch.number in sent)
             window.append(batch)
         while window:
@@ -441,7 +566,7 @@ def _bar(total: int | None, initial: int, enabled: bool):
 
 # ---- the switch ---------------------------------------------------------------------------------------
 
-def _switch(s: Settings, mc: Any, job_id: str, job: dict) -> None:
+def _switch(s: Settings, mc: Any, job: dict) -> None:
     """Point ``alias`` at the finished collection in one step; drop the previous one when asked."""
     alias, target = str(job["alias"]), str(job["target"])
     previous = _alias_target(mc, alias)
@@ -455,7 +580,15 @@ def _switch(s: Settings, mc: Any, job_id: str, job: dict) -> None:
     if job.get("drop_old") and previous and previous != target and not _aliases_of(mc, previous):
         milvus._call(f"drop collection {previous!r}", mc.drop_collection, previous)
         fields["dropped"] = previous
-    redis_client(s).hset(job_key(s, job_id), mapping=fields)
+    _finalize(s, job, fields)
+
+
+def _finalize(s: Settings, job: dict, fields: dict[str, Any]) -> None:
+    """Record a final state (done, switched) and let the job's keys live FINISHED_KEPT_S from now on."""
+    key = job_key(s, str(job["id"]))
+    keys = [key] + [key + suffix for suffix in JOB_KEY_SUFFIXES] + [_target_key(s, str(job["target"]))]
+    pairs = [item for field_value in fields.items() for item in field_value]
+    redis_client(s).register_script(_FINALIZE)(keys=keys, args=[FINISHED_KEPT_S, job["id"], *pairs])
 
 
 def _alias_target(mc: Any, alias: str) -> str | None:

@@ -5,6 +5,9 @@ The worker exposes its Prometheus metrics, so "no batch is encoded twice" is cou
 from __future__ import annotations
 
 import json
+import os
+import re
+import socket
 import subprocess
 import sys
 import threading
@@ -74,6 +77,42 @@ def write_jsonl(path, lines: list[str]):
     return path
 
 
+def lock_key(s, job_id: str) -> str:
+    """The job's driver lock (see producer/reindex.py)."""
+    return reindex.job_key(s, job_id) + ":driver"
+
+
+def job_keys(r, s, job_id: str) -> list[bytes]:
+    """Every Redis key of a job that exists now: its hash, the sets and lists beside it, its target's reservation."""
+    target = reindex.get_job(s, job_id)["target"]
+    return r.keys(reindex.job_key(s, job_id) + "*") + r.keys(reindex._target_key(s, target))
+
+
+def wait_until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not in {timeout_s} s"
+        time.sleep(0.02)
+
+
+def failed_job(s, tmp_path, monkeypatch) -> str:
+    """A job of 12 rows whose target is made for the wrong dense size, so the worker refuses batch 0: it
+    is marked failed. Dropping its target is the fix, after which a resume finishes it."""
+    source = write_jsonl(tmp_path / "docs.jsonl", [json.dumps({"id": f"f{i}", "text": f"text {i}"}) for i in range(12)])
+    real = reindex._reserve_target
+
+    def reserve_and_break(settings, client, *args):
+        name = real(settings, client, *args)
+        milvus.ensure_collection(client, name, 33, "another-model")
+        return name
+    monkeypatch.setattr(reindex, "_reserve_target", reserve_and_break)
+    with pytest.raises(reindex.ReindexFailed, match="batch 0 .*rows 1..4.*resume") as failed:
+        reindex.start_reindex(s, str(source), "fail_" + uuid.uuid4().hex[:8], job_id=f"j{uuid.uuid4().hex[:8]}",
+                              progress=False)
+    monkeypatch.undo()
+    return str(failed.value).split(":")[0].split()[-1]
+
+
 def test_alias_switches_in_one_step_under_searches(worker, mc):
     """The first collection holds random vectors, so its top hits differ from the re-encoded collection's:
     every search through the alias must return exactly the old or exactly the new top hits."""
@@ -130,10 +169,11 @@ def test_alias_switches_in_one_step_under_searches(worker, mc):
     assert code == 0 and not mc.has_collection(first) and mc.has_collection(report.target)
 
 
-def test_killed_driver_resumes_without_encoding_a_batch_twice(worker, mc, tmp_path):
+def test_killed_driver_resumes_without_encoding_a_batch_twice(worker, mc, tmp_path, redis_client):
     """SIGKILL the CLI driver after some batches, resume: the count is exact and the worker's counters
     show each batch encoded once. The design's bound: a batch whose send the kill interrupted may be
-    encoded twice (``unconfirmed_resends``, at most 1 per kill); any other batch exactly once."""
+    encoded twice (``unconfirmed_resends``, at most 1 per kill); any other batch exactly once.
+    The dead driver's lock refuses a resume until it expires (shortened here from DRIVER_LOCK_TTL_S)."""
     s = worker.settings.replace(job_texts=RESUME_BATCH)
     batches = N_RESUME // RESUME_BATCH
     alias, job_id = "resume_" + uuid.uuid4().hex[:8], uuid.uuid4().hex[:12]
@@ -152,6 +192,10 @@ def test_killed_driver_resumes_without_encoding_a_batch_twice(worker, mc, tmp_pa
         log.close()
     killed = reindex.get_job(s, job_id)
     assert killed["state"] == "running" and 4 <= killed["batches_done"] < batches
+    with pytest.raises(reindex.DriverBusy, match=f"re-index {job_id} .*:pid{driver.pid}:"):
+        reindex.resume_reindex(s, job_id, rate_limit_docs_s=0, progress=False)
+    redis_client.pexpire(lock_key(s, job_id), 1)  # as if its TTL had run out
+    wait_until(lambda: not redis_client.exists(lock_key(s, job_id)), 5, "the dead driver's lock expires")
 
     report = reindex.resume_reindex(s, job_id, rate_limit_docs_s=0, progress=False)
     job = reindex.get_job(s, job_id)
@@ -180,7 +224,7 @@ def _wait_for(condition, timeout_s: float, proc: subprocess.Popen) -> None:
         time.sleep(0.02)
 
 
-def test_rejected_rows_are_listed_and_block_the_switch_until_allowed(worker, mc, tmp_path):
+def test_rejected_rows_are_listed_and_block_the_switch_until_allowed(worker, mc, tmp_path, redis_client):
     s = worker.settings
     alias = "rej_" + uuid.uuid4().hex[:8]
     good = [json.dumps({"id": f"g{i}", "text": f"good row {i}"}) for i in range(8)]
@@ -192,6 +236,7 @@ def test_rejected_rows_are_listed_and_block_the_switch_until_allowed(worker, mc,
     assert sorted(reasons) == [4, 5, 9]
     assert "empty" in reasons[4] and "not JSON" in reasons[5] and "'text'" in reasons[9]
     assert reindex._alias_target(mc, alias) is None
+    assert 0 < redis_client.ttl(reindex.job_key(s, report.job_id)) <= reindex.FINISHED_KEPT_S  # done is final
     assert "RE-INDEX JOBS" in render(collect(s)) and report.job_id in render(collect(s))
 
     before = encoded(s)
@@ -205,22 +250,10 @@ def test_failed_batch_marks_the_job_failed_and_resume_finishes_it(worker, mc, tm
     """The target is made for the wrong dense size, so the worker refuses every batch; once the
     collection is fixed, the resumed job stores everything."""
     s = worker.settings.replace(job_texts=4)
-    alias = "fail_" + uuid.uuid4().hex[:8]
-    source = write_jsonl(tmp_path / "docs.jsonl", [json.dumps({"id": f"f{i}", "text": f"text {i}"}) for i in range(12)])
-    real = reindex._reserve_target
-
-    def reserve_and_break(settings, client, *args):
-        name = real(settings, client, *args)
-        milvus.ensure_collection(client, name, 33, "another-model")
-        return name
-    monkeypatch.setattr(reindex, "_reserve_target", reserve_and_break)
-    with pytest.raises(reindex.ReindexFailed, match="batch 0 .*rows 1..4.*resume") as failed:
-        reindex.start_reindex(s, str(source), alias, job_id=f"j{uuid.uuid4().hex[:8]}", progress=False)
-    monkeypatch.undo()
-    job_id = str(failed.value).split(":")[0].split()[-1]
+    job_id = failed_job(s, tmp_path, monkeypatch)
     job = reindex.get_job(s, job_id)
     assert job["state"] == "failed" and "batch 0" in job["error"] and "dim 33" in job["error"]
-    assert reindex._alias_target(mc, alias) is None
+    assert reindex._alias_target(mc, job["alias"]) is None
 
     mc.drop_collection(job["target"])  # the fix: the worker recreates it with the model's size
     report = reindex.resume_reindex(s, job_id, progress=False)
@@ -244,3 +277,102 @@ def test_background_job_is_polled_from_another_thread(worker, tmp_path):
     running = [p for p in polls if p["state"] == "running" and 0 < p["done"] < 200]
     assert running and all(p["rate"] > 0 and p["eta_s"] > 0 for p in running)
     assert job_id in [j["id"] for j in reindex.list_jobs(s)]
+
+
+# ---- one driver per job; finished jobs expire ------------------------------------------------------------
+
+def cli_settings(s) -> list[str]:
+    return ["--broker-url", s.broker_url, "--queue-prefix", s.queue_prefix, "--milvus-uri", s.milvus_uri]
+
+
+def test_a_second_driver_fails_at_once_naming_the_job_and_its_holder(worker, tmp_path, redis_client, capsys):
+    """While a background thread drives a job, every other way to drive it (resume, start with its id,
+    the CLI) is refused at once and changes nothing; the worker's counters show every batch sent once.
+    Once the first driver is done, resume and get_job behave as before."""
+    s, n = worker.settings.replace(job_texts=10), 300
+    alias = "lock_" + uuid.uuid4().hex[:8]
+    source = write_jsonl(tmp_path / "docs.jsonl", [json.dumps({"id": f"l{i}", "text": f"text {i}"}) for i in range(n)])
+    before = encoded(s)
+    job_id = reindex.start_in_background(s, str(source), alias, rate_limit_docs_s=100)  # about 3 s
+    wait_until(lambda: reindex.get_job(s, job_id)["state"] == "running", 30, "the job runs")
+    busy = f"re-index {job_id} is already being driven by {re.escape(socket.gethostname())}:pid{os.getpid()}:"
+
+    with pytest.raises(reindex.DriverBusy, match=busy):
+        reindex.resume_reindex(s, job_id, rate_limit_docs_s=0, progress=False)
+    with pytest.raises(reindex.DriverBusy, match=busy):
+        reindex.start_in_background(s, str(source), alias, job_id=job_id)
+    with pytest.raises(reindex.DriverBusy, match=busy):
+        reindex.start_reindex(s, str(source), alias, job_id=job_id, progress=False)
+    assert cli_main(["reindex", "--resume", job_id, "--no-progress", *cli_settings(s)]) == 2
+    assert re.search(f"^m3q reindex: {busy}", capsys.readouterr().err)
+    job = reindex.get_job(s, job_id)
+    assert job["state"] == "running" and job["rate_limit_docs_s"] == 100 and job["done"] < n
+
+    wait_until(lambda: not redis_client.exists(lock_key(s, job_id)), 60, "the first driver finishes")
+    job = reindex.get_job(s, job_id)
+    assert job["state"] == "switched" and job["done"] == job["stored"] == n and job["error"] == ""
+    assert tuple(a - b for a, b in zip(encoded(s), before)) == (n, n // 10)
+    report = reindex.resume_reindex(s, job_id, progress=False)
+    assert report.switched and report.count == n and encoded(s)[0] - before[0] == n
+
+
+def test_a_dead_drivers_lock_blocks_until_it_expires_then_resume_works(worker, mc, tmp_path, monkeypatch,
+                                                                       redis_client):
+    s = worker.settings.replace(job_texts=4)
+    job_id = failed_job(s, tmp_path, monkeypatch)
+    mc.drop_collection(reindex.get_job(s, job_id)["target"])  # the fix
+    redis_client.set(lock_key(s, job_id), "gone-host:pid4242:0123abcd", px=1500)  # a driver that died
+
+    refused = f"re-index {job_id} .*gone-host:pid4242:.*expires in 1\\.[0-5] s"
+    with pytest.raises(reindex.DriverBusy, match=refused):
+        reindex.resume_reindex(s, job_id, progress=False)
+    assert reindex.get_job(s, job_id)["state"] == "failed" and redis_client.pttl(lock_key(s, job_id)) > 0
+    wait_until(lambda: not redis_client.exists(lock_key(s, job_id)), 5, "the dead driver's lock expires")
+    report = reindex.resume_reindex(s, job_id, progress=False)
+    assert report.switched and report.count == 12 and not redis_client.exists(lock_key(s, job_id))
+
+
+def test_a_driver_that_loses_its_lock_stops_sending_and_fails_the_job(worker, tmp_path, monkeypatch, redis_client):
+    """The lock's key vanishes under a running driver (as after a Redis flush or a missed renewal): its
+    heartbeat finds out, the driver sends no further batch and marks the job failed. The resume awaits the
+    batches that were in flight by their task ids, so the worker still encodes each batch once."""
+    monkeypatch.setattr(reindex, "DRIVER_LOCK_TTL_S", 1.5)  # renewed every 0.5 s
+    s, n = worker.settings.replace(job_texts=10), 300
+    source = write_jsonl(tmp_path / "docs.jsonl", [json.dumps({"id": f"x{i}", "text": f"text {i}"}) for i in range(n)])
+    before = encoded(s)
+    job_id = reindex.start_in_background(s, str(source), "lost_" + uuid.uuid4().hex[:8], rate_limit_docs_s=100)
+    wait_until(lambda: _batches_done(s, job_id) >= 3, 30, "three batches are done")
+    redis_client.delete(lock_key(s, job_id))
+
+    wait_until(lambda: reindex.get_job(s, job_id)["state"] == "failed", 5, "the driver gives the job up")
+    error = reindex.get_job(s, job_id)["error"]
+    assert "lost its lock (its key expired or was deleted) and stopped sending batches" in error
+    tasks = reindex.job_key(s, job_id) + ":tasks"
+    sent = redis_client.hlen(tasks)
+    time.sleep(1.0)  # at 100 docs/s a driver still sending would send 10 batches in this time
+    assert redis_client.hlen(tasks) == sent < n // 10
+
+    report = reindex.resume_reindex(s, job_id, rate_limit_docs_s=0, progress=False)
+    assert report.switched and report.count == report.stored == n
+    assert tuple(a - b for a, b in zip(encoded(s), before)) == (n, n // 10)
+
+
+def test_finished_jobs_keys_expire_and_failed_ones_are_kept(worker, mc, tmp_path, monkeypatch, redis_client):
+    s = worker.settings.replace(job_texts=4)
+    job_id = failed_job(s, tmp_path, monkeypatch)
+    key, target = reindex.job_key(s, job_id), reindex.get_job(s, job_id)["target"]
+    kept = job_keys(redis_client, s, job_id)
+    assert {key, key + ":tasks", key + ":sent", reindex._target_key(s, target)} <= {k.decode() for k in kept}
+    assert [redis_client.ttl(k) for k in kept] == [-1] * len(kept), "a failed job is kept: it can be resumed"
+
+    mc.drop_collection(target)
+    assert reindex.resume_reindex(s, job_id, progress=False).switched
+    finished = job_keys(redis_client, s, job_id)
+    assert {key, key + ":batches", key + ":tasks", reindex._target_key(s, target)} <= {k.decode() for k in finished}
+    assert all(0 < redis_client.ttl(k) <= reindex.FINISHED_KEPT_S for k in finished)
+
+    for k in finished:  # their expiry, brought forward: list_jobs forgets the job and drops it from its index
+        redis_client.pexpire(k, 1)
+    wait_until(lambda: not redis_client.exists(key), 5, "the keys expire")
+    assert job_id not in [j["id"] for j in reindex.list_jobs(s)]
+    assert not redis_client.sismember(f"{s.queue_prefix}:reindex-jobs", job_id)
