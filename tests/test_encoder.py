@@ -330,6 +330,41 @@ def test_padded_attention_equals_per_run_attention(f32: Encoder, golden, kind: s
     assert_close(padded, golden_items(golden, kind), TOL)
 
 
+def test_cuda_forward_leaves_out_cudnn_attention() -> None:
+    # cuDNN attention builds a graph per new shape (worker/model.py, CUDA_ATTENTION): a CUDA forward pass
+    # runs with it switched off and the other kernels on; on other devices nothing changes.
+    cuda = torch.backends.cuda
+    before = (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled())
+    with model_module.attention_kernels(torch.device("cuda")):
+        assert not cuda.cudnn_sdp_enabled()
+        assert cuda.flash_sdp_enabled() and cuda.mem_efficient_sdp_enabled() and cuda.math_sdp_enabled()
+    with model_module.attention_kernels(torch.device("cpu")):
+        assert (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled()) == before
+    assert (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled()) == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_steps_run_no_cudnn_attention_kernel(tiny_model: Path) -> None:
+    fp16 = Encoder.load(str(tiny_model), device="cuda", dtype="float16")
+    steps = [([words(n) for n in (3, 7, 12, 30)], "queries"), ([words(300)], "documents")]
+    [fp16.encode(texts, kind) for texts, kind in steps]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        [fp16.encode(texts, kind) for texts, kind in steps]
+    kernels = [e.key.lower() for e in prof.key_averages()]
+    assert any(k in name for name in kernels for k in ("flash", "fmha", "attention", "softmax")), kernels
+    assert not [name for name in kernels if "cudnn" in name]
+
+
+def test_warm_up_runs_queries_and_a_long_document(f32: Encoder, monkeypatch) -> None:
+    steps = []
+    run = Encoder.run
+    monkeypatch.setattr(Encoder, "run", lambda self, step, *a, **k: steps.append([len(p.ids) for p in step])
+                        or run(self, step, *a, **k))
+    assert f32.warm_up() > 0
+    assert len(steps[0]) > 1 and len(set(steps[0])) > 1  # a step of queries of different lengths
+    assert max(steps[-1]) >= model_module.CONTIGUOUS_FROM  # a document long enough for contiguous heads
+
+
 def test_text_longer_than_budget_encodes_alone(tiny_model: Path) -> None:
     small = Encoder.load(str(tiny_model), dtype="float32", limits=Limits(max_batch_tokens=64))
     texts = ["short one", words(300), "another short one"]

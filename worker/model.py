@@ -8,6 +8,7 @@ not depend on the transformers model classes, so it behaves the same under trans
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from worker.slicing import Slicer
 
@@ -29,6 +31,11 @@ CONTIGUOUS_FROM = 256  # sequence length from which attention gets contiguous he
 PADDED_ATTENTION_ON = {"cuda"}  # device types where a step's attention is one masked call (padding_for)
 PADDING_AT_MOST = 2.0  # ... if the padded batch has at most this many times the real rows,
 PADDING_FREE = 8192    # or at most this many rows in all (a step of queries)
+# Attention kernels allowed on CUDA: everything but cuDNN's. Where torch prefers cuDNN attention (Hopper and
+# newer GPUs with a recent cuDNN), it builds a cuDNN graph for every new shape, which costs tens to hundreds
+# of milliseconds. A query step has a new shape almost every time (its batch size and longest query vary), so
+# that cost would land on nearly every step. Flash and memory-efficient attention have no per-shape set-up.
+CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class ModelLoadError(RuntimeError):
@@ -230,6 +237,11 @@ def padding_for(lengths: Sequence[int], device: torch.device) -> Padding | None:
     return Padding(count, length, slots.to(device), keys.to(device))
 
 
+def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
+    """The attention kernels a forward pass on ``device`` may use (``CUDA_ATTENTION`` on CUDA)."""
+    return sdpa_kernel(CUDA_ATTENTION) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def equal_length_runs(lengths: Sequence[int]) -> list[tuple[int, int, int]]:
     """(start token, sequence count, length) for each run of equal consecutive lengths."""
     runs: list[tuple[int, int, int]] = []
@@ -362,7 +374,8 @@ class BGEM3Model(nn.Module):
         With a ``slicer``, the layers run in short slices and the slicer's pause runs between them.
         """
         ids = ids.to(self.device, non_blocking=True)
-        hidden = self.transformer(ids, lengths, slicer).float()
+        with attention_kernels(self.device):
+            hidden = self.transformer(ids, lengths, slicer).float()
         starts = torch.tensor([0, *lengths[:-1]], device=self.device).cumsum(0)
         return HeadOutputs(
             F.normalize(hidden[starts], dim=-1).cpu() if dense else None,

@@ -32,7 +32,9 @@ def load_encoder(s: Settings) -> Encoder:
 
     if s.model.startswith(standin.PREFIX):
         return standin.load(s.model, limits_of(s), s.device)
-    return Encoder.load(s.model, s.device, s.dtype, limits_of(s))
+    encoder = Encoder.load(s.model, s.device, s.dtype, limits_of(s))
+    log.info("warm-up pass on %s took %.2f s", s.device, encoder.warm_up())
+    return encoder
 
 
 @dataclass
