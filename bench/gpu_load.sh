@@ -6,7 +6,7 @@
 # Needs a Redis on 127.0.0.1:6379; if none answers, it starts redis-server from PATH, or from Debian
 # packages in .whl/redis/*.deb (a box without network). Missing Python packages come from .whl/site/*.whl,
 # as in bench/gpu_check.sh. Knobs: GPU_LOAD_DEVICE (cuda), GPU_LOAD_SIZE (large), GPU_LOAD_SECONDS (20),
-# GPU_LOAD_SCENARIOS ("queries bulk").
+# GPU_LOAD_SCENARIOS ("queries queries:in-process bulk"; ":in-process" runs the device loop without the queue).
 NAME=gpu-load DEV=${GPU_LOAD_DEVICE:-cuda} SIZE=${GPU_LOAD_SIZE:-large}
 SECONDS_EACH=${GPU_LOAD_SECONDS:-20}
 source "$(dirname "$0")/gpu_common.sh"
@@ -30,9 +30,12 @@ main() {
     echo "== $(date +%T) replica ($SIZE)"
     replica || return 1
     nvidia-smi -L 2>/dev/null
-    for scenario in ${GPU_LOAD_SCENARIOS:-queries bulk}; do
-        echo "== $(date +%T) bench/load.py $scenario"
-        timeout 240 "$PY" -W ignore bench/load.py "$scenario" --model "$MODEL" --device "$DEV" --seconds "$SECONDS_EACH"
+    for scenario in ${GPU_LOAD_SCENARIOS:-queries queries:in-process bulk}; do
+        local extra=""
+        [[ $scenario == *:in-process ]] && extra=--in-process
+        echo "== $(date +%T) bench/load.py ${scenario%%:*} $extra"
+        timeout 240 "$PY" -W ignore bench/load.py "${scenario%%:*}" $extra --model "$MODEL" --device "$DEV" \
+            --seconds "$SECONDS_EACH"
     done
     echo "== $(date +%T) done"
 }

@@ -18,6 +18,7 @@ prints query p50/p99 against the idle p99.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -30,6 +31,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo root, not 
 from bench import corpus  # noqa: E402
 from bench.infra import bench_settings, percentile, start_workers  # noqa: E402
 from producer.client import Client  # noqa: E402
+from producer.status import redis_client  # noqa: E402
 
 
 def query_load(client: Client, clients: int, seconds: float, texts: list[str]) -> list[float]:
@@ -79,6 +81,34 @@ class InProcess:
         self.engine.stop()
 
 
+class CpuSeconds:
+    """CPU seconds used since creation by the clients (this process), the worker processes and Redis: where
+    the queue's own cost per query goes, on a machine where all of them share the cores."""
+
+    def __init__(self, workers: list, s=None) -> None:
+        self.pids = [w.proc.pid for w in workers if hasattr(w, "proc")]
+        self.redis = redis_client(s) if s is not None else None
+        self.start = self._now()
+
+    def _now(self) -> dict[str, float]:
+        if not self.pids:  # in-process: clients and device loop share this process
+            return {"this process": _proc_cpu(os.getpid())}
+        now = {"clients": _proc_cpu(os.getpid()), "worker": sum(_proc_cpu(p) for p in self.pids)}
+        if self.redis is not None:
+            info = self.redis.info("cpu")
+            now["redis"] = info["used_cpu_user"] + info["used_cpu_sys"]
+        return now
+
+    def since(self) -> dict[str, float]:
+        return {k: v - self.start[k] for k, v in self._now().items()}
+
+
+def _proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (its live threads and reaped children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def cmd_queries(args) -> None:
     texts = corpus.queries(500)
     results = {}
@@ -93,12 +123,15 @@ def cmd_queries(args) -> None:
         try:
             [client.encode_queries([t]) for t in texts[:10]]
             idle = [_timed(lambda: client.encode_queries([t])) for t in texts[:100]]
+            cpu = CpuSeconds(workers, s if not args.in_process else None)
             loaded = query_load(client, args.clients, args.seconds, texts)
+            cpu = cpu.since()
         finally:
             [w.stop() for w in workers]
         results[batching] = loaded
         print(_line(f"idle, one query at a time (batching {'on' if batching else 'off'})", idle, sum(idle)))
         print(_line(f"{args.clients} clients, batching {'on' if batching else 'off'}", loaded, args.seconds))
+        print("  CPU ms per query: " + ", ".join(f"{k} {v / len(loaded) * 1e3:.2f}" for k, v in cpu.items()))
         if batching:
             idle_p99 = percentile(idle, 99)
     on, off = results[True], results[False]

@@ -189,9 +189,13 @@ def low_precision_cosines(f32: Encoder, low: Encoder, texts: list[str]) -> np.nd
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-def test_bfloat16_close_to_float32(f32: Encoder, golden, tiny_model: Path) -> None:
-    bf16 = Encoder.load(str(tiny_model), device="cpu", dtype="bfloat16")
+def test_bfloat16_close_to_float32(f32: Encoder, golden, tiny_model: Path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="worker.device"):
+        bf16 = Encoder.load(str(tiny_model), device="cpu", dtype="bfloat16")
     assert bf16.info()["dtype"] == "bfloat16" and bf16.dtype == torch.bfloat16
+    # On a CPU without bfloat16 instructions it is emulated, several times slower: the worker says so.
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert ("emulated" in caplog.text) == (not native), caplog.text
     texts = golden["documents_texts"].tolist() + LIVE_TEXTS
     cosines = low_precision_cosines(f32, bf16, texts)
     assert cosines.min() >= 0.99, dict(zip(texts, cosines.round(4)))

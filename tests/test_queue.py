@@ -48,6 +48,17 @@ def test_queue_equals_in_process(client, encoder, kind):
     assert remote[4].truncated == (kind == "queries")
 
 
+def test_concurrent_query_jobs_each_get_their_own_result(client, encoder, redis_client):
+    # Concurrent query jobs share forward passes on the worker (cross-job batching): each job still reads
+    # exactly its own result, stored under its own key with the backend's expiry.
+    texts = [f"{TEXTS[i % 4]} {i}" for i in range(24)]
+    handles = [client.submit_encode([t], "queries") for t in texts]
+    for text, handle in zip(texts, handles):
+        _close(handle.result()[0], encoder.encode([text], "queries").items[0])
+    ttl = redis_client.ttl(client.app.backend.get_key_for_task(handles[0].id))
+    assert 0 < ttl <= client.settings.result_expires_s
+
+
 def test_colbert_through_the_queue(client, encoder):
     remote = client.encode(TEXTS[:3], "documents", colbert=True)
     local = encoder.encode(TEXTS[:3], "documents", colbert=True).items

@@ -1,7 +1,11 @@
 """Device and dtype resolution: which torch device a worker runs on, and in what precision."""
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -37,7 +41,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise DeviceError(f"unknown dtype {name!r}: use auto, float32, float16 or bfloat16")
     if name == "float16" and device.type == "cpu":
         raise DeviceError("float16 is not supported on cpu: use bfloat16 (fast on CPUs with AMX) or float32")
+    if name == "bfloat16" and device.type == "cpu" and not cpu_has_bfloat16():
+        log.warning("this CPU has no bfloat16 instructions (AVX512-BF16 or AMX): bfloat16 is emulated here and "
+                    "runs several times slower than float32; use --dtype float32")
     return DTYPES[name]
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); without them torch emulates it."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if not any(checks):
+        return True  # a torch that cannot tell: say nothing
+    return any(check() for check in checks if check)
 
 
 def pin(device: torch.device) -> None:
