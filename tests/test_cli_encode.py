@@ -120,6 +120,9 @@ def test_replica_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
         assert (folder / name).is_file(), name
     assert "random weights" in (folder / "README.md").read_text().lower()
     assert json.loads((folder / "m3q_replica.json").read_text())["random_weights"] is True
+    # The real checkpoint's transformers version: newer ones make transformers 4.57.3+ warn about a Mistral
+    # regex at every tokenizer load.
+    assert json.loads((folder / "config.json").read_text())["transformers_version"] == "4.33.0"
     replica = Encoder.load(str(folder), device="cpu", dtype="float32")
     info = replica.info()
     assert info["replica"] is True and info["dims"] == {"dense": 32, "colbert_vecs": 32, "sparse": 4096}

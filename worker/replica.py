@@ -58,6 +58,7 @@ SIZES: dict[str, ReplicaSize] = {
 # XLM-R positions start after the padding index (1), so 8194 positions give
 # every size BGE-M3's 8192-token document limit.
 MAX_POSITION_EMBEDDINGS = 8194
+CHECKPOINT_TRANSFORMERS_VERSION = "4.33.0"  # what BAAI/bge-m3's config.json records
 MODEL_MAX_LENGTH = 8192
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3, as in fairseq XLM-R
@@ -108,6 +109,7 @@ def write_replica(path: str | os.PathLike, size: str = "small", seed: int = 0) -
     _save_tokenizer(tokenizer, out)
     model = _build_model(shape, seed)
     model.save_pretrained(out, safe_serialization=True)
+    _pin_transformers_version(out / "config.json")
     colbert, sparse = _build_heads(model, tokenizer, seed)
     torch.save(colbert.state_dict(), out / "colbert_linear.pt")
     torch.save(sparse.state_dict(), out / "sparse_linear.pt")
@@ -354,6 +356,18 @@ def _save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
 # --------------------------------------------------------------------------
 # Model and heads
 # --------------------------------------------------------------------------
+
+
+def _pin_transformers_version(config_path: Path) -> None:
+    """Record the transformers version BAAI/bge-m3's config.json records, not the one that wrote the replica.
+
+    transformers 4.57.3 and later read a local config.json written by a newer version than 4.57.2 as a
+    possible Mistral checkpoint, and warn at every tokenizer load that its regex is wrong; the real
+    checkpoint's older version does not trigger that, so neither does the replica's.
+    """
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["transformers_version"] = CHECKPOINT_TRANSFORMERS_VERSION
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _model_config(shape: ReplicaSize) -> XLMRobertaConfig:
