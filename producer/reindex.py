@@ -241,6 +241,11 @@ def resume_reindex(settings: Settings, job_id: str, *, allow_rejects: bool | Non
     if not r.exists(job_key(settings, job_id)):
         raise ValueError(f"no re-index job {job_id!r} (see `m3q status`)")
     with DriverLock(settings, job_id) as lock:
+        job = get_job(settings, job_id, rejects=0)
+        if "target" not in job:  # its start failed, or its starter died before creating it ("starting")
+            why = job.get("error") or "the process that started it ended before it read the source"
+            raise ValueError(f"re-index job {job_id} never started ({why}); start it again with "
+                             f"`m3q reindex {job.get('source')} {job.get('alias')}`")
         changes = {"allow_rejects": allow_rejects, "rate_limit_docs_s": rate_limit_docs_s, "drop_old": drop_old}
         changes = {k: int(v) if isinstance(v, bool) else v for k, v in changes.items() if v is not None}
         if changes:
@@ -405,7 +410,14 @@ def _run(s: Settings, client: Client, mc: Any, lock: DriverLock, progress: bool)
     job = get_job(s, job_id, rejects=0)
     if job["state"] in ("running", "failed"):
         redis_client(s).hset(job_key(s, job_id), mapping={"state": "running", "error": ""})
-        _drive(s, client, mc, job, lock, progress)
+        try:
+            _drive(s, client, mc, job, lock, progress)
+        except ReindexFailed:
+            raise  # recorded where it happened
+        except Exception as e:  # the source, Milvus or Redis failed: the checkpoint says so, and resume goes on
+            with contextlib.suppress(redis.RedisError):
+                lock.fail_job(f"{type(e).__name__}: {e}")
+            raise
         lock.ensure_held()  # only the job's driver may declare it done
         _finalize(s, job, {"state": "done", "total": get_job(s, job_id)["done"], "updated": time.time()})
     job = get_job(s, job_id, rejects=REJECTS_KEPT)

@@ -376,3 +376,35 @@ def test_finished_jobs_keys_expire_and_failed_ones_are_kept(worker, mc, tmp_path
     wait_until(lambda: not redis_client.exists(key), 5, "the keys expire")
     assert job_id not in [j["id"] for j in reindex.list_jobs(s)]
     assert not redis_client.sismember(f"{s.queue_prefix}:reindex-jobs", job_id)
+
+
+def test_an_error_outside_a_batch_marks_the_job_failed_and_resume_finishes_it(worker, mc, tmp_path, monkeypatch):
+    # Not a batch's failure: the source goes away part-way (injected). The checkpoint says failed, with why.
+    s = worker.settings.replace(job_texts=20)
+    source = write_jsonl(tmp_path / "docs.jsonl", [json.dumps({"id": f"e{i}", "text": f"text {i}"}) for i in range(100)])
+    real = reindex.read_documents
+
+    def source_lost_after_60(*args):
+        for n, doc in enumerate(real(*args)):
+            if n == 60:
+                raise OSError("the source disk went away")
+            yield doc
+    monkeypatch.setattr(reindex, "read_documents", source_lost_after_60)
+    job_id = f"j{uuid.uuid4().hex[:8]}"
+    with pytest.raises(OSError, match="disk went away"):
+        reindex.start_reindex(s, str(source), "lost_" + uuid.uuid4().hex[:8], job_id=job_id, progress=False)
+    job = reindex.get_job(s, job_id)
+    assert job["state"] == "failed" and "OSError: the source disk went away" in job["error"]
+
+    monkeypatch.undo()
+    report = reindex.resume_reindex(s, job_id, progress=False)
+    assert report.switched and report.count == 100
+
+
+def test_a_job_that_never_started_is_refused_by_resume_with_the_way_out(worker, redis_client):
+    # A background start whose process died before it created the job leaves it "starting" with no driver.
+    s = worker.settings
+    job_id = f"j{uuid.uuid4().hex[:8]}"
+    redis_client.hset(reindex.job_key(s, job_id), mapping={"state": "starting", "source": "docs.jsonl", "alias": "docs"})
+    with pytest.raises(ValueError, match=f"{job_id} never started.*start it again with `m3q reindex docs.jsonl docs`"):
+        reindex.resume_reindex(s, job_id, progress=False)
