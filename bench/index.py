@@ -24,7 +24,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo root, not 
 
 from bench import corpus  # noqa: E402
 from bench.infra import bench_settings, start_workers  # noqa: E402
-from producer import milvus  # noqa: E402
+from producer import milvus, milvus_lite  # noqa: E402
 from producer.indexing import index_file  # noqa: E402
 from producer.settings import Settings  # noqa: E402
 from worker.runtime import load_encoder  # noqa: E402
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="m3q-bench-index-") as tmp:
         source = _write(Path(tmp) / "docs.jsonl", docs, "doc")
         warmup = _write(Path(tmp) / "warmup.jsonl", docs[:WARMUP_DOCS], "warmup")
-        with milvus.LiteServer(Path(tmp) / "milvus", _free_port()) as server:
+        with milvus_lite.LiteServer(Path(tmp) / "milvus", _free_port()) as server:
             s = s.replace(milvus_uri=server.uri)
             workers = start_workers(s, 1, args.device)
             try:

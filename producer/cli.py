@@ -266,7 +266,7 @@ def cmd_replica(args: argparse.Namespace, s: Settings) -> int:
 
 def cmd_milvus(args: argparse.Namespace, s: Settings) -> int:
     """Run Milvus Lite in the foreground."""
-    from producer.milvus import start_lite_server
+    from producer.milvus_lite import start_lite_server
 
     server = start_lite_server(s.milvus_data_dir, s.milvus_port)
     print(f"Milvus Lite serving http://127.0.0.1:{s.milvus_port} (data in {s.milvus_data_dir}); Ctrl-C stops it")

@@ -73,7 +73,7 @@ def _ensure_milvus(s: Settings, stack: ExitStack) -> Settings:
     if s.milvus_uri:
         print(f"milvus: {s.milvus_uri}")
         return s
-    from producer.milvus import ensure_lite_server
+    from producer.milvus_lite import ensure_lite_server
 
     server = ensure_lite_server(s)
     if server is not None:  # None: one already answers on that port, and it is not ours to stop

@@ -1,5 +1,5 @@
-"""The Milvus sink and search: collection schema, upsert by id, count, dense/sparse/hybrid search,
-and the embedded Milvus Lite server. Light: pymilvus and numpy only (no torch).
+"""The Milvus sink and search: collection schema, upsert by id, count, dense/sparse/hybrid search.
+Light: pymilvus and numpy only (no torch). The embedded Milvus Lite server is in :mod:`producer.milvus_lite`.
 
 Errors are split on purpose: :class:`MilvusError` is retryable (Milvus unreachable or transient),
 :class:`SchemaMismatch` and :class:`MilvusRejected` are fatal (retrying cannot help).
@@ -14,11 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +53,6 @@ CREATE_RACE_SETTLE_S = 0.2
 """...and how long to leave the winner to finish opening it (Milvus Lite) before using it."""
 LITE_HOST = "127.0.0.1"
 """The embedded server binds to loopback only: Milvus Lite has no authentication."""
-LITE_LOG_NAME = "milvus-lite.log"
-"""The embedded server's log, in its data directory."""
 PROP_MODEL = "m3q.model"
 PROP_DIM = "m3q.dense_dim"
 FIELDS = ("id", "text", "dense", "sparse", "metadata")
@@ -457,143 +450,3 @@ def search(client: MilvusClient, name: str, dense: np.ndarray | None, sparse: di
 
 def _dense_list(dense: np.ndarray) -> list[float]:
     return np.asarray(dense, dtype=np.float32).reshape(-1).tolist()
-
-
-# ---- the embedded Milvus Lite server --------------------------------------------------------------------
-
-def lite_command() -> list[str]:
-    """How to run ``milvus-lite``: the script next to this Python first, then PATH, then ``-m``."""
-    beside = Path(sys.executable).parent / "milvus-lite"
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("milvus-lite")
-    if found:
-        return [found]
-    try:
-        import milvus_lite  # noqa: F401 - only to know whether `python -m milvus_lite` can work
-    except ImportError:
-        raise MilvusError("milvus-lite is not installed (pip install milvus-lite); "
-                          "or set M3Q_MILVUS_URI to a Milvus server") from None
-    return [sys.executable, "-m", "milvus_lite"]
-
-
-def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
-    """Whether something accepts TCP connections on ``host:port``."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-def _answers(uri: str) -> bool:
-    try:
-        client = MilvusClient(uri=uri, timeout=2.0)
-    except Exception:  # noqa: BLE001 - not ready yet
-        return False
-    try:
-        client.list_collections(timeout=2.0)
-        return True
-    except Exception:  # noqa: BLE001 - not ready yet
-        return False
-    finally:
-        client.close()
-
-
-def _log_tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def start_lite_server(data_dir: str | os.PathLike, port: int, timeout_s: float = 60.0,
-                      host: str = LITE_HOST) -> subprocess.Popen:
-    """Start ``milvus-lite server`` on ``host:port`` with data in ``data_dir`` and wait until it answers.
-
-    The server's output goes to ``data_dir/milvus-lite.log``; if it exits or is not ready within
-    ``timeout_s``, it is stopped and MilvusError is raised with the tail of that log.
-    """
-    data = Path(data_dir).expanduser()
-    data.mkdir(parents=True, exist_ok=True)
-    log_path = data / LITE_LOG_NAME
-    cmd = [*lite_command(), "server", "--data-dir", str(data), "--host", host, "--port", str(port)]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        _wait_ready(proc, host, port, timeout_s, log_path)
-    except BaseException:
-        stop_lite_server(proc)
-        raise
-    return proc
-
-
-def _wait_ready(proc: subprocess.Popen, host: str, port: int, timeout_s: float, log_path: Path) -> None:
-    probe = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise MilvusError(f"milvus-lite server on port {port} exited with code {proc.returncode}; "
-                              f"log {log_path}:\n{_log_tail(log_path)}")
-        if port_open(probe, port) and _answers(f"http://{probe}:{port}"):
-            return
-        time.sleep(0.1)
-    raise MilvusError(f"milvus-lite server on port {port} did not answer within {timeout_s:g} s; "
-                      f"log {log_path}:\n{_log_tail(log_path)}")
-
-
-def stop_lite_server(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
-    """Stop a server from :func:`start_lite_server`: SIGTERM, then SIGKILL after ``timeout_s``."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-class LiteServer:
-    """An embedded Milvus Lite server this process started; a context manager that stops it on exit."""
-
-    def __init__(self, data_dir: str | os.PathLike, port: int, host: str = LITE_HOST) -> None:
-        self.data_dir = Path(data_dir).expanduser()
-        self.port = port
-        self.host = host
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def uri(self) -> str:
-        """The URI clients use (M3Q_MILVUS_URI)."""
-        return f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.port}"
-
-    def start(self, timeout_s: float = 60.0) -> "LiteServer":
-        """Start the server and wait until it answers (see :func:`start_lite_server`)."""
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = start_lite_server(self.data_dir, self.port, timeout_s, self.host)
-        return self
-
-    def stop(self) -> None:
-        """Stop the server (idempotent)."""
-        if self.proc is not None:
-            stop_lite_server(self.proc)
-            self.proc = None
-
-    def __enter__(self) -> "LiteServer":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def ensure_lite_server(settings: Settings, timeout_s: float = 60.0) -> LiteServer | None:
-    """Make sure the embedded server of M3Q_MILVUS_PORT runs: reuse one that already answers there
-    (returns None), else start one with data in M3Q_MILVUS_DATA_DIR (returns it; the caller stops it).
-    Raises MilvusError when something else holds the port or the server cannot start."""
-    port = settings.milvus_port
-    if port_open(LITE_HOST, port):
-        if _answers(f"http://{LITE_HOST}:{port}"):
-            return None
-        raise MilvusError(f"port {port} is taken by something that is not Milvus; set M3Q_MILVUS_PORT")
-    return LiteServer(settings.milvus_data_dir, port).start(timeout_s)

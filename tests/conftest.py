@@ -127,7 +127,7 @@ def shared_worker(tmp_path_factory, redis_client):
 @pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory):
     """A real Milvus Lite server on a free port, for the whole session."""
-    from producer.milvus import start_lite_server
+    from producer.milvus_lite import start_lite_server
 
     port = free_port()
     proc = start_lite_server(str(tmp_path_factory.mktemp("milvus")), port)

@@ -9,7 +9,7 @@ import sys
 import time
 import uuid
 
-from producer.milvus import port_open
+from producer.milvus_lite import port_open
 from producer.demo import QUERIES, SAMPLE
 from tests.conftest import REDIS_URL, ROOT, TINY, free_port
 

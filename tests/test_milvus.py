@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from producer import milvus
+from producer import milvus, milvus_lite
 from producer.milvus import Hit, MilvusError, MilvusRejected, SchemaMismatch
 from producer.settings import Settings
 
@@ -29,7 +29,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def lite(tmp_path_factory):
     """One Milvus Lite server for the whole session, on a free port, stopped at the end."""
-    server = milvus.LiteServer(tmp_path_factory.mktemp("milvus"), free_port())
+    server = milvus_lite.LiteServer(tmp_path_factory.mktemp("milvus"), free_port())
     with server:
         yield server
 
@@ -203,13 +203,13 @@ def test_lite_db_path(tmp_path):
 
 
 def test_ensure_lite_server_reuses_a_running_one(lite):
-    assert milvus.ensure_lite_server(Settings(milvus_port=lite.port)) is None
+    assert milvus_lite.ensure_lite_server(Settings(milvus_port=lite.port)) is None
 
 
 def test_lite_server_failure_reports_the_log(lite):
     # A second server on the same data directory cannot take its lock and exits.
     with pytest.raises(MilvusError, match="exited") as err:
-        milvus.start_lite_server(lite.data_dir, free_port(), timeout_s=30)
+        milvus_lite.start_lite_server(lite.data_dir, free_port(), timeout_s=30)
     assert "lock" in str(err.value).lower()
 
 
