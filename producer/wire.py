@@ -112,6 +112,62 @@ def make_celery(s: Settings, name: str = "m3q") -> Celery:
     return app
 
 
+# ---- workers and the jobs they hold ---------------------------------------------------------------------
+
+# kombu's Redis transport keeps every delivered, not yet acknowledged message in one hash per database
+# (delivery tag -> [message, exchange, routing key]), indexed by delivery time in a sorted set.
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
+
+
+def heartbeat_key(s: Settings, hostname: str) -> str:
+    """Redis key of one worker's heartbeat: its status as JSON, including the delivery tags it holds."""
+    return f"{s.queue_prefix}:worker:{hostname}"
+
+
+def heartbeat_s(s: Settings) -> float:
+    """How often a worker writes its heartbeat (and sweeps for jobs of dead workers)."""
+    return s.dead_worker_s / 6
+
+
+def heartbeat_ttl_s(s: Settings) -> float:
+    """A heartbeat not renewed within this expires: its worker is dead. Jobs delivered longer ago than this
+    and held by no live worker are a dead worker's, so a dead worker's jobs are back after at most
+    ``heartbeat_ttl_s + heartbeat_s`` (20 s of the default 30 s ``M3Q_DEAD_WORKER_S``)."""
+    return s.dead_worker_s / 2
+
+
+def live_workers(s: Settings, r) -> list[dict[str, Any]]:
+    """The heartbeats of the workers alive now (``r``: a redis client on the broker)."""
+    import json
+
+    keys = list(r.scan_iter(match=heartbeat_key(s, "*"), count=1000))
+    return [json.loads(v) for v in (r.mget(keys) if keys else []) if v]
+
+
+def unheld_jobs(s: Settings, r, older_than_s: float, workers: list[dict[str, Any]] | None = None) -> list[str]:
+    """Delivery tags of this prefix's jobs that a worker took over ``older_than_s`` ago and no live worker holds."""
+    import json
+    import time
+
+    ceiling = time.time() - older_than_s
+    tags = [t.decode() for t in r.zrangebyscore(UNACKED_INDEX_KEY, "-inf", ceiling)]
+    if not tags:
+        return []
+    held = {tag for w in (live_workers(s, r) if workers is None else workers) for tag in w.get("held", ())}
+    tags = [t for t in tags if t not in held]
+    if not tags:
+        return []
+    ours = (query_queue(s), document_queue(s))
+    device = f"{s.queue_prefix}.device."
+    unheld = []
+    for tag, raw in zip(tags, r.hmget(UNACKED_KEY, tags)):
+        routing_key = json.loads(raw)[2] if raw else ""  # another app's job on the same database is left alone
+        if routing_key in ours or routing_key.startswith(device):
+            unheld.append(tag)
+    return unheld
+
+
 # ---- texts -------------------------------------------------------------------------------------------
 
 def check_text(value: object, max_chars: int) -> str | None:

@@ -216,8 +216,8 @@ def alive(w: Worker) -> None:
 @pytest.mark.slow
 def test_worker_killed_mid_batch_is_redelivered_and_stored_once(private_redis, workers, milvus_server):
     server = private_redis()
-    s = make_settings(broker_url=server.url(), milvus_uri=milvus_server, visibility_timeout_s=5,
-                      job_timeout_s=TIMEOUT_S)
+    # The visibility timeout stays at its default hour: the jobs come back because their worker died.
+    s = make_settings(broker_url=server.url(), milvus_uri=milvus_server, dead_worker_s=6, job_timeout_s=TIMEOUT_S)
     first = workers(s)
     collection = collection_name()
     texts = [f"document {i}: {LONG_DOC}" for i in range(12)]
@@ -233,8 +233,8 @@ def test_worker_killed_mid_batch_is_redelivered_and_stored_once(private_redis, w
     first.signal(signal.SIGKILL)
     assert first.proc.wait(10) == -signal.SIGKILL
 
-    # Unacknowledged for longer than the visibility timeout, the jobs are restored by the next worker to start
-    # (a worker already running takes them back only at kombu's sweep, about every 100 s by default).
+    # Held by no live worker once the dead one's heartbeat expires, the jobs are put back by the next worker's
+    # sweep (tests/test_redelivery.py has the running worker's sweep and the bound).
     second = workers(s)
     indexing.join(TIMEOUT_S)
     assert not indexing.is_alive(), "the producer's index call did not complete"
@@ -244,8 +244,10 @@ def test_worker_killed_mid_batch_is_redelivered_and_stored_once(private_redis, w
     # the worker logs "succeeded" just after storing the result the producer has already read
     wait_for(lambda: sorted(second.task_ids("succeeded")) == sorted(jobs), 10, "the second worker ran both jobs")
     assert stored_count(s, collection) == len(set(ids))  # each document once, though two workers handled it
+    # At least once: each job ran to the end on the second worker. How often a job was counted depends on
+    # whether the first worker had started it when it died, so no exact count is asserted.
     deliveries = redis_py.Redis.from_url(server.url())
-    assert [int(deliveries.get(f"{s.queue_prefix}:deliveries:{job}")) for job in jobs] == [2, 2]
+    assert all(int(deliveries.get(f"{s.queue_prefix}:deliveries:{job}") or 0) >= 1 for job in jobs)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from producer import wire
 from producer.settings import Settings
 from worker import runtime
 from worker.query_lane import QueryLane
+from worker.reclaim import HeldJobs, Reclaimer
 from worker.tasks import register
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def make_app(s: Settings) -> Celery:
     )
     register(app)
     app.steps["consumer"].add(QueryLane)
+    app.steps["consumer"].add(HeldJobs)
     app.m3q_settings = s  # type: ignore[attr-defined]
     return app
 
@@ -46,7 +48,8 @@ def _load_model(sender=None, **_: object) -> None:
         return
     s: Settings = getattr(sender.app, "m3q_settings", None) or Settings.from_env()
     try:
-        rt = runtime.Runtime(s, runtime.load_encoder(s), hostname=getattr(sender, "hostname", None))
+        rt = runtime.Runtime(s, runtime.load_encoder(s), hostname=getattr(sender, "hostname", None),
+                             reclaimer=Reclaimer(sender.app, s))
     except Exception as e:  # noqa: BLE001 - any load failure ends the worker with the reason
         log.error("m3q worker cannot start: %s", e)
         os._exit(3)
@@ -59,4 +62,10 @@ def _stop(**_: object) -> None:
         runtime._current.stop()
 
 
-app = make_app(Settings.from_env())
+def __getattr__(name: str) -> Celery:
+    # ``app`` for ``celery -A worker.celery_app``, built on first use rather than at import: `m3q worker`
+    # imports this module and builds its own app, and a second app registers every task twice.
+    if name != "app":
+        raise AttributeError(name)
+    globals()["app"] = built = make_app(Settings.from_env())
+    return built

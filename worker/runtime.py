@@ -11,14 +11,14 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
+from producer import wire
 from producer.settings import Settings
 from worker.encoder import Encoder, Limits
 from worker.engine import Engine, StepStats
 
 log = logging.getLogger(__name__)
-
-HEARTBEAT_S = 5.0
 
 
 def limits_of(s: Settings) -> Limits:
@@ -60,7 +60,7 @@ class Counters:
 class Runtime:
     """Everything one worker process owns."""
 
-    def __init__(self, settings: Settings, encoder: Encoder, hostname: str | None = None) -> None:
+    def __init__(self, settings: Settings, encoder: Encoder, hostname: str | None = None, reclaimer=None) -> None:
         from worker import metrics
 
         self.settings = settings
@@ -72,6 +72,8 @@ class Runtime:
                              settings.preempt_ms)
         self._milvus = None
         self._redis = None
+        self.held: Callable[[], list[str]] = list  # delivery tags held now (set by worker.reclaim.HeldJobs)
+        self.reclaimer = reclaimer  # a worker.reclaim.Reclaimer: jobs of dead workers go back at each heartbeat
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="m3q-heartbeat", daemon=True)
 
@@ -122,18 +124,29 @@ class Runtime:
         """This worker as `m3q status` shows it."""
         return {**self.encoder.info(), "hostname": self.hostname, "pid": os.getpid(), "jobs": self.counters.jobs,
                 "texts": self.counters.texts, "tokens": self.counters.tokens, "errors": self.counters.errors,
-                **self.counters.rate(), "pending": self.engine.pending(), "time": time.time()}
+                **self.counters.rate(), "pending": self.engine.pending(), "held": self.held(), "time": time.time()}
 
     def _key(self) -> str:
-        return f"{self.settings.queue_prefix}:worker:{self.hostname}"
+        return wire.heartbeat_key(self.settings, self.hostname)
 
     def _beat(self) -> None:
+        ttl_ms = int(wire.heartbeat_ttl_s(self.settings) * 1000)
         while not self._stop.is_set():
             try:
-                self.redis().set(self._key(), json.dumps(self.status()), ex=int(3 * HEARTBEAT_S))
+                self.redis().set(self._key(), json.dumps(self.status()), px=ttl_ms)
             except Exception as e:  # noqa: BLE001 - Redis may be restarting; the next beat retries
                 log.debug("heartbeat failed: %s", e)
-            self._stop.wait(HEARTBEAT_S)
+            self._sweep()
+            self._stop.wait(wire.heartbeat_s(self.settings))
+
+    def _sweep(self) -> None:
+        if self.reclaimer is None or self._stop.is_set():
+            return
+        try:
+            self.reclaimer.sweep(self.redis())
+        except Exception as e:  # noqa: BLE001 - Redis may be restarting; the next beat sweeps again
+            log.warning("sweep for jobs of dead workers failed: %s", e)
+            self.reclaimer.close()
 
     def _forget(self) -> None:
         try:

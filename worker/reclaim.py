@@ -1,0 +1,94 @@
+"""Jobs held by a dead worker go back to their queue within ``M3Q_DEAD_WORKER_S``, while their worker's
+heartbeat says nothing about long jobs of a live one.
+
+kombu's own sweep only restores a message delivered longer ago than the visibility timeout (an hour by
+default), whoever holds it: a worker killed a second after taking a job would hold it for an hour. Here each
+worker lists the delivery tags it holds in its heartbeat (:func:`held_tags`), and every running worker, at
+each heartbeat, puts back the jobs that are older than a heartbeat's lifetime and that no live worker lists
+(:func:`producer.wire.unheld_jobs`). A live worker lists its jobs however long they run, so they are never
+taken from it; the visibility timeout stays as the last resort.
+"""
+from __future__ import annotations
+
+import logging
+
+from celery import Celery, bootsteps
+
+from producer import wire
+from producer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def held_tags(consumer) -> list[str]:
+    """Delivery tags of the messages this worker holds unacknowledged, on every channel it consumes."""
+    channels = set()
+    if getattr(consumer, "task_consumer", None) is not None:
+        channels.add(consumer.task_consumer.channel)
+    for step in getattr(consumer, "steps", None) or ():
+        for k in getattr(step, "consumers", None) or ():  # bootsteps.ConsumerStep lanes (the query lane)
+            channels.add(k.channel)
+    tags: list[str] = []
+    for channel in channels:
+        tags += _keys(channel.qos._delivered)
+    return tags
+
+
+def _keys(delivered: dict) -> list[str]:
+    # Written by the consumer thread while the heartbeat thread reads: retry a copy that raced a change.
+    for _ in range(10):
+        try:
+            return [str(t) for t in list(delivered)]
+        except RuntimeError:
+            continue
+    return [str(t) for t in delivered.copy()]
+
+
+class HeldJobs(bootsteps.StartStopStep):
+    """A consumer step that lets the runtime's heartbeat list the jobs this worker holds."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, c) -> None:
+        from worker import runtime
+
+        runtime.current().held = lambda: held_tags(c)
+
+
+class Reclaimer:
+    """Puts the jobs of dead workers back on their queues, through kombu's own restore."""
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self._connection = None
+
+    def sweep(self, r, workers: list[dict] | None = None) -> list[str]:
+        """Restore every job held by no live worker; the tags restored (``r``: a redis client on the broker)."""
+        tags = wire.unheld_jobs(self.settings, r, wire.heartbeat_ttl_s(self.settings), workers)
+        if not tags:
+            return []
+        qos = self._channel().qos
+        for tag in tags:
+            # A transaction on kombu's unacked hash: a tag another worker restored first is not pushed twice.
+            qos.restore_by_tag(tag)
+        log.warning("put %d job(s) held by a dead worker back on their queues: %s", len(tags), ", ".join(tags))
+        return tags
+
+    def _channel(self):
+        if self._connection is None:
+            self._connection = self.app.connection_for_write()
+        try:
+            return self._connection.default_channel
+        except Exception:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Drop the broker connection (the next sweep opens a new one)."""
+        if self._connection is not None:
+            try:
+                self._connection.release()
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+            self._connection = None
