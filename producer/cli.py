@@ -23,9 +23,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
     try:
         settings = Settings.from_env(**{f.name: getattr(args, f.name, None) for f in fields(Settings)})
+        _check_broker(args, settings)
         return int(args.run(args, settings) or 0)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as e:
+        extra = _extra_providing(e.name or "")
+        if extra is None:
+            raise
+        print(f"m3q {args.command}: needs {e.name}, which is not installed: install the {extra} extra: "
+              f"pip install 'm3-queue[{extra}]'", file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - one clear line instead of a traceback for expected failures
         if _expected(e):
             print(f"m3q {args.command}: {e}", file=sys.stderr)
@@ -39,69 +47,133 @@ def _expected(e: Exception) -> bool:
     return type(e).__name__ in names or any(c.__name__ in names for c in type(e).__mro__)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """All sub-commands, each with every setting as a flag."""
-    parser = argparse.ArgumentParser(prog="m3q", description="BGE-M3 embeddings on a Celery + Redis queue, into Milvus.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    settings_flags = argparse.ArgumentParser(add_help=False)
-    group = settings_flags.add_argument_group("settings (each also an M3Q_* environment variable)")
-    for f in fields(Settings):
-        kind = {"int": int, "float": float, "bool": _bool}.get(str(f.type), str)
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-                           help=f.metadata["doc"], metavar=f.name.upper())
+REDIS_COMMANDS = {"worker", "encode", "index", "search", "status", "reindex"}
+"""Commands that need Redis from the start (`m3q demo` starts a local one if none answers)."""
 
-    def command(name: str, run, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[settings_flags], help=help, description=help)
+
+def _check_broker(args: argparse.Namespace, s: Settings) -> None:
+    # A Redis that cannot be reached at start is one line in seconds, naming M3Q_BROKER_URL; the long
+    # retries are for a Redis that was there and went away (README, Guarantees).
+    if args.command in REDIS_COMMANDS and not getattr(args, "local", False):
+        from producer.client import check_broker
+
+        check_broker(s)
+
+
+def _extra_providing(module: str) -> str | None:
+    """The extra of m3-queue that installs ``module`` (the worker extra first), or None."""
+    import re
+    from importlib.metadata import PackageNotFoundError, requires
+
+    top = module.split(".")[0].lower()
+    try:
+        requirements = requires("m3-queue") or []
+    except PackageNotFoundError:
+        return None
+    extras = [extra for r in requirements
+              if re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0].lower().replace("-", "_") == top
+              for extra in re.findall(r"extra\s*==\s*['\"]([^'\"]+)", r)]
+    return "worker" if "worker" in extras else (extras[0] if extras else None)
+
+
+INDEX_EXIT_RULE = ("Exit status: 0 when at least one document was stored (rejected rows are listed, not fatal); "
+                   "1 when rows were read but none was stored; 2 for an error before indexing (the file, Milvus, "
+                   "the collection); 130 when interrupted.")
+"""How `m3q index` exits, stated in its --help."""
+TEXT_FIELD_HELP = "Field (JSONL) or column (CSV, Parquet) holding the text (default: text)"
+ID_FIELD_HELP = "Field or column holding the id (default: id; without one, FILE:LINE)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All sub-commands: each one's own options first, then every setting as a flag in a group of its own."""
+    parser = argparse.ArgumentParser(prog="m3q", description="BGE-M3 embeddings on a Celery + Redis queue, into Milvus.")
+    parser.add_argument("--version", action="version", version=f"m3q {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands: list[argparse.ArgumentParser] = []
+
+    def command(name: str, run, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog=epilog)
         p.set_defaults(run=run)
+        commands.append(p)
         return p
 
     p = command("worker", cmd_worker, "Run a worker pinned to one device (loads the model before taking jobs).")
     p.add_argument("--queues", help="Comma-separated queues to consume (default: queries, documents, this device's queue)")
     p.add_argument("--hostname", help="Celery node name (default m3q-DEVICE-PID@host)")
-    p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--loglevel", default="INFO", help="Log level of the worker (default: INFO)")
 
-    p = command("encode", cmd_encode, "Encode JSONL from stdin ({'text', 'id'} per line) to JSONL on stdout.")
+    p = command("encode", cmd_encode, "Encode JSONL from stdin ({'text', 'id'} per line) to JSONL on stdout, "
+                "one output line per input line; each line is answered as soon as its job is done.")
     p.add_argument("--local", action="store_true", help="Encode in this process instead of through the queue")
-    p.add_argument("--kind", choices=["documents", "queries"], default="documents")
+    p.add_argument("--kind", choices=["documents", "queries"], default="documents",
+                   help="documents (long, for indexing) or queries (short, the query lane); default: documents")
     p.add_argument("--colbert", action="store_true", help="Also output ColBERT vectors")
     p.add_argument("--route-device", help="Send the jobs to this device's queue only")
 
-    p = command("index", cmd_index, "Index a JSONL, CSV, Parquet or text file into a Milvus collection.")
-    p.add_argument("file")
-    p.add_argument("--collection", required=True)
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--id-field", default="id")
+    p = command("index", cmd_index, "Index a JSONL, CSV, Parquet or text file into a Milvus collection.",
+                epilog=INDEX_EXIT_RULE)
+    p.add_argument("file", help="The file: .jsonl/.ndjson/.json, .csv, .parquet, anything else as text (a line each)")
+    p.add_argument("--collection", required=True, help="Collection to write (created on first use)")
+    p.add_argument("--text-field", default="text", help=TEXT_FIELD_HELP)
+    p.add_argument("--id-field", default="id", help=ID_FIELD_HELP)
 
     p = command("search", cmd_search, "Search a collection with a query encoded by the workers.")
-    p.add_argument("text")
-    p.add_argument("--collection", required=True)
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--mode", choices=["hybrid", "dense", "sparse"], default="hybrid")
+    p.add_argument("text", help="The query")
+    p.add_argument("--collection", required=True, help="Collection (or alias) to search")
+    p.add_argument("--k", type=int, default=10, help="How many hits (default: 10)")
+    p.add_argument("--mode", choices=["hybrid", "dense", "sparse"], default="hybrid",
+                   help="hybrid (dense and sparse fused by RRF), dense or sparse; default: hybrid")
 
-    command("status", cmd_status, "Live workers (device, model, dtype, rate), queue depths, failed jobs.")
+    p = command("status", cmd_status, "Live workers (device, model, dtype, rate), queue depths, failed jobs.")
+    p.add_argument("--clear-failures", action="store_true", help="Forget the failed jobs listed, then show the rest")
     p = command("replica", cmd_replica, "Write a random-weight checkpoint in BGE-M3's format (tests, capacity planning).")
-    p.add_argument("dir")
-    p.add_argument("--size", choices=["tiny", "small", "base", "large"], default="small")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("dir", help="Folder to write the checkpoint into")
+    p.add_argument("--size", choices=["tiny", "small", "base", "large"], default="small",
+                   help="Model size (large: BGE-M3's own shapes); default: small")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the random weights (default: 0)")
 
     p = command("reindex", cmd_reindex, "Re-index a file or milvus:COLLECTION into a new collection behind an "
                 "alias, resumably; the alias switches when every document is in.")
     p.add_argument("--from", dest="source", help="File (JSONL, CSV, Parquet) or milvus:COLLECTION")
     p.add_argument("--into", dest="alias", help="Alias to switch; the data goes into ALIAS_vN")
+    p.add_argument("--adopt", action="store_true", help="If --into names a collection (made by `m3q index`), "
+                   "first rename it to ALIAS_vN behind an alias of its name; alone with --into: only that")
     p.add_argument("--resume", metavar="JOB", help="Go on with a re-index job (skips stored batches)")
     p.add_argument("--job-id", help="Id of a new job (default: random)")
     p.add_argument("--allow-rejects", action="store_true", default=None, help="Switch even if rows were rejected")
     p.add_argument("--rate-limit", type=float, metavar="DOCS_PER_S", help="Send at most this many documents/s")
     p.add_argument("--drop-old", action="store_true", default=None,
                    help="Drop the collection the alias leaves; alone with --into: drop every unaliased ALIAS_vN")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--id-field", default="id")
+    p.add_argument("--text-field", default="text", help=TEXT_FIELD_HELP)
+    p.add_argument("--id-field", default="id", help=ID_FIELD_HELP)
     p.add_argument("--no-progress", action="store_true", help="No progress bar")
 
     command("milvus", cmd_milvus, "Run the embedded Milvus Lite server (for several workers on one machine).")
     p = command("demo", cmd_demo, "The whole job end to end on embedded defaults: index a sample corpus, search it.")
-    p.add_argument("--collection", default="m3q_demo")
+    p.add_argument("--collection", default="m3q_demo", help="Collection for the sample corpus (default: m3q_demo)")
+    for p in commands:
+        _add_settings(p)
     return parser
+
+
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    """Every setting as a flag, in a group after the command's own options; the usage line names the
+    command's own options only (30 settings would bury them)."""
+    p.usage = p.format_usage().removeprefix("usage: ").strip() + " [settings]"
+    group = p.add_argument_group("settings (also M3Q_* variables)")
+    for f in fields(Settings):
+        kind = {"int": int, "float": float, "bool": _bool}.get(str(f.type), str)
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+                           help=f.metadata["doc"], metavar=f.name.upper())
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("m3-queue")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _bool(raw: str) -> bool:
@@ -135,9 +207,7 @@ def cmd_encode(args: argparse.Namespace, s: Settings) -> int:
     """JSONL in, JSONL out, one output line per input line, in order."""
     encode = _local_encoder(s, args) if args.local else _remote_encoder(s, args)
     truncated = 0
-    from producer.client import chunked
-
-    for chunk in chunked(_read_jsonl(sys.stdin), 1024):
+    for chunk in _ready_batches(_read_jsonl(sys.stdin), 1024):
         good = [i for i, (_, _, error) in enumerate(chunk) if error is None]
         items, n = encode([chunk[i][1] for i in good]) if good else ([], 0)
         by_line = dict(zip(good, items))
@@ -150,6 +220,53 @@ def cmd_encode(args: argparse.Namespace, s: Settings) -> int:
         limit = s.query_max_length if args.kind == "queries" else s.document_max_length
         print(f"m3q encode: {truncated} text(s) truncated to {limit} tokens", file=sys.stderr)
     return 0
+
+
+def _ready_batches(items: Iterator, size: int) -> Iterator[list]:
+    """Batches of up to ``size`` items, each of what has arrived by then: a batch never waits for more input
+    once it has one item, so a line typed at a terminal is answered at once, and a piped file still goes
+    in full batches. A daemon thread reads ahead (the reading cannot be interrupted otherwise)."""
+    import queue
+    import threading
+
+    ahead: queue.Queue = queue.Queue(maxsize=4 * size)
+    end = object()
+
+    def pump() -> None:
+        try:
+            for item in items:
+                ahead.put((item, None))
+        except Exception as e:  # noqa: BLE001 - handed to the main thread, which raises it
+            ahead.put((end, e))
+        ahead.put((end, None))
+
+    threading.Thread(target=pump, name="m3q-encode-stdin", daemon=True).start()
+    batch: list = []
+    while True:
+        item, error = ahead.get() if not batch else _next_ready(ahead)
+        if item is None and error is None:  # nothing more has arrived: send what we have
+            yield batch
+            batch = []
+            continue
+        if item is end:
+            if batch:
+                yield batch
+            if error is not None:
+                raise error
+            return
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+
+
+def _next_ready(ahead) -> tuple[Any, Exception | None]:
+    import queue
+
+    try:
+        return ahead.get_nowait()
+    except queue.Empty:
+        return None, None
 
 
 def _local_encoder(s: Settings, args: argparse.Namespace):
@@ -176,11 +293,13 @@ def _remote_encoder(s: Settings, args: argparse.Namespace):
 
 def _read_jsonl(stream) -> Iterator[tuple[Any, Any, str | None]]:
     """(id, text, error) per input line; a bad line keeps its place with an error."""
+    from producer.sources import json_problem
+
     for n, line in enumerate(stream, 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            yield None, None, f"line {n} is not JSON: {e.msg}"
+            yield None, None, json_problem(n, e)
             continue
         if not isinstance(row, dict) or "text" not in row:
             yield (row.get("id") if isinstance(row, dict) else None), None, f"line {n} has no 'text' field"
@@ -206,7 +325,13 @@ def cmd_index(args: argparse.Namespace, s: Settings) -> int:
     """Index a file through the queue, with a progress bar and a summary."""
     from producer.indexing import index_file
 
-    report = index_file(s, args.file, args.collection, args.text_field, args.id_field)
+    from producer.indexing import IndexInterrupted
+
+    try:
+        report = index_file(s, args.file, args.collection, args.text_field, args.id_field)
+    except IndexInterrupted as stopped:
+        print(f"m3q index: {stopped}", file=sys.stderr)
+        return 130
     print(report.summary())
     return 0 if report.stored or not (report.rejected or report.source_errors) else 1
 
@@ -226,14 +351,26 @@ def cmd_search(args: argparse.Namespace, s: Settings) -> int:
 
 def cmd_status(args: argparse.Namespace, s: Settings) -> int:
     """Workers, queues, failed jobs and re-index jobs."""
-    from producer.status import collect, render
+    from producer.status import clear_failures, collect, render
 
+    if args.clear_failures:
+        print(f"cleared {clear_failures(s)} failed job(s)")
     print(render(collect(s)))
     return 0
 
 
 def cmd_reindex(args: argparse.Namespace, s: Settings) -> int:
     """Start or resume a re-index, or drop the collections an alias left behind."""
+    from producer import reindex
+
+    try:
+        return _reindex(args, s)
+    except reindex.ReindexInterrupted as stopped:
+        print(f"m3q reindex: {stopped}", file=sys.stderr)
+        return 130
+
+
+def _reindex(args: argparse.Namespace, s: Settings) -> int:
     from producer import reindex
 
     if args.resume:
@@ -244,13 +381,16 @@ def cmd_reindex(args: argparse.Namespace, s: Settings) -> int:
         report = reindex.start_reindex(s, args.source, args.alias, allow_rejects=bool(args.allow_rejects),
                                        rate_limit_docs_s=args.rate_limit, drop_old=bool(args.drop_old),
                                        job_id=args.job_id, progress=not args.no_progress,
-                                       text_field=args.text_field, id_field=args.id_field)
+                                       text_field=args.text_field, id_field=args.id_field, adopt=args.adopt)
+    elif args.adopt and args.alias:
+        print(f"{args.alias} is now an alias of {reindex.adopt_alias(s, args.alias)}")
+        return 0
     elif args.drop_old and args.alias:
         dropped = reindex.drop_unaliased(s, args.alias)
         print("\n".join(f"dropped {name}" for name in dropped) or "nothing to drop")
         return 0
     else:
-        raise ValueError("use --from SOURCE --into NAME, --resume JOB, or --drop-old --into NAME")
+        raise ValueError("use --from SOURCE --into NAME, --resume JOB, --adopt --into NAME or --drop-old --into NAME")
     print(report.summary())
     return 0 if report.switched else 1
 
@@ -266,14 +406,9 @@ def cmd_replica(args: argparse.Namespace, s: Settings) -> int:
 
 def cmd_milvus(args: argparse.Namespace, s: Settings) -> int:
     """Run Milvus Lite in the foreground."""
-    from producer.milvus_lite import start_lite_server
+    from producer.milvus_lite import serve
 
-    server = start_lite_server(s.milvus_data_dir, s.milvus_port)
-    print(f"Milvus Lite serving http://127.0.0.1:{s.milvus_port} (data in {s.milvus_data_dir}); Ctrl-C stops it")
-    try:
-        return server.wait()
-    finally:
-        server.terminate()
+    return serve(s)
 
 
 def cmd_demo(args: argparse.Namespace, s: Settings) -> int:

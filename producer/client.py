@@ -26,13 +26,17 @@ from kombu.utils.url import maybe_sanitize_url
 
 from producer import wire
 from producer.settings import Settings
-from producer.status import redis_client
+from producer.status import live_workers, redis_client, serves
 from producer.wire import Item, PayloadError, decode_item
 
 log = logging.getLogger(__name__)
 
 RETRY_MAX_DELAY_S = 5.0
 """Longest pause between two tries to reach Redis while it is down (the delay doubles from 0.2 s)."""
+WORKER_NOTICE_S = 30.0
+"""While a job waits and no worker serving its queue is alive, the producer logs a notice this often."""
+WORKER_SEEN_S = 10.0
+"""A queue seen served this recently is not checked again before the next call's first job."""
 RESULT_POLL_S = 5.0
 """A waiting producer also reads its job's result directly this often, besides listening for it: after a
 Redis restart Celery's pub/sub listener may have lost the subscription and would wait in vain."""
@@ -44,6 +48,11 @@ class JobFailed(RuntimeError):
 
 class JobTimeout(JobFailed):
     """No result within ``M3Q_JOB_TIMEOUT_S``: no worker alive, or one that is far behind."""
+
+
+class NoWorker(JobFailed):
+    """No live worker serves the queue (no heartbeat within ``M3Q_NO_WORKER_GRACE_S``); raised before any job
+    of the call is sent. The message names the queue, `m3q worker` and `m3q status`."""
 
 
 class BrokerError(ConnectionError):
@@ -60,6 +69,8 @@ class Handle:
     timeout_s: float
     first_index: int = 0
     rows: list[int] | None = None
+    watch: Callable[[float], None] | None = None
+    """Called with the seconds waited so far, every RESULT_POLL_S while no result came (the no-worker notice)."""
 
     @property
     def id(self) -> str:
@@ -68,17 +79,21 @@ class Handle:
     def raw(self, timeout_s: float | None = None) -> dict:
         """The job's result as the worker sent it; waits through a Redis restart, up to the timeout."""
         timeout_s = timeout_s or self.timeout_s
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = started + timeout_s
         delay_s = 0.2
         while True:
             try:
                 wait_s = min(RESULT_POLL_S, deadline - time.monotonic())
                 return self.async_result.get(timeout=max(0.01, wait_s), propagate=True, interval=0.005)
             except CeleryTimeout:
+                if self.watch:
+                    self.watch(time.monotonic() - started)
                 if time.monotonic() < deadline:
                     continue  # each get() first reads the stored result, then listens again
                 raise JobTimeout(f"job {self.id} ({self.task}, {self.size} texts) had no result after "
-                                 f"{timeout_s:.0f}s: is a worker running? (`m3q status`)") from None
+                                 f"{timeout_s:.0f}s: is a worker running? (`m3q worker` starts one, "
+                                 "`m3q status` shows them)") from None
             except PayloadError:
                 raise
             except Exception as e:  # noqa: BLE001 - the worker's exception, re-raised with the job named
@@ -118,7 +133,8 @@ class Handle:
             time.sleep(delay_s)
             delay_s = min(2 * delay_s, 1.0)
         raise JobTimeout(f"job {self.id} ({self.task}, {self.size} texts) had no result after "
-                         f"{timeout_s:.0f}s: is a worker running? (`m3q status`)")
+                         f"{timeout_s:.0f}s: is a worker running? (`m3q worker` starts one, "
+                         "`m3q status` shows them)")
 
     def _lost_redis(self, e: Exception) -> bool:
         # The wait itself lost Redis, as opposed to a job that failed (whose state is final and cached).
@@ -155,6 +171,9 @@ class Client:
         self.app = wire.make_celery(self.settings, name="m3q-producer")
         self._dims: dict[str, int] | None = None
         self._redis_checked = False
+        self._redis: redis.Redis | None = None
+        self._served_at: dict[str, float] = {}  # queue -> when a live worker serving it was last seen
+        self._next_notice = 0.0
 
     # ---- single jobs -------------------------------------------------------------------------------------
 
@@ -169,7 +188,8 @@ class Client:
                                f"{self.settings.max_payload_bytes:,} (M3Q_MAX_PAYLOAD_BYTES); send smaller jobs")
         queue = wire.device_queue(self.settings, device) if device else wire.task_queue(self.settings, task)
         result = self._send(task, payload, queue)
-        return Handle(result, task, len(payload.get("texts", [])), self.settings.job_timeout_s, first_index)
+        return Handle(result, task, len(payload.get("texts", [])), self.settings.job_timeout_s, first_index,
+                      watch=self._watch(queue))
 
     def _send(self, task: str, payload: dict, queue: str) -> AsyncResult:
         """Publish a job; while Redis is unreachable (restarting), retry with backoff up to M3Q_JOB_TIMEOUT_S."""
@@ -195,24 +215,80 @@ class Client:
     def _check_redis(self) -> None:
         # Once per client: a wrong password or an untrusted certificate is reported at once, where Celery
         # would retry it as a lost connection for 20 s and then ask for a restart.
-        if self._redis_checked:
-            return
-        answered = True
-        for url in dict.fromkeys([self.settings.broker_url, self.settings.backend_url]):
-            if not url.startswith(("redis://", "rediss://")):
-                continue
-            client = redis_client(self.settings.replace(broker_url=url))
+        if not self._redis_checked:
+            # Unreachable is not judged here: down for now, the send retries and the next job checks again.
+            self._redis_checked = all([_ping(self.settings, url, name) is None
+                                       for url, name in _redis_urls(self.settings)])
+
+    # ---- live workers ------------------------------------------------------------------------------------
+
+    def workers(self, device: str | None = None) -> list[dict]:
+        """Live workers as their heartbeats describe them (device, model, dtype, rate; what `m3q status`
+        shows); with ``device``, only those serving that device's own queue."""
+        queue = wire.device_queue(self.settings, device) if device else wire.query_queue(self.settings)
+        return [w for w in live_workers(self.settings, self._status_redis()) if serves(w, self.settings, queue)]
+
+    def require_worker(self, device: str | None = None, grace_s: float | None = None) -> list[dict]:
+        """The live workers (of ``device``'s queue, when given), waiting up to ``grace_s`` (default
+        ``M3Q_NO_WORKER_GRACE_S``) for one to appear; :class:`NoWorker` if none does."""
+        queue = wire.device_queue(self.settings, device) if device else wire.query_queue(self.settings)
+        return self._require(queue, device, self.settings.no_worker_grace_s if grace_s is None else grace_s)
+
+    def _ensure_worker(self, queue: str, device: str | None) -> None:
+        # Before the first job of a call, never while jobs are in flight: a worker restarting under a running
+        # index must not fail it (its jobs are redelivered).
+        if self.settings.require_worker and time.monotonic() - self._served_at.get(queue, -1e9) > WORKER_SEEN_S:
+            self._require(queue, device, self.settings.no_worker_grace_s)
+
+    def _require(self, queue: str, device: str | None, grace_s: float) -> list[dict]:
+        self._check_redis()
+        deadline = time.monotonic() + grace_s
+        told = False
+        while True:
             try:
-                client.ping()
-            except redis.ConnectionError as e:
-                if _unreachable(e):
-                    answered = False  # down for now: the send retries, and the next job checks again
-                    continue
-                hint = "; check M3Q_REDIS_TLS_CA_FILE" if _tls_failure(e) else "; check the password in the URL"
-                raise BrokerError(f"Redis at {maybe_sanitize_url(url)} refused the producer: {e}{hint}") from None
-            finally:
-                client.close()
-        self._redis_checked = answered
+                every = live_workers(self.settings, self._status_redis())
+            except (redis.ConnectionError, redis.TimeoutError):
+                return []  # Redis unreachable: not judged here, the send waits for Redis to come back
+            found = [w for w in every if serves(w, self.settings, queue)]
+            if found:
+                self._served_at[queue] = time.monotonic()
+                return found
+            if time.monotonic() >= deadline:
+                raise NoWorker(self._no_worker_message(queue, device, grace_s, every))
+            if not told:
+                log.info("no live worker on %s yet; waiting up to %.0fs for one (M3Q_NO_WORKER_GRACE_S)",
+                         queue, grace_s)
+                told = True
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    def _no_worker_message(self, queue: str, device: str | None, grace_s: float, others: list[dict]) -> str:
+        where = f"device {device} (queue {queue})" if device else queue
+        seen = f"; the live workers serve {', '.join(sorted({str(w.get('device')) for w in others}))} only" \
+            if others else ""
+        return (f"no worker is consuming {where}: no heartbeat within {grace_s:.0f}s (M3Q_NO_WORKER_GRACE_S) in "
+                f"Redis at {maybe_sanitize_url(self.settings.broker_url)}{seen}. Start one with "
+                f"`m3q worker{' --device ' + device if device else ''}` on the same M3Q_BROKER_URL and "
+                f"M3Q_QUEUE_PREFIX ({self.settings.queue_prefix}); `m3q status` shows live workers and queues")
+
+    def _watch(self, queue: str) -> Callable[[float], None]:
+        """The waiting notice of a job on ``queue``: logged when no worker serving it is alive."""
+        def watch(waited_s: float) -> None:
+            if time.monotonic() < self._next_notice:
+                return
+            try:
+                alive = any(serves(w, self.settings, queue) for w in live_workers(self.settings, self._status_redis()))
+            except redis.RedisError:
+                return  # Redis down: the wait itself reports that
+            if not alive:
+                self._next_notice = time.monotonic() + WORKER_NOTICE_S
+                log.warning("waiting for a worker on %s for %.0fs: none is alive (start one with `m3q worker`; "
+                            "`m3q status` shows workers and queues)", queue, waited_s)
+        return watch
+
+    def _status_redis(self) -> redis.Redis:
+        if self._redis is None:
+            self._redis = redis_client(self.settings)
+        return self._redis
 
     def submit_encode(self, texts: Sequence[object], kind: str = "documents", *, device: str | None = None,
                       first_index: int = 0, **options: Any) -> Handle:
@@ -230,6 +306,10 @@ class Client:
         size = job_texts or (self.settings.job_texts if kind == "documents" else max(self.settings.job_texts, 256))
         out, send = _answer_unsendable(texts)
         chunks = [send[start:start + size] for start in range(0, len(send), size)]
+        if chunks:
+            task = wire.TASK_ENCODE_QUERIES if kind == "queries" else wire.TASK_ENCODE_DOCUMENTS
+            queue = wire.device_queue(self.settings, device) if device else wire.task_queue(self.settings, task)
+            self._ensure_worker(queue, device)
         submit = lambda chunk: self.submit_encode([texts[i] for i in chunk], kind, device=device,
                                                   first_index=chunk[0], **options)
         for chunk, handle in zip(chunks, self.pipelined(chunks, submit)):
@@ -289,7 +369,8 @@ class Client:
                    report: IndexReport | None = None) -> IndexReport:
         """Index (position, text, id, metadata) rows in jobs of ``job_texts``, a bounded number in flight."""
         report = report or IndexReport()
-        batches = _index_batches(rows, job_texts or self.settings.job_texts, report)
+        batches = self._first_checked(_index_batches(rows, job_texts or self.settings.job_texts, report),
+                                      wire.document_queue(self.settings))
         submit = lambda batch: self._submit_rows(collection, batch)
         for handle in self.pipelined(batches, submit):
             raw = handle.raw()
@@ -305,12 +386,53 @@ class Client:
         handle.rows = positions  # the worker names items by place in the job; report them by input position
         return handle
 
+    def _first_checked(self, batches: Iterator[list], queue: str) -> Iterator[list]:
+        # A live worker is looked for once the first batch is read: an input with nothing to send needs none.
+        for n, batch in enumerate(batches):
+            if n == 0:
+                self._ensure_worker(queue, None)
+            yield batch
+
     def dims(self) -> dict[str, int]:
         """Output sizes (dense, colbert_vecs, sparse), asked of a worker once and cached."""
         if self._dims is None:
+            self._ensure_worker(wire.task_queue(self.settings, wire.TASK_INFO), None)
             handle = self.submit(wire.TASK_INFO, {}, None)
             self._dims = dict(handle.raw()["dims"])
         return self._dims
+
+
+def check_broker(settings: Settings) -> None:
+    """Raise :class:`BrokerError` at once, naming the setting (password masked), when Redis cannot be reached
+    or refuses us: the CLI's first step. (A :class:`Client` instead retries an unreachable Redis, which may be
+    restarting, up to ``M3Q_JOB_TIMEOUT_S``.)"""
+    for url, name in _redis_urls(settings):
+        reason = _ping(settings, url, name)
+        if reason is not None:
+            raise BrokerError(f"cannot reach Redis at {maybe_sanitize_url(url)} ({name}): {reason}; "
+                              f"is Redis running, and is {name} right?")
+
+
+def _redis_urls(s: Settings) -> list[tuple[str, str]]:
+    """(url, setting) of the broker and the result backend, the Redis ones only, each once."""
+    urls = {s.broker_url: "M3Q_BROKER_URL"}
+    urls.setdefault(s.backend_url, "M3Q_RESULT_BACKEND")
+    return [(url, name) for url, name in urls.items() if url.startswith(("redis://", "rediss://"))]
+
+
+def _ping(s: Settings, url: str, name: str) -> str | None:
+    """None if Redis at ``url`` answered, why not if it cannot be reached now; BrokerError if it refused us."""
+    client = redis_client(s.replace(broker_url=url))
+    try:
+        client.ping()
+        return None
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        if _unreachable(e):
+            return str(e).rstrip(".")
+        hint = "; check M3Q_REDIS_TLS_CA_FILE" if _tls_failure(e) else "; check the password in the URL"
+        raise BrokerError(f"Redis at {maybe_sanitize_url(url)} ({name}) refused the producer: {e}{hint}") from None
+    finally:
+        client.close()
 
 
 def merge_index_result(report: IndexReport, raw: dict, first_index: int) -> None:

@@ -2,7 +2,7 @@
 
 Redis (a local ``redis-server`` is started if none answers), Milvus Lite (started unless ``M3Q_MILVUS_URI`` is
 set), one worker; then it indexes the sample corpus shipped with m3-queue and runs a few hybrid searches.
-Everything it started, it stops.
+Everything it started, it stops, on Ctrl-C and SIGTERM too, and the worker's log goes with it.
 """
 from __future__ import annotations
 
@@ -18,11 +18,18 @@ from urllib.parse import urlparse
 
 import redis
 
+from producer.milvus import RRF_K
 from producer.settings import Settings
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "sample_corpus.jsonl"
 QUERIES = ["How does hybrid search merge dense and sparse results?", "Which city is the capital of Japan?",
            "what happens when a worker dies"]
+
+
+RRF_NOTE = (f"Scores are reciprocal rank fusion (RRF) of the dense and the sparse ranking: the sum of "
+            f"1/({RRF_K} + rank) over both, so they rank rather than measure similarity; "
+            f"{2 / (RRF_K + 1):.4f} is the most (first in both), {1 / (RRF_K + 1):.4f} first in one only.")
+"""What the demo says about its scores (the RRF smoothing constant is producer.milvus.RRF_K)."""
 
 
 class InfraError(RuntimeError):
@@ -31,6 +38,9 @@ class InfraError(RuntimeError):
 
 def run_demo(s: Settings, collection: str = "m3q_demo") -> int:
     """Start what is missing, index the sample corpus, search it, stop what was started."""
+    from producer.milvus_lite import exit_on_sigterm
+
+    exit_on_sigterm()  # SIGTERM unwinds the ExitStack as Ctrl-C does: nothing is left running
     _check_model(s)
     with ExitStack() as stack:
         s = _ensure_redis(s, stack)
@@ -88,10 +98,11 @@ def _start_worker(s: Settings, stack: ExitStack) -> None:
 
     env = {**os.environ, **{f"M3Q_{k.upper()}": str(v) for k, v in vars(s).items()}}
     log = tempfile.NamedTemporaryFile(prefix="m3q-demo-worker-", suffix=".log", delete=False)
+    stack.callback(_remove, log)  # after the worker has stopped (callbacks run last first)
     proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--device", s.device], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     stack.callback(_stop, proc)
-    print(f"worker: starting on {s.device} (log: {log.name})")
+    print(f"worker: starting on {s.device} (log: {log.name}, removed at exit)")
     deadline = time.monotonic() + 300
     while not any(w["pid"] == proc.pid for w in collect(s)["workers"]):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -103,12 +114,16 @@ def _index_and_search(s: Settings, collection: str) -> None:
     from producer.indexing import index_file
     from producer.search import Searcher
 
+    started = time.perf_counter()
     report = index_file(s, SAMPLE, collection)
-    print(report.summary())
+    print(f"{report.summary()} in {time.perf_counter() - started:.1f} s")
     searcher = Searcher(s)
+    print(f"\n{RRF_NOTE}")
     for query in QUERIES:
-        print(f"\nhybrid search: {query}")
-        for rank, hit in enumerate(searcher.search(query, collection, "hybrid", k=3), 1):
+        started = time.perf_counter()
+        hits = searcher.search(query, collection, "hybrid", k=3)
+        print(f"\nhybrid search: {query}  ({(time.perf_counter() - started) * 1000:.0f} ms)")
+        for rank, hit in enumerate(hits, 1):
             print(f"  {rank}. {hit.score:.4f}  {hit.id:<10} {hit.text[:80]}")
 
 
@@ -122,6 +137,11 @@ def _wait(check, what: str, timeout_s: float) -> None:
             if time.monotonic() > deadline:
                 raise InfraError(f"{what} did not come up in {timeout_s:.0f}s") from None
             time.sleep(0.2)
+
+
+def _remove(log) -> None:
+    log.close()
+    Path(log.name).unlink(missing_ok=True)
 
 
 def _stop(proc: subprocess.Popen) -> None:

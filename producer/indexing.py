@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from producer import milvus
 from producer.client import Client, IndexReport
 from producer.settings import Settings
 from producer.sources import Document, count_documents, read_documents
@@ -30,20 +31,39 @@ class FileReport(IndexReport):
 
 def index_file(s: Settings, path: str | Path, collection: str, text_field: str = "text", id_field: str = "id",
                client: Client | None = None, progress: bool = True) -> FileReport:
-    """Read ``path`` and index it into ``collection`` through the workers."""
+    """Read ``path`` and index it into ``collection`` through the workers.
+
+    Milvus is checked first: unreachable, it fails in about a second naming M3Q_MILVUS_URI and `m3q milvus`,
+    before anything is encoded (the workers would retry each batch for a minute, M3Q_INDEX_RETRIES).
+    """
+    milvus.check_reachable(s)
     client = client or Client(s)
     report = FileReport()
+    docs = read_documents(path, text_field, id_field)  # a file it cannot read fails here, before the bar
     bar = _bar(count_documents(path), progress)
     try:
-        rows = _rows(read_documents(path, text_field, id_field), report)
+        rows = _rows(docs, report, bar)
         client.index_rows(collection, rows, progress=lambda n: _advance(bar, n, report), report=report)
+    except KeyboardInterrupt:
+        raise IndexInterrupted(report, bar.total) from None
     finally:
         bar.close()
     return report
 
 
-def _rows(docs: Iterator[Document], report: FileReport) -> Iterator[tuple[int, object, object, object]]:
-    # (row number, text, id, metadata); rows the file itself got wrong are reported and never sent.
+class IndexInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped :func:`index_file`; ``report`` holds what was stored until then."""
+
+    def __init__(self, report: FileReport, rows: int | None) -> None:
+        super().__init__(f"interrupted: stored {report.stored} of {rows if rows is not None else '?'} documents "
+                         f"so far ({report.total} read); jobs already sent may still be stored. The same "
+                         "command again finishes it: documents are upserted by id, never duplicated")
+        self.report = report
+
+
+def _rows(docs: Iterator[Document], report: FileReport, bar) -> Iterator[tuple[int, object, object, object]]:
+    # (row number, text, id, metadata); rows the file itself got wrong are reported and never sent (the bar
+    # counts them at once, so it ends at the file's row count).
     # A repeated id is one of those: its rows may land in different jobs, upserted in no fixed order.
     first_row: dict[str, int] = {}
     for row, doc in enumerate(docs, 1):
@@ -54,6 +74,8 @@ def _rows(docs: Iterator[Document], report: FileReport) -> Iterator[tuple[int, o
             report.source_errors.append((row, f"id {doc.id!r}: duplicate id, first at row {first_row[str(doc.id)]}"))
         else:
             yield row, doc.text, doc.id, doc.metadata
+            continue
+        bar.update(1)
 
 
 def _advance(bar, n: int, report: FileReport) -> None:

@@ -51,6 +51,10 @@ CREATE_RACE_WAIT_S = 5.0
 """After losing a create race, how long to wait for the winner's collection to appear."""
 CREATE_RACE_SETTLE_S = 0.2
 """...and how long to leave the winner to finish opening it (Milvus Lite) before using it."""
+GRPC_OPTIONS = {"grpc.keepalive_time_ms": 330_000}
+"""pymilvus pings every 10 s even on an idle channel, which a gRPC server with the default policy (one
+ping per 5 min without data, as Milvus Lite's) answers with GOAWAY ``too_many_pings`` and a dropped
+channel; pinging just above those 5 min keeps the channel and the logs quiet."""
 LITE_HOST = "127.0.0.1"
 """The embedded server binds to loopback only: Milvus Lite has no authentication."""
 PROP_MODEL = "m3q.model"
@@ -149,17 +153,31 @@ def connect(settings: Settings, timeout_s: float = CONNECT_TIMEOUT_S, tries: int
     raise AssertionError("unreachable")
 
 
+def check_reachable(settings: Settings) -> None:
+    """Raise MilvusError (naming M3Q_MILVUS_URI and `m3q milvus`) unless the Milvus server of ``settings``
+    answers; a Milvus Lite ``.db`` path is not opened here, since it serves one process (the worker's)."""
+    if "://" in milvus_uri(settings):
+        connect(settings).close()
+
+
 def _connect_once(uri: str, token: str, timeout_s: float) -> MilvusClient:
     extra = {"token": token} if token else {}
     client = None
     try:
-        client = MilvusClient(uri=uri, timeout=timeout_s, **extra)
+        client = MilvusClient(uri=uri, timeout=timeout_s, grpc_options=GRPC_OPTIONS, **extra)
         client.list_collections(timeout=timeout_s)  # some URIs connect lazily: prove it answers now
     except Exception as e:  # noqa: BLE001 - any failure here means "cannot reach Milvus at uri"
         if client is not None:
             client.close()
-        raise MilvusError(f"cannot connect to Milvus at {redact(uri)}: {_reason(e)}") from e
+        raise MilvusError(f"cannot connect to Milvus at {redact(uri)}: {_reason(e)}; {_way_out(uri)}") from e
     return client
+
+
+def _way_out(uri: str) -> str:
+    """What to do when Milvus at ``uri`` does not answer (the error names both the setting and the command)."""
+    if uri.startswith(f"http://{LITE_HOST}:"):
+        return "start the embedded server with `m3q milvus`, or set M3Q_MILVUS_URI to your Milvus"
+    return "is Milvus running there? check M3Q_MILVUS_URI (`m3q milvus` runs an embedded one locally)"
 
 
 # ---- collection ---------------------------------------------------------------------------------------

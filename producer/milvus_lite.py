@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from pymilvus import MilvusClient
 
-from producer.milvus import LITE_HOST, MilvusError
+from producer.milvus import GRPC_OPTIONS, LITE_HOST, MilvusError
 from producer.settings import Settings
 
 LITE_LOG_NAME = "milvus-lite.log"
@@ -48,7 +50,7 @@ def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
 
 def _answers(uri: str) -> bool:
     try:
-        client = MilvusClient(uri=uri, timeout=2.0)
+        client = MilvusClient(uri=uri, timeout=2.0, grpc_options=GRPC_OPTIONS)
     except Exception:  # noqa: BLE001 - not ready yet
         return False
     try:
@@ -157,3 +159,27 @@ def ensure_lite_server(settings: Settings, timeout_s: float = 60.0) -> LiteServe
             return None
         raise MilvusError(f"port {port} is taken by something that is not Milvus; set M3Q_MILVUS_PORT")
     return LiteServer(settings.milvus_data_dir, port).start(timeout_s)
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM unwind the main thread like Ctrl-C does (``finally`` blocks and ExitStack callbacks
+    run), so a command stops what it started either way; it exits 143. A no-op off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+
+
+def serve(settings: Settings) -> int:
+    """`m3q milvus`: run the embedded server in the foreground until it exits, Ctrl-C or SIGTERM; the
+    server is stopped in every case."""
+    exit_on_sigterm()
+    server = start_lite_server(settings.milvus_data_dir, settings.milvus_port)
+    try:
+        print(f"Milvus Lite serving http://{LITE_HOST}:{settings.milvus_port} (data in {settings.milvus_data_dir}); "
+              "Ctrl-C stops it", flush=True)
+        return server.wait()
+    finally:
+        stop_lite_server(server)

@@ -109,6 +109,16 @@ class DriverLost(ReindexFailed):
     job is marked failed unless another driver holds it by then: its checkpoint is that driver's."""
 
 
+class ReindexInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped the driver; the job stays resumable, and the message says how."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        self.job_id, self.job = str(job["id"]), job
+        super().__init__(f"re-index {self.job_id} interrupted: {job.get('done', 0)} of {job.get('total', '?')} "
+                         f"documents done, {job.get('stored', 0)} stored in {job.get('target')}; "
+                         f"`m3q reindex --resume {self.job_id}` goes on (stored batches are not encoded again)")
+
+
 class DriverBusy(ValueError):
     """Another process drives this job now; the message names the job and the lock's holder. A ValueError
     like the one for an existing job id: the id cannot be driven from here at this time."""
@@ -211,17 +221,20 @@ class DriverLock(Lease):
 def start_reindex(settings: Settings, source: str, alias: str, *, allow_rejects: bool = False,
                   rate_limit_docs_s: float | None = None, drop_old: bool = False, job_id: str | None = None,
                   progress: bool = True, text_field: str = "text", id_field: str = "id",
-                  lock: DriverLock | None = None) -> ReindexReport:
+                  adopt: bool = False, lock: DriverLock | None = None) -> ReindexReport:
     """Re-index ``source`` (a file or ``milvus:COLLECTION``) into ``{alias}_v{N}``, then switch ``alias``.
-    Raises DriverBusy when another process drives ``job_id``. ``lock``: one the caller already holds on
-    the job (it replaces ``job_id``), as ``start_in_background`` does before its thread starts."""
+    ``alias`` must be an alias or a free name: a collection of that name is refused before anything is
+    encoded, unless ``adopt``, which first renames it to the next ``{alias}_v{N}`` and points the alias
+    at it (see :func:`adopt_collection`). Raises DriverBusy when another process drives ``job_id``.
+    ``lock``: one the caller already holds on the job (it replaces ``job_id``), as
+    ``start_in_background`` does before its thread starts."""
     r = redis_client(settings)
     with lock or DriverLock(settings, job_id or _new_job_id()) as lock:
         _refuse_existing(settings, lock.job_id)
         client = Client(settings)
         mc = milvus.connect(settings)
         try:
-            job = _create_job(settings, mc, lock.job_id, source, alias, text_field, id_field)
+            job = _create_job(settings, mc, lock.job_id, source, alias, text_field, id_field, adopt)
             job.update(allow_rejects=int(allow_rejects), drop_old=int(drop_old),
                        rate_limit_docs_s=rate_limit_docs_s or 0)
             r.hset(job_key(settings, lock.job_id), mapping=job)
@@ -299,9 +312,15 @@ def get_job(settings: Settings, job_id: str, rejects: int = 20) -> dict[str, Any
         raise ValueError(f"no re-index job {job_id!r}")
     job: dict[str, Any] = {"id": job_id, **{k.decode(): _number(v.decode()) for k, v in raw.items()}}
     job["batches_done"] = r.scard(job_key(settings, job_id) + ":batches")
+    driver = r.get(job_key(settings, job_id) + ":driver")
+    job["driver"] = driver.decode() if driver else None
+    # A running job without a driver lock is interrupted: its driver released the lock on Ctrl-C, or died
+    # and left it to expire (DRIVER_LOCK_TTL_S); nothing goes on until `m3q reindex --resume`.
+    job["interrupted"] = job.get("state") == "running" and driver is None
     left = max(0, int(job.get("total", 0)) - int(job.get("done", 0)))
     rate = float(job.get("rate", 0) or 0)
-    job["eta_s"] = 0.0 if left == 0 else (left / rate if rate > 0 and job.get("state") == "running" else None)
+    live = job.get("state") == "running" and not job["interrupted"]
+    job["eta_s"] = 0.0 if left == 0 else (left / rate if rate > 0 and live else None)
     job["rejects"] = [_reject(v) for v in r.lrange(job_key(settings, job_id) + ":rejects", 0, rejects - 1)]
     return job
 
@@ -344,9 +363,13 @@ def _refuse_existing(s: Settings, job_id: str) -> None:
 
 
 def _create_job(s: Settings, mc: Any, job_id: str, source: str, alias: str,
-                text_field: str, id_field: str) -> dict[str, Any]:
-    """Check the source, reserve the next versioned collection and describe the job."""
+                text_field: str, id_field: str, adopt: bool = False) -> dict[str, Any]:
+    """Check the alias and the source, reserve the next versioned collection and describe the job; all of
+    it before anything is encoded."""
+    _check_alias(s, mc, alias, adopt)
     source_collection = _source_collection(mc, source)
+    if not source_collection:
+        read_documents(_path(source), text_field, id_field)  # a file it cannot read fails now (SourceError)
     total = milvus.count(mc, source_collection) if source_collection else count_documents(_path(source))
     # The worker creates the collection on its first upsert, with the model identity it records.
     target = _reserve_target(s, mc, alias, job_id)
@@ -355,6 +378,50 @@ def _create_job(s: Settings, mc: Any, job_id: str, source: str, alias: str,
             "state": "running", "total": total or 0, "done": 0, "stored": 0, "rejected": 0, "truncated": 0,
             "batch_texts": s.job_texts, "text_field": text_field, "id_field": id_field, "started": now,
             "updated": now, "rate": 0, "error": "", "unconfirmed_resends": 0}
+
+
+def _check_alias(s: Settings, mc: Any, alias: str, adopt: bool) -> None:
+    """``alias`` is an alias or a free name; a collection of that name is adopted, or refused with the way out."""
+    if _alias_target(mc, alias) is not None or not milvus._call(f"has_collection {alias!r}", mc.has_collection, alias):
+        return
+    if not adopt:
+        raise ValueError(f"{alias!r} is a collection, not an alias (nothing was encoded): add --adopt to turn it "
+                         f"into {_next_version(mc, alias)} behind an alias {alias!r} first, or pick another --into")
+    adopt_collection(s, mc, alias)
+
+
+def adopt_alias(settings: Settings, name: str) -> str:
+    """`m3q reindex --into NAME --adopt` alone: turn collection ``name`` into a version behind an alias
+    ``name`` (see :func:`adopt_collection`); returns the collection it now points to."""
+    mc = milvus.connect(settings)
+    try:
+        current = _alias_target(mc, name)
+        if current is not None:
+            return current  # already an alias: nothing to do
+        if not milvus._call(f"has_collection {name!r}", mc.has_collection, name):
+            raise ValueError(f"no collection {name!r} to adopt")
+        return adopt_collection(settings, mc, name)
+    finally:
+        mc.close()
+
+
+def adopt_collection(s: Settings, mc: Any, name: str) -> str:
+    """Turn collection ``name`` into the first version behind an alias: rename it to the next free
+    ``{name}_v{N}``, then create alias ``name`` on it; returns the new collection name. Searches of
+    ``name`` fail only between the two calls (milliseconds); re-indexing into ``name`` works afterwards."""
+    version = _next_version(mc, name)
+    while not redis_client(s).set(_target_key(s, version), f"adopted:{name}", nx=True, ex=FINISHED_KEPT_S):
+        version = f"{name}_v{int(version.rsplit('_v', 1)[1]) + 1}"  # a job has reserved it meanwhile
+    milvus._call(f"rename collection {name!r} to {version!r}", mc.rename_collection, name, version)
+    # Milvus Lite releases a renamed collection: load it again, or searches through the alias would fail.
+    milvus._call(f"load collection {version!r}", mc.load_collection, version)
+    milvus._call(f"create alias {name!r}", mc.create_alias, version, name)
+    return version
+
+
+def _next_version(mc: Any, alias: str) -> str:
+    versions = _versions(mc, alias)
+    return f"{alias}_v{int(versions[-1].rsplit('_v', 1)[1]) + 1 if versions else 1}"
 
 
 def _path(source: str) -> Path:
@@ -384,8 +451,7 @@ def _versions(mc: Any, alias: str) -> list[str]:
 def _reserve_target(s: Settings, mc: Any, alias: str, job_id: str) -> str:
     """The next free ``{alias}_v{N}``: above every existing version, and claimed in Redis (SET NX) so two
     jobs started at once never share one before a worker has created it."""
-    versions = _versions(mc, alias)
-    n = int(versions[-1].rsplit("_v", 1)[1]) + 1 if versions else 1
+    n = int(_next_version(mc, alias).rsplit("_v", 1)[1])
     r = redis_client(s)
     while not r.set(_target_key(s, f"{alias}_v{n}"), job_id, nx=True):
         n += 1
@@ -412,6 +478,8 @@ def _run(s: Settings, client: Client, mc: Any, lock: DriverLock, progress: bool)
         redis_client(s).hset(job_key(s, job_id), mapping={"state": "running", "error": ""})
         try:
             _drive(s, client, mc, job, lock, progress)
+        except KeyboardInterrupt:
+            raise ReindexInterrupted(get_job(s, job_id, rejects=0)) from None
         except ReindexFailed:
             raise  # recorded where it happened
         except Exception as e:  # the source, Milvus or Redis failed: the checkpoint says so, and resume goes on
@@ -584,7 +652,8 @@ def _switch(s: Settings, mc: Any, job: dict) -> None:
     previous = _alias_target(mc, alias)
     if previous is None:
         if milvus._call(f"has_collection {alias!r}", mc.has_collection, alias):
-            raise ValueError(f"{alias!r} is a collection, not an alias: pick another name for --into")
+            raise ValueError(f"{alias!r} is a collection, not an alias: `m3q reindex --into {alias} --adopt` "
+                             f"turns it into a version behind an alias")
         milvus._call(f"create alias {alias!r}", mc.create_alias, target, alias)
     elif previous != target:
         milvus._call(f"alter alias {alias!r}", mc.alter_alias, target, alias)

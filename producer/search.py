@@ -7,6 +7,7 @@ from producer import milvus
 from producer.client import Client
 from producer.milvus import Hit
 from producer.settings import Settings
+from producer import wire
 from producer.wire import ItemError
 
 MAX_K = 16384
@@ -20,6 +21,8 @@ class Searcher:
         self.settings = settings or (client.settings if client else Settings.from_env())
         self.client = client or Client(self.settings)
         self._milvus = None
+        self._checked: set[str] = set()
+        self._identity: tuple[int, str] | None = None
 
     def search(self, text: str, collection: str, mode: str = "hybrid", k: int = 10) -> list[Hit]:
         """Ranked hits for ``text`` in ``collection``; mode is hybrid, dense or sparse."""
@@ -27,12 +30,34 @@ class Searcher:
             raise ValueError(f"mode must be hybrid, dense or sparse, got {mode!r}")
         if not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise ValueError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")  # before encoding the query
+        if self._milvus is None:
+            self._milvus = milvus.connect(self.settings)
+        self._check(collection)  # before the query is encoded: a wrong collection fails in milliseconds
         (item,) = self.client.encode_queries([text])
         if isinstance(item, ItemError):
             raise ValueError(f"query rejected: {item.reason}")
-        if self._milvus is None:
-            self._milvus = milvus.connect(self.settings)
         return milvus.search(self._milvus, collection, item.dense, item.sparse_dict(), mode=mode, k=k)
+
+    def _check(self, collection: str) -> None:
+        """The collection exists and holds vectors of the workers' model and dense size (once per name:
+        SchemaMismatch rather than a dimension error deep in Milvus)."""
+        if collection in self._checked:
+            return
+        if not milvus._call(f"has_collection {collection!r}", self._milvus.has_collection, collection):
+            uri = milvus.redact(milvus.milvus_uri(self.settings))
+            raise milvus.MilvusRejected(f"collection {collection!r} does not exist in Milvus at {uri}; index into "
+                                        f"it first (`m3q index FILE --collection {collection}`)")
+        dim, model = self._workers_model()
+        milvus.check_collection(self._milvus, collection, dim, model)
+        self._checked.add(collection)
+
+    def _workers_model(self) -> tuple[int, str]:
+        """(dense size, model identity) of the workers, asked once on the query lane."""
+        if self._identity is None:
+            self.client._ensure_worker(wire.task_queue(self.settings, wire.TASK_INFO), None)  # no worker: fast error
+            raw = self.client.submit(wire.TASK_INFO, {}, None).raw()
+            self._identity = int(raw["dims"]["dense"]), str(raw.get("model_identity") or raw["model"])
+        return self._identity
 
     async def asearch(self, text: str, collection: str, mode: str = "hybrid", k: int = 10) -> list[Hit]:
         """:meth:`search` for asyncio handlers."""

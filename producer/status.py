@@ -34,15 +34,45 @@ def record_failure(s: Settings, task: str, job_id: str, reason: str, client: red
     r.ltrim(failures_key(s), 0, 999)
 
 
+def clear_failures(s: Settings) -> int:
+    """Forget the failed jobs that `m3q status` lists (`m3q status --clear-failures`); returns how many."""
+    r = redis_client(s)
+    count = r.llen(failures_key(s))
+    r.delete(failures_key(s))
+    return count
+
+
+def live_workers(s: Settings, r: redis.Redis | None = None) -> list[dict[str, Any]]:
+    """The workers whose heartbeat (``{queue_prefix}:worker:{hostname}``, which expires a few beats after the
+    worker stops) is in Redis."""
+    return wire.live_workers(s, r or redis_client(s))
+
+
+def serves(worker: dict[str, Any], s: Settings, queue: str) -> bool:
+    """Whether ``worker`` consumes ``queue`` (a lane, or a device's own queue), judged by its heartbeat."""
+    if "queues" in worker:
+        return queue in worker["queues"]
+    device_prefix = wire.device_queue(s, "")
+    if not queue.startswith(device_prefix):
+        return True  # every m3q worker serves the query and document lanes
+    # Heartbeats without queues name the resolved device ("cuda:0" for a worker started on "cuda").
+    device, served = queue[len(device_prefix):], str(worker.get("device", ""))
+    return served == device or served.split(":")[0] == device
+
+
 def collect(s: Settings) -> dict[str, Any]:
     """Workers, queue depths and recent failures."""
     r = redis_client(s)
-    keys = r.keys(f"{s.queue_prefix}:worker:*")
-    workers = [json.loads(v) for v in (r.mget(keys) if keys else []) if v]
+    workers = live_workers(s, r)
+    for w in workers:  # a worker silent for two heartbeats is probably dead: its jobs go back when it expires
+        w["silent_s"] = max(0.0, time.time() - float(w.get("time", time.time())))
+        w["silent"] = w["silent_s"] > 2 * wire.heartbeat_s(s)
     queues = {q: r.llen(q) for q in _queues(s, r)}
     failures = [json.loads(v) for v in r.lrange(failures_key(s), 0, 19)]
+    # Jobs of workers whose heartbeat has just expired, until a running worker's sweep puts them back.
+    orphans = wire.unheld_jobs(s, r, 2 * wire.heartbeat_s(s), workers)
     return {"workers": sorted(workers, key=lambda w: w["hostname"]), "queues": queues, "failures": failures,
-            "reindex": _reindex_jobs(s)}
+            "held_by_dead": len(orphans), "dead_worker_s": s.dead_worker_s, "reindex": _reindex_jobs(s)}
 
 
 def _reindex_jobs(s: Settings) -> list[dict[str, Any]]:
@@ -58,11 +88,14 @@ def _render_reindex(jobs: list[dict[str, Any]]) -> list[str]:
     lines = ["RE-INDEX JOBS"]
     for j in jobs:
         eta = f" eta={j['eta_s']:.0f}s" if j.get("eta_s") else ""
-        lines.append(f"  {j['id']}  {j.get('state')}  {j.get('source')} -> {j.get('target', '?')} "
+        state = "interrupted" if j.get("interrupted") else j.get("state")
+        lines.append(f"  {j['id']}  {state}  {j.get('source')} -> {j.get('target', '?')} "
                      f"(alias {j.get('alias')})  {j.get('done', 0)}/{j.get('total', '?')} "
                      f"rate={float(j.get('rate') or 0):.1f} docs/s{eta} rejected={j.get('rejected', 0)}")
         if j.get("error"):
             lines.append(f"    error: {j['error']}")
+        if j.get("interrupted") or j.get("state") == "failed":
+            lines.append(f"    no driver: `m3q reindex --resume {j['id']}` goes on")
     return lines
 
 
@@ -80,11 +113,17 @@ def render(status: dict[str, Any]) -> str:
     for w in status["workers"]:
         lines.append(f"  {w['hostname']}  device={w['device']} model={w['model']} dtype={w['dtype']}"
                      f"{' REPLICA' if w.get('replica') else ''}  jobs={w['jobs']} texts={w['texts']}"
-                     f"  rate={w['texts_per_s']:.1f} texts/s {w['tokens_per_s']:.0f} tokens/s")
+                     f"  rate={w['texts_per_s']:.1f} texts/s {w['tokens_per_s']:.0f} tokens/s"
+                     f"  held={len(w.get('held', ()))}")
+        if w.get("silent"):
+            lines.append(f"    silent for {w['silent_s']:.0f}s: dead? its jobs go back to their queues within "
+                         f"{status.get('dead_worker_s', 30):.0f}s of its death (M3Q_DEAD_WORKER_S)")
     lines.append("QUEUES")
     lines += [f"  {name}: {depth} waiting" for name, depth in status["queues"].items()]
+    if status.get("held_by_dead"):
+        lines.append(f"  {status['held_by_dead']} job(s) held by a dead worker, going back to their queues")
     if status["failures"]:
-        lines.append("FAILED JOBS (newest first)")
+        lines.append("FAILED JOBS (newest first; `m3q status --clear-failures` forgets them)")
         lines += [f"  {f['task']} {f['id']}: {f['reason']}" for f in status["failures"]]
     lines += _render_reindex(status.get("reindex", []))
     for extra in status.get("sections", []):

@@ -141,7 +141,7 @@ def live_workers(s: Settings, r) -> list[dict[str, Any]]:
     """The heartbeats of the workers alive now (``r``: a redis client on the broker)."""
     import json
 
-    keys = list(r.scan_iter(match=heartbeat_key(s, "*"), count=1000))
+    keys = list(r.scan_iter(match=heartbeat_key(s, "*"), count=5000))  # SCAN: never blocks a big Redis
     return [json.loads(v) for v in (r.mget(keys) if keys else []) if v]
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 from producer.milvus_lite import port_open
 from producer.demo import QUERIES, SAMPLE
@@ -37,10 +38,14 @@ def test_demo_end_to_end_on_a_local_checkpoint(tmp_path, redis_client):
     n = sum(1 for line in SAMPLE.read_text().splitlines() if line.strip())
     assert f"stored {n} of {n} documents; rejected 0" in out
     assert "RANDOM-WEIGHT REPLICA" in out.splitlines()[0]  # a replica says what it is
+    assert re.search(rf"stored {n} of {n} documents; rejected 0 in \d+\.\d s", out)  # with its timing
+    assert "Scores are reciprocal rank fusion (RRF)" in out and "0.0328 is the most" in out
     for query in QUERIES:
-        block = out.split(f"hybrid search: {query}\n", 1)[1].split("\n\n", 1)[0]
+        block = out.split(f"hybrid search: {query}  (", 1)[1].split("\n\n", 1)[0]
+        assert re.match(r"^\d+ ms\)\n", block), block
         ranks = [re.match(r"^\s+(\d)\. (\d\.\d{4})  (\S+)", line) for line in block.splitlines()]
         assert [int(m[1]) for m in ranks if m] == [1, 2, 3], block
+    assert not Path(out.split("(log: ", 1)[1].split(",", 1)[0]).exists()  # no worker log left in /tmp
     # Everything it started, it stopped: the Milvus Lite server and the worker (its heartbeat is gone).
     assert not port_open("127.0.0.1", int(env["M3Q_MILVUS_PORT"]))
     assert not redis_client.keys(f"{env['M3Q_QUEUE_PREFIX']}:worker:*")

@@ -19,7 +19,7 @@ from kombu import Consumer
 from producer import wire
 from producer.status import record_failure
 from worker import runtime
-from worker.tasks import check_deliveries, crash_if_asked, encode_options, stamp
+from worker.tasks import check_deliveries, crash_if_asked, encode_options, info_answer, stamp
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class QueryLane(bootsteps.ConsumerStep):
         rt = runtime.current()
         try:
             if name == wire.TASK_INFO:
-                self._finish_now(task_id, message, {**rt.encoder.info(), "hostname": rt.hostname})
+                self._finish_now(task_id, message, info_answer(rt))
                 return
             if name != wire.TASK_ENCODE_QUERIES:
                 raise wire.PayloadError(f"task {name!r} does not belong on the query lane")

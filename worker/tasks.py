@@ -46,8 +46,12 @@ def register(app: Celery) -> None:
 
     @app.task(name=wire.TASK_INFO)
     def info(payload: dict | None = None) -> dict:
-        rt = current()
-        return {**rt.encoder.info(), "hostname": rt.hostname}
+        return info_answer(current())
+
+
+def info_answer(rt: Runtime) -> dict:
+    """What a worker answers to ``m3q.info``, on either lane: the encoder, its host, the model's identity."""
+    return {**rt.encoder.info(), "hostname": rt.hostname, "model_identity": model_identity(rt.encoder.name)}
 
 
 def _guarded(task: Task, payload: Any, run) -> dict:
