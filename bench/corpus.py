@@ -19,7 +19,7 @@ def documents(n: int = 400, target_tokens: int = 130_000, tokenizer=None, seed: 
     scale = target_tokens / sum(lengths)
     docs = [_text(rng, max(4, int(length * scale / 1.4))) for length in lengths]
     if tokenizer is not None:  # correct the words-per-token guess with the real tokenizer
-        real = sum(len(ids) for ids in tokenizer(docs, add_special_tokens=False)["input_ids"])
+        real = sum(len(ids) for ids in tokenizer.encode(docs))
         factor = target_tokens / real
         rng = random.Random(seed)
         docs = [_text(rng, max(4, int(len(d.split()) * factor))) for d in docs]

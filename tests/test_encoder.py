@@ -300,7 +300,7 @@ def test_token_budget_splits_into_steps(f32: Encoder, tiny_model: Path, golden, 
     whole = large.encode(texts, "documents", colbert=True)
     assert_close(split.items, [as_reference(i) for i in whole.items], SAME)
     # Input order: each item is its own text's (the tokenizer's count) and equals that text encoded alone.
-    lengths = [len(f32.tokenizer(t)["input_ids"]) for t in texts]
+    lengths = [len(ids) + 2 for ids in f32.tokenizer.encode(texts)]  # with CLS and EOS
     assert [i.n_tokens for i in split.items] == lengths
     for i in (0, len(texts) // 2, len(texts) - 1):
         assert_close([split.items[i]], [as_reference(f32.encode([texts[i]], colbert=True).items[0])], SAME)
@@ -463,19 +463,20 @@ def test_replica_says_what_it_is(tiny_model: Path, checkpoint_copy: Path, caplog
 def test_unknown_characters_never_in_sparse(f32: Encoder, golden) -> None:
     tokenizer = f32.tokenizer
     text = "𓀀𓀁𓀂"  # hieroglyphs: not in the tiny vocabulary
-    pieces = tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"])
+    pieces = tokenizer.tokens(text)
     assert pieces == ["<s>", "▁", "<unk>", "</s>"]  # the tokenizer always prepends '▁'; the rest is <unk>
     items = f32.encode(golden["documents_texts"].tolist()).items
-    specials = {tokenizer.cls_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
+    specials = set(tokenizer.specials.unused)
+    assert specials == {tokenizer.token_to_id(t) for t in ("<s>", "</s>", "<pad>", "<unk>")}
     assert not specials & {int(t) for i in items for t in i.sparse_ids}
-    assert f32.encode([text]).items[0].sparse_dict().keys() == {tokenizer.convert_tokens_to_ids("▁")}
+    assert f32.encode([text]).items[0].sparse_dict().keys() == {tokenizer.token_to_id("▁")}
 
 
 def test_empty_sparse_vector(f32: Encoder, golden) -> None:
     # With this tokenizer no text is <unk> alone ('▁' always comes first), so the text is one word whose
     # sparse weight is <= 0 followed by unknown characters; FlagEmbedding's golden output is empty too.
     text = "know𓀀𓀁"
-    pieces = f32.tokenizer.convert_ids_to_tokens(f32.tokenizer(text)["input_ids"])
+    pieces = f32.tokenizer.tokens(text)
     assert pieces == ["<s>", "▁know", "<unk>", "</s>"]
     i = golden["documents_texts"].tolist().index(text)
     assert golden["documents_sparse_offsets"][i] == golden["documents_sparse_offsets"][i + 1]

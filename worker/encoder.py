@@ -17,8 +17,9 @@ import torch
 from producer.wire import Embedding, ItemError, Item, check_text
 from worker.batcher import plan_batches
 from worker.device import dtype_name, pin, resolve_device, resolve_dtype
-from worker.model import BGEM3Model, ModelLoadError, resolve_checkpoint
+from worker.model import BGEM3Model, resolve_checkpoint
 from worker.slicing import Slicer
+from worker.tokenizer import CheckpointTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +60,15 @@ class EncodeResult:
 class Encoder:
     """BGE-M3 on one device: equal to FlagEmbedding's BGEM3FlagModel, batched by tokens."""
 
-    def __init__(self, model: BGEM3Model, tokenizer, limits: Limits, name: str, device_name: str,
-                 replica: dict | None = None) -> None:
+    def __init__(self, model: BGEM3Model, tokenizer: CheckpointTokenizer, limits: Limits, name: str,
+                 device_name: str, replica: dict | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.limits = limits
         self.name = name
         self.device_name = device_name
         self.replica = replica
-        self._cls, self._eos = tokenizer.cls_token_id, tokenizer.eos_token_id
+        self._cls, self._eos = tokenizer.specials.cls, tokenizer.specials.eos
 
     @classmethod
     def load(cls, model: str = "BAAI/bge-m3", device: str = "cpu", dtype: str = "auto",
@@ -81,9 +82,8 @@ class Encoder:
         if replica:
             log.warning("%s is an m3-queue REPLICA with random weights (size %s): its vectors mean nothing",
                         folder, replica.get("size"))
-        tokenizer = _load_tokenizer(folder)
-        unused = [tokenizer.cls_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id]
-        net = BGEM3Model.load(folder, torch_device, torch_dtype, [i for i in unused if i is not None])
+        tokenizer = CheckpointTokenizer.load(folder)
+        net = BGEM3Model.load(folder, torch_device, torch_dtype, tokenizer.specials.unused)
         return cls(net, tokenizer, limits or Limits(), model, device, replica)
 
     @property
@@ -132,8 +132,7 @@ class Encoder:
             else:
                 good.append(i)
         if good:
-            encoded = self.tokenizer([texts[i] for i in good], add_special_tokens=False, return_attention_mask=False,
-                                     return_token_type_ids=False)["input_ids"]
+            encoded = self.tokenizer.encode([texts[i] for i in good])
             for i, ids in zip(good, encoded):
                 out[i] = Prepared(i, [self._cls, *ids[: limit - 2], self._eos], len(ids) > limit - 2)
         return out  # type: ignore[return-value]
@@ -210,17 +209,6 @@ def _split_sparse(sparse, rows: int) -> list[tuple]:
     counts = torch.bincount(row, minlength=rows).tolist()
     tokens, weights = token.split(counts), weight.split(counts)
     return [(t.numpy(), w.numpy()) for t, w in zip(tokens, weights)]
-
-
-def _load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except Exception as e:  # noqa: BLE001 - any tokenizer failure is a load error
-        raise ModelLoadError(f"{folder}: cannot load the tokenizer ({e})") from e
-    tokenizer.model_max_length = 10**9  # we truncate ourselves, and count it
-    return tokenizer
 
 
 def _replica_marker(folder: Path) -> dict | None:

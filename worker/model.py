@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +27,9 @@ log = logging.getLogger(__name__)
 
 HEADS = ("colbert_linear.pt", "sparse_linear.pt")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-CHECKPOINT_PATTERNS = ["*.json", "sentencepiece.bpe.model", *HEADS]
+# What the worker reads from a hub checkpoint besides the weights, by exact name: a pattern like "*.json"
+# would also match sub-folders (BAAI/bge-m3 has onnx/*.json and 1_Pooling/config.json).
+CHECKPOINT_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", *HEADS]
 CONTIGUOUS_FROM = 256  # sequence length from which attention gets contiguous heads
 PADDED_ATTENTION_ON = {"cuda"}  # device types where a step's attention is one masked call (padding_for)
 PADDING_AT_MOST = 2.0  # ... if the padded batch has at most this many times the real rows,
@@ -55,23 +58,38 @@ def resolve_checkpoint(model: str) -> Path:
 
 
 def _from_hub(repo_id: str) -> Path:
-    from huggingface_hub import hf_hub_download, snapshot_download
-
+    """The checkpoint's files in the Hugging Face cache, fetched where missing, all at one revision."""
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=CHECKPOINT_PATTERNS))
-        for name in WEIGHT_FILES:
-            try:
-                hf_hub_download(repo_id, name)
-                return folder
-            except Exception as e:  # noqa: BLE001 - try the next weight format
-                last = e
-        raise last
+        folder = _hub_snapshot(repo_id)
+        _hub_weights(repo_id, folder.name)
+        return folder
     except Exception as e:  # noqa: BLE001 - every hub failure gets the same explanation
         raise ModelLoadError(
             f"model {repo_id!r} is not in the Hugging Face cache and the hub could not be reached "
             f"({type(e).__name__}). Set M3Q_MODEL to a local checkpoint directory, or make a random-weight "
             f"replica for tests and capacity planning with `m3q replica DIR --size small`."
         ) from e
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The small files, with ``main`` resolved once: the folder is ``snapshots/<commit>``."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, allow_patterns=CHECKPOINT_FILES))
+
+
+def _hub_weights(repo_id: str, commit: str) -> Path:
+    """The first weight file the repository has, at ``commit`` (the snapshot's: a push between the two
+    calls cannot pair one commit's config with another's weights)."""
+    from huggingface_hub import hf_hub_download
+
+    errors: list[Exception] = []
+    for name in WEIGHT_FILES:
+        try:
+            return Path(hf_hub_download(repo_id, name, revision=commit))
+        except Exception as e:  # noqa: BLE001 - try the next weight format
+            errors.append(e)
+    raise errors[-1]
 
 
 # ---- the architecture --------------------------------------------------------------------------------
@@ -278,14 +296,26 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     for name in WEIGHT_FILES:
         file = folder / name
         if file.exists():
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                state = load_file(str(file))
-            else:
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            return {_strip_prefix(k): v for k, v in state.items()}
+            return {_strip_prefix(k): v for k, v in _read_weights(file).items()}
     raise ModelLoadError(f"{folder}: no transformer weights ({' or '.join(WEIGHT_FILES)})")
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """One weight file; one that cannot be read is an error that says so (not a config mismatch)."""
+    if file.suffix == ".bin" and not zipfile.is_zipfile(file):
+        raise ModelLoadError(f"{file}: not a torch zip archive (what torch.save writes since torch 1.6); "
+                             "re-save it with torch.save, or convert it to model.safetensors")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file))
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - a truncated download, a pickle with code, ...: say which file
+        raise ModelLoadError(f"{file}: cannot read the weights ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{file}: holds a {type(state).__name__}, not a state dict of tensors")
+    return state
 
 
 def _strip_prefix(key: str) -> str:
@@ -353,8 +383,9 @@ class BGEM3Model(nn.Module):
         """Load weights and heads onto ``device``; the transformer in ``dtype``, the heads in float32."""
         c = Config.read(folder)
         transformer = Transformer(c)
+        state = read_state_dict(folder)  # its own errors say what is wrong with the file
         try:
-            transformer.load_state_dict(convert_state_dict(read_state_dict(folder), c))
+            transformer.load_state_dict(convert_state_dict(state, c))
         except (KeyError, RuntimeError) as e:
             raise ModelLoadError(f"{folder}: weights do not match config.json ({e})") from e
         colbert = load_head(folder, HEADS[0], c.hidden_size, None)

@@ -17,6 +17,7 @@ import torch
 from producer.wire import Embedding, Item
 from worker.encoder import Encoder, Limits, Prepared
 from worker.slicing import Slicer
+from worker.tokenizer import SpecialIds
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,10 @@ PREFIX = "test-stand-in:"
 class _WordTokenizer:
     """Whitespace tokens with stable ids; enough for the encoder's pre-processing."""
 
-    cls_token_id, pad_token_id, eos_token_id, unk_token_id = 0, 1, 2, 3
+    specials = SpecialIds(cls=0, pad=1, eos=2, unk=3)
 
-    def __call__(self, texts: Sequence[str], **_: object) -> dict:
-        return {"input_ids": [[4 + int(hashlib.md5(w.encode()).hexdigest()[:6], 16) for w in t.split()] for t in texts]}
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return [[4 + int(hashlib.md5(w.encode()).hexdigest()[:6], 16) for w in t.split()] for t in texts]
 
 
 class _Config:
