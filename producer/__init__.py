@@ -2,10 +2,10 @@
 
 Light on purpose: it imports neither torch nor transformers.
 """
-from producer.client import Client, Handle, IndexReport, JobFailed, JobTimeout, NoWorker
+from producer.client import Client, Handle, IndexReport, JobFailed, JobTimeout, LaneHandle, NoWorker
 from producer.embedding_function import RemoteBGEM3EmbeddingFunction
 from producer.settings import Settings
 from producer.wire import Embedding, ItemError, PayloadError
 
-__all__ = ["Client", "Handle", "IndexReport", "JobFailed", "JobTimeout", "NoWorker", "RemoteBGEM3EmbeddingFunction",
+__all__ = ["Client", "Handle", "IndexReport", "JobFailed", "JobTimeout", "LaneHandle", "NoWorker", "RemoteBGEM3EmbeddingFunction",
            "Settings", "Embedding", "ItemError", "PayloadError"]

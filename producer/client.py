@@ -12,9 +12,12 @@ import logging
 import ssl
 import time
 import uuid
+import weakref
 from collections import deque
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Iterator, Sequence
 
 import msgpack
 import redis
@@ -24,7 +27,8 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
-from producer import wire
+from producer import lane, wire
+from producer.replies import AsyncLane, AsyncResults, call_once_per_loop, reply_reader
 from producer.settings import Settings
 from producer.status import live_workers, redis_client, serves
 from producer.wire import Item, PayloadError, decode_item
@@ -71,6 +75,8 @@ class Handle:
     rows: list[int] | None = None
     watch: Callable[[float], None] | None = None
     """Called with the seconds waited so far, every RESULT_POLL_S while no result came (the no-worker notice)."""
+    settings: Settings | None = None
+    """Where ``await handle`` listens for the result (without it, the wait runs on a thread)."""
 
     @property
     def id(self) -> str:
@@ -91,9 +97,7 @@ class Handle:
                     self.watch(time.monotonic() - started)
                 if time.monotonic() < deadline:
                     continue  # each get() first reads the stored result, then listens again
-                raise JobTimeout(f"job {self.id} ({self.task}, {self.size} texts) had no result after "
-                                 f"{timeout_s:.0f}s: is a worker running? (`m3q worker` starts one, "
-                                 "`m3q status` shows them)") from None
+                raise JobTimeout(_timeout_message(self.id, self.task, self.size, timeout_s)) from None
             except PayloadError:
                 raise
             except Exception as e:  # noqa: BLE001 - the worker's exception, re-raised with the job named
@@ -104,8 +108,7 @@ class Handle:
                     time.sleep(delay_s)
                     delay_s = min(2 * delay_s, RETRY_MAX_DELAY_S)
                     continue
-                raise JobFailed(f"job {self.id} ({self.task}, items {self.first_index}.."
-                                f"{self.first_index + self.size - 1}) failed: {type(e).__name__}: {e}") from e
+                raise JobFailed(self._failed(f"{type(e).__name__}: {e}")) from e
 
     def _poll(self, deadline: float, timeout_s: float) -> dict:
         """Read the stored result until it is ready.
@@ -122,19 +125,23 @@ class Handle:
                 if not _unreachable(e):
                     raise
                 meta = {}
-            if meta.get("status") == states.SUCCESS:
-                return meta["result"]
             if meta.get("status") in states.READY_STATES:
-                error = meta["result"]
-                if isinstance(error, PayloadError):
-                    raise error
-                raise JobFailed(f"job {self.id} ({self.task}, items {self.first_index}.."
-                                f"{self.first_index + self.size - 1}) failed: {type(error).__name__}: {error}")
+                return self._outcome(meta)
             time.sleep(delay_s)
             delay_s = min(2 * delay_s, 1.0)
-        raise JobTimeout(f"job {self.id} ({self.task}, {self.size} texts) had no result after "
-                         f"{timeout_s:.0f}s: is a worker running? (`m3q worker` starts one, "
-                         "`m3q status` shows them)")
+        raise JobTimeout(_timeout_message(self.id, self.task, self.size, timeout_s))
+
+    def _outcome(self, meta: dict) -> dict:
+        """The result of a final state's meta (as the backend decodes it); the job's error raised."""
+        if meta.get("status") == states.SUCCESS:
+            return meta["result"]
+        error = meta["result"]
+        if isinstance(error, PayloadError):
+            raise error
+        raise JobFailed(self._failed(f"{type(error).__name__}: {error}"))
+
+    def _failed(self, reason: str) -> str:
+        return f"job {self.id} ({self.task}, items {self.first_index}..{self.first_index + self.size - 1}) failed: {reason}"
 
     def _lost_redis(self, e: Exception) -> bool:
         # The wait itself lost Redis, as opposed to a job that failed (whose state is final and cached).
@@ -149,8 +156,127 @@ class Handle:
         """Decoded items of an encode job, in order."""
         return [decode_item(d) for d in self.raw(timeout_s)["items"]]
 
+    async def araw(self, timeout_s: float | None = None) -> dict:
+        """:meth:`raw` without a thread: one pub/sub connection per event loop listens for all results."""
+        if self.settings is None:
+            return await asyncio.to_thread(self.raw, timeout_s)
+        timeout_s = timeout_s or self.timeout_s
+        results = AsyncResults.for_loop(self.settings, self.async_result.backend)
+        try:
+            meta = await asyncio.wait_for(results.wait(self.id), timeout_s)
+        except asyncio.TimeoutError:
+            raise JobTimeout(_timeout_message(self.id, self.task, self.size, timeout_s)) from None
+        finally:
+            # Celery subscribed to this result when it sent the job; nothing here will read that subscription.
+            consumer = getattr(self.async_result.backend, "result_consumer", None)
+            if consumer is not None:
+                consumer.cancel_for(self.id)
+        return self._outcome(meta)
+
+    async def aresult(self, timeout_s: float | None = None) -> list[Item]:
+        """:meth:`result` for asyncio."""
+        return [decode_item(d) for d in (await self.araw(timeout_s))["items"]]
+
     def __await__(self):
-        return asyncio.to_thread(self.result).__await__()
+        return self.aresult().__await__()
+
+
+@dataclass
+class LaneHandle:
+    """A query job sent on the query lane (a Redis stream); its reply comes through this process's reader."""
+
+    id: str
+    reply: Future
+    forget: Callable[[str], None]
+    size: int
+    timeout_s: float
+    first_index: int = 0
+    watch: Callable[[float], None] | None = None
+    task: str = wire.TASK_ENCODE_QUERIES
+    rows: list[int] | None = None
+
+    def raw(self, timeout_s: float | None = None) -> dict:
+        """The job's result as the worker sent it, waiting up to the timeout."""
+        timeout_s = timeout_s or self.timeout_s
+        started = time.monotonic()
+        while not self.reply.done():
+            waited_s = time.monotonic() - started
+            if waited_s >= timeout_s:
+                self.forget(self.id)
+                raise JobTimeout(_timeout_message(self.id, self.task, self.size, timeout_s))
+            try:
+                self.reply.result(timeout=min(RESULT_POLL_S, timeout_s - waited_s))
+            except FutureTimeout:
+                if self.watch:
+                    self.watch(time.monotonic() - started)
+        return lane_outcome(self.id, self.size, self.first_index, self.reply.result())
+
+    def result(self, timeout_s: float | None = None) -> list[Item]:
+        """Decoded items, in order."""
+        return [decode_item(d) for d in self.raw(timeout_s)["items"]]
+
+    async def aresult(self, timeout_s: float | None = None) -> list[Item]:
+        """:meth:`result` for asyncio, without a thread: the reader thread's future, awaited on this loop."""
+        timeout_s = timeout_s or self.timeout_s
+        try:
+            reply = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self.reply)), timeout_s)
+        except asyncio.TimeoutError:
+            self.forget(self.id)
+            raise JobTimeout(_timeout_message(self.id, self.task, self.size, timeout_s)) from None
+        return [decode_item(d) for d in lane_outcome(self.id, self.size, self.first_index, reply)["items"]]
+
+    def __await__(self):
+        return self.aresult().__await__()
+
+
+def lane_outcome(job_id: str, size: int, first_index: int, reply: tuple[dict | None, str | None]) -> dict:
+    """A query-lane job's result, or its error raised: PayloadError for a payload the worker refused (the
+    worker names the type first, ``PayloadError: ...``), JobFailed naming the job and its items otherwise."""
+    result, error = reply
+    if error is None:
+        return result or {}
+    kind, _, message = error.partition(": ")
+    if kind == PayloadError.__name__:
+        raise PayloadError(message)
+    raise JobFailed(f"job {job_id} ({wire.TASK_ENCODE_QUERIES}, items {first_index}..{first_index + size - 1}) "
+                    f"failed: {error}")
+
+
+def _timeout_message(job_id: str, task: str, size: int, timeout_s: float) -> str:
+    return (f"job {job_id} ({task}, {size} texts) had no result after {timeout_s:.0f}s: is a worker running? "
+            "(`m3q worker` starts one, `m3q status` shows them)")
+
+
+@dataclass
+class LostJob:
+    """Sends a job again that a worker lost as it took it.
+
+    kombu's Redis transport pops a message (BRPOP) and only then records it as unacknowledged: a worker
+    killed between the two loses the job outright, where neither the dead-worker sweep nor the visibility
+    timeout can see it. The producer still holds the payload, so it sends the job again (same id) once it
+    has had no result, been held by no live worker and been absent from its empty queue for longer than a
+    dead worker's jobs take to come back (``M3Q_DEAD_WORKER_S`` plus a heartbeat). A job that was not lost
+    after all runs twice, which at-least-once delivery allows.
+    """
+
+    job_id: str
+    queue: str
+    resend: Callable[[], Any]
+    unheld_since: float | None = None
+
+    def check(self, workers: list[dict], r: redis.Redis, s: Settings) -> None:
+        """One look, with the live workers' heartbeats at hand; sends the job again when it is lost."""
+        if any(self.job_id in w.get("held_jobs", ()) for w in workers) or r.llen(self.queue):
+            self.unheld_since = None  # held by a live worker, or maybe still waiting in the queue
+            return
+        now = time.monotonic()
+        self.unheld_since = self.unheld_since or now
+        if now - self.unheld_since < s.dead_worker_s + wire.heartbeat_s(s):
+            return
+        log.warning("job %s is in no queue and held by no live worker: a worker died as it took it; "
+                    "sending it again", self.job_id)
+        self.resend()
+        self.unheld_since = None
 
 
 @dataclass
@@ -174,11 +300,20 @@ class Client:
         self._redis: redis.Redis | None = None
         self._served_at: dict[str, float] = {}  # queue -> when a live worker serving it was last seen
         self._next_notice = 0.0
+        self._checks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> {queue: shared check}
 
     # ---- single jobs -------------------------------------------------------------------------------------
 
     def submit(self, task: str, payload: dict, device: str | None = None, first_index: int = 0) -> Handle:
         """Send one job; route it to ``device``'s own queue when given."""
+        self._check_size(payload)
+        queue = wire.device_queue(self.settings, device) if device else wire.task_queue(self.settings, task)
+        result = self._send(task, payload, queue)
+        resend = lambda: self._send(task, payload, queue, result.id)  # noqa: E731
+        return Handle(result, task, len(payload.get("texts", [])), self.settings.job_timeout_s, first_index,
+                      watch=self._watch(queue, LostJob(result.id, queue, resend)), settings=self.settings)
+
+    def _check_size(self, payload: dict) -> None:
         try:
             size = len(msgpack.packb(payload))
         except (TypeError, ValueError) as e:
@@ -186,31 +321,58 @@ class Client:
         if size > self.settings.max_payload_bytes:
             raise PayloadError(f"job payload is {size:,} bytes, over the limit of "
                                f"{self.settings.max_payload_bytes:,} (M3Q_MAX_PAYLOAD_BYTES); send smaller jobs")
-        queue = wire.device_queue(self.settings, device) if device else wire.task_queue(self.settings, task)
-        result = self._send(task, payload, queue)
-        return Handle(result, task, len(payload.get("texts", [])), self.settings.job_timeout_s, first_index,
-                      watch=self._watch(queue))
 
-    def _send(self, task: str, payload: dict, queue: str) -> AsyncResult:
+    def _send(self, task: str, payload: dict, queue: str, task_id: str | None = None) -> AsyncResult:
         """Publish a job; while Redis is unreachable (restarting), retry with backoff up to M3Q_JOB_TIMEOUT_S."""
         self._check_redis()
-        task_id = str(uuid.uuid4())  # the same id on every try: a publish that landed but lost its reply is one job
+        task_id = task_id or str(uuid.uuid4())  # the same id on every try: a publish that landed is one job
+        return self._retrying(task_id, task, lambda: self.app.send_task(
+            task, args=[payload], queue=queue, task_id=task_id, headers={"m3q_sent": time.time()}))
+
+    def _retrying(self, job_id: str, task: str, send: Callable[[], Any]) -> Any:
+        """``send()``, retried with backoff while Redis is unreachable, up to M3Q_JOB_TIMEOUT_S."""
         deadline = time.monotonic() + self.settings.job_timeout_s
         delay_s = 0.2
         while True:
             try:
-                return self.app.send_task(task, args=[payload], queue=queue, task_id=task_id,
-                                          headers={"m3q_sent": time.time()})
+                return send()
             except Exception as e:  # noqa: BLE001 - sorted below: unreachable is retried, the rest raised
-                if not _unreachable(e):
-                    raise
-                if time.monotonic() + delay_s >= deadline:
-                    raise BrokerError(f"cannot send job {task_id} ({task}): Redis at "
-                                      f"{maybe_sanitize_url(self.settings.broker_url)} unreachable for "
-                                      f"{self.settings.job_timeout_s:.0f}s (M3Q_JOB_TIMEOUT_S): {e}") from e
-                log.warning("sending job %s: Redis unreachable (%s); retrying in %.1fs", task_id, e, delay_s)
+                delay_s = self._retry_delay(job_id, task, e, delay_s, deadline)
                 time.sleep(delay_s)
                 delay_s = min(2 * delay_s, RETRY_MAX_DELAY_S)
+
+    def _retry_delay(self, job_id: str, task: str, e: Exception, delay_s: float, deadline: float) -> float:
+        """How long to wait before sending again after ``e``; ``e`` (or BrokerError, past the deadline) raised."""
+        if not _unreachable(e):
+            raise e
+        if time.monotonic() + delay_s >= deadline:
+            raise BrokerError(f"cannot send job {job_id} ({task}): Redis at "
+                              f"{maybe_sanitize_url(self.settings.broker_url)} unreachable for "
+                              f"{self.settings.job_timeout_s:.0f}s (M3Q_JOB_TIMEOUT_S): {e}") from e
+        log.warning("sending job %s: Redis unreachable (%s); retrying in %.1fs", job_id, e, delay_s)
+        return delay_s
+
+    # ---- the query lane ------------------------------------------------------------------------------------
+
+    def submit_query(self, texts: Sequence[object], first_index: int = 0, **options: Any) -> LaneHandle:
+        """Send one query job on the query lane (a Redis stream all workers read); its reply comes back on
+        this process's reply list. ``Client.encode(..., "queries")`` sends its jobs so."""
+        payload = wire.encode_payload(texts, **options)
+        self._check_size(payload)
+        self._check_redis()
+        reader = reply_reader(self.settings)
+        job_id = str(uuid.uuid4())
+        reply = reader.expect(job_id)  # before the send: a fast worker's reply must find its waiter
+        fields = lane.request_fields(job_id, reader.key, payload)
+        s = self.settings
+        try:
+            self._retrying(job_id, wire.TASK_ENCODE_QUERIES, lambda: self._status_redis().xadd(
+                lane.stream_key(s), fields, maxlen=s.query_stream_max, approximate=True))
+        except BaseException:
+            reader.forget(job_id)
+            raise
+        return LaneHandle(job_id, reply, reader.forget, len(payload["texts"]), s.job_timeout_s, first_index,
+                          watch=self._watch(wire.query_queue(s)))
 
     def _check_redis(self) -> None:
         # Once per client: a wrong password or an untrusted certificate is reported at once, where Celery
@@ -270,16 +432,18 @@ class Client:
                 f"`m3q worker{' --device ' + device if device else ''}` on the same M3Q_BROKER_URL and "
                 f"M3Q_QUEUE_PREFIX ({self.settings.queue_prefix}); `m3q status` shows live workers and queues")
 
-    def _watch(self, queue: str) -> Callable[[float], None]:
-        """The waiting notice of a job on ``queue``: logged when no worker serving it is alive."""
+    def _watch(self, queue: str, lost: LostJob | None = None) -> Callable[[float], None]:
+        """What a wait on ``queue`` checks every RESULT_POLL_S: a notice when no worker serving it is alive, and
+        whether its job was lost (``lost``)."""
         def watch(waited_s: float) -> None:
-            if time.monotonic() < self._next_notice:
-                return
             try:
-                alive = any(serves(w, self.settings, queue) for w in live_workers(self.settings, self._status_redis()))
+                workers = live_workers(self.settings, self._status_redis())
+                alive = any(serves(w, self.settings, queue) for w in workers)
+                if alive and lost is not None:
+                    lost.check(workers, self._status_redis(), self.settings)
             except redis.RedisError:
                 return  # Redis down: the wait itself reports that
-            if not alive:
+            if not alive and time.monotonic() >= self._next_notice:
                 self._next_notice = time.monotonic() + WORKER_NOTICE_S
                 log.warning("waiting for a worker on %s for %.0fs: none is alive (start one with `m3q worker`; "
                             "`m3q status` shows workers and queues)", queue, waited_s)
@@ -302,20 +466,32 @@ class Client:
 
     def encode(self, texts: Sequence[object], kind: str = "documents", *, job_texts: int | None = None,
                device: str | None = None, **options: Any) -> list[Item]:
-        """Encode any number of texts through the queue; items in input order."""
-        size = job_texts or (self.settings.job_texts if kind == "documents" else max(self.settings.job_texts, 256))
-        out, send = _answer_unsendable(texts)
-        chunks = [send[start:start + size] for start in range(0, len(send), size)]
+        """Encode any number of texts through the queue; items in input order. Queries go on the query lane
+        (a Redis stream), unless routed to a ``device``; documents are Celery tasks."""
+        out, chunks = self._split(texts, kind, job_texts)
         if chunks:
-            task = wire.TASK_ENCODE_QUERIES if kind == "queries" else wire.TASK_ENCODE_DOCUMENTS
-            queue = wire.device_queue(self.settings, device) if device else wire.task_queue(self.settings, task)
-            self._ensure_worker(queue, device)
-        submit = lambda chunk: self.submit_encode([texts[i] for i in chunk], kind, device=device,
-                                                  first_index=chunk[0], **options)
+            self._ensure_worker(self._queue_of(kind, device), device)
+        if kind == "queries" and not device:
+            submit = lambda chunk: self.submit_query([texts[i] for i in chunk], chunk[0], **options)
+        else:
+            submit = lambda chunk: self.submit_encode([texts[i] for i in chunk], kind, device=device,
+                                                      first_index=chunk[0], **options)
         for chunk, handle in zip(chunks, self.pipelined(chunks, submit)):
             for i, item in zip(chunk, handle.result()):
                 out[i] = item
         return out  # type: ignore[return-value]
+
+    def _split(self, texts: Sequence[object], kind: str, job_texts: int | None) -> tuple[list, list[list[int]]]:
+        """Items answered here (texts that cannot travel) and the positions of the others, in jobs."""
+        if kind not in wire.KINDS:
+            raise ValueError(f"kind must be 'queries' or 'documents', got {kind!r}")
+        size = job_texts or (self.settings.job_texts if kind == "documents" else max(self.settings.job_texts, 256))
+        out, send = _answer_unsendable(texts)
+        return out, [send[start:start + size] for start in range(0, len(send), size)]
+
+    def _queue_of(self, kind: str, device: str | None) -> str:
+        task = wire.TASK_ENCODE_QUERIES if kind == "queries" else wire.TASK_ENCODE_DOCUMENTS
+        return wire.device_queue(self.settings, device) if device else wire.task_queue(self.settings, task)
 
     def encode_queries(self, texts: Sequence[object], **options: Any) -> list[Item]:
         """Encode queries (up to 512 tokens each by default) through the query lane."""
@@ -325,13 +501,87 @@ class Client:
         """Encode documents (up to 8192 tokens each by default) through the document lane."""
         return self.encode(texts, "documents", **options)
 
-    async def aencode(self, texts: Sequence[object], kind: str = "documents", **options: Any) -> list[Item]:
-        """:meth:`encode` for asyncio handlers: the event loop is never blocked."""
-        return await asyncio.to_thread(self.encode, texts, kind, **options)
+    async def aencode(self, texts: Sequence[object], kind: str = "documents", *, job_texts: int | None = None,
+                      device: str | None = None, **options: Any) -> list[Item]:
+        """:meth:`encode` for asyncio handlers, without a thread per await: queries go on the query lane
+        (replies read by one task per event loop), documents are Celery tasks whose results one pub/sub
+        connection per event loop listens for. At most ``M3Q_MAX_IN_FLIGHT`` jobs of a call are in flight."""
+        out, chunks = self._split(texts, kind, job_texts)
+        if chunks:
+            await self._aensure_worker(self._queue_of(kind, device), device)
+        if kind == "queries" and not device:
+            run = lambda chunk: self._aquery([texts[i] for i in chunk], chunk[0], options)
+        else:
+            run = lambda chunk: self.submit_encode([texts[i] for i in chunk], kind, device=device,
+                                                   first_index=chunk[0], **options).aresult()
+        for chunk, items in zip(chunks, await self._apipelined(chunks, run)):
+            for i, item in zip(chunk, items):
+                out[i] = item
+        return out  # type: ignore[return-value]
 
     async def aencode_queries(self, texts: Sequence[object], **options: Any) -> list[Item]:
         """Await the vectors of queries, e.g. from a FastAPI handler."""
         return await self.aencode(texts, "queries", **options)
+
+    async def aencode_documents(self, texts: Sequence[object], **options: Any) -> list[Item]:
+        """Await the vectors of documents."""
+        return await self.aencode(texts, "documents", **options)
+
+    async def _aquery(self, texts: list[object], first_index: int, options: dict[str, Any]) -> list[Item]:
+        """One query job on the query lane, awaited on this event loop's reader."""
+        payload = wire.encode_payload(texts, **options)
+        self._check_size(payload)
+        replies = AsyncLane.for_loop(self.settings)
+        job_id = str(uuid.uuid4())
+        reply = replies.expect(job_id)
+        try:
+            await self._asend(replies, lane.request_fields(job_id, replies.key, payload), job_id)
+            done = await asyncio.wait_for(reply, self.settings.job_timeout_s)
+        except asyncio.TimeoutError:
+            raise JobTimeout(_timeout_message(job_id, wire.TASK_ENCODE_QUERIES, len(texts),
+                                              self.settings.job_timeout_s)) from None
+        finally:
+            replies.forget(job_id)
+        return [decode_item(d) for d in lane_outcome(job_id, len(texts), first_index, done)["items"]]
+
+    async def _asend(self, replies: AsyncLane, fields: dict[bytes, bytes], job_id: str) -> None:
+        """``XADD`` through this loop's lane, retried with backoff while Redis is unreachable."""
+        deadline = time.monotonic() + self.settings.job_timeout_s
+        delay_s = 0.2
+        while True:
+            try:
+                return await replies.send(fields)
+            except Exception as e:  # noqa: BLE001 - sorted by _retry_delay: unreachable is retried
+                delay_s = self._retry_delay(job_id, wire.TASK_ENCODE_QUERIES, e, delay_s, deadline)
+                await asyncio.sleep(delay_s)
+                delay_s = min(2 * delay_s, RETRY_MAX_DELAY_S)
+
+    async def _aensure_worker(self, queue: str, device: str | None) -> None:
+        # The blocking checks, on one thread that all of a loop's awaits share, and only when one is due.
+        due = self.settings.require_worker and time.monotonic() - self._served_at.get(queue, -1e9) > WORKER_SEEN_S
+        if due or not self._redis_checked:
+            await call_once_per_loop(self._checks, queue, lambda: asyncio.to_thread(self._prepare, queue, device))
+
+    def _prepare(self, queue: str, device: str | None) -> None:
+        self._check_redis()
+        self._ensure_worker(queue, device)
+
+    async def _apipelined(self, chunks: list, run: Callable[[Any], Awaitable[list[Item]]]) -> list[list[Item]]:
+        """Results of ``run(chunk)`` for each chunk, in order, at most ``M3Q_MAX_IN_FLIGHT`` running at once."""
+        if len(chunks) == 1:
+            return [await run(chunks[0])]  # the common web request: no task of its own
+        window: deque[asyncio.Future] = deque()
+        done: list[list[Item]] = []
+        try:
+            for chunk in chunks:
+                if len(window) >= self.settings.max_in_flight:
+                    done.append(await window.popleft())
+                window.append(asyncio.ensure_future(run(chunk)))
+            while window:
+                done.append(await window.popleft())
+        finally:
+            [f.cancel() for f in window]
+        return done
 
     def pipelined(self, chunks: Iterable, submit: Callable[[Any], Handle]) -> Iterator[Handle]:
         """Submit jobs keeping at most ``M3Q_MAX_IN_FLIGHT`` open; yield them in order as they finish."""

@@ -44,6 +44,7 @@ class Settings:
     result_expires_s: int = field(default=86400, metadata={"doc": "Results are deleted from the backend after this."})
     queue_prefix: str = field(default="m3q", metadata={"doc": "Prefix of every queue and key, to share one Redis."})
     worker_threads: int = field(default=2, metadata={"doc": "Document/index jobs one worker holds at once (threads: one encodes while the next is tokenized)."})
+    query_stream_max: int = field(default=100_000, metadata={"doc": "Most query jobs the query stream keeps while no worker reads it (approximate); older ones are dropped and their callers time out."})
     query_prefetch: int = field(default=64, metadata={"doc": "Query jobs a worker takes at once on its query lane (merged into few forward passes)."})
     batch_wait_ms: float = field(default=2.0, metadata={"doc": "How long the device waits for more queries to batch together."})
     cross_job_batching: bool = field(default=True, metadata={"doc": "Merge texts of concurrent jobs into one forward pass."})

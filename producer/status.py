@@ -13,12 +13,17 @@ from producer.settings import Settings
 
 def redis_client(s: Settings) -> redis.Redis:
     """A Redis client on the broker, with TLS certificate checks for rediss://."""
+    return redis.Redis.from_url(s.broker_url, **redis_options(s))
+
+
+def redis_options(s: Settings) -> dict[str, Any]:
+    """Connection options of :func:`redis_client` (the asyncio clients use the same)."""
     kwargs: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5, "health_check_interval": 30}
     if s.broker_url.startswith("rediss://"):
         kwargs["ssl_cert_reqs"] = "required"
         if s.redis_tls_ca_file:
             kwargs["ssl_ca_certs"] = s.redis_tls_ca_file
-    return redis.Redis.from_url(s.broker_url, **kwargs)
+    return kwargs
 
 
 def failures_key(s: Settings) -> str:
@@ -71,8 +76,23 @@ def collect(s: Settings) -> dict[str, Any]:
     failures = [json.loads(v) for v in r.lrange(failures_key(s), 0, 19)]
     # Jobs of workers whose heartbeat has just expired, until a running worker's sweep puts them back.
     orphans = wire.unheld_jobs(s, r, 2 * wire.heartbeat_s(s), workers)
+    stream = lane_status(s, r, workers)
     return {"workers": sorted(workers, key=lambda w: w["hostname"]), "queues": queues, "failures": failures,
-            "held_by_dead": len(orphans), "dead_worker_s": s.dead_worker_s, "reindex": _reindex_jobs(s)}
+            "held_by_dead": len(orphans), "dead_worker_s": s.dead_worker_s, "lane": stream,
+            "reindex": _reindex_jobs(s)}
+
+
+def lane_status(s: Settings, r: redis.Redis, workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The query stream: entries in it (waiting or taken), taken and not yet answered, replies per second."""
+    from producer import lane
+
+    key = lane.stream_key(s)
+    try:
+        pending = int(r.xpending(key, lane.GROUP)["pending"]) if r.exists(key) else 0
+    except redis.ResponseError:  # no consumer group yet: no worker has read the stream
+        pending = 0
+    return {"stream": key, "depth": int(r.xlen(key)), "pending": pending,
+            "replies_per_s": sum(float((w.get("lane") or {}).get("replies_per_s", 0)) for w in workers)}
 
 
 def _reindex_jobs(s: Settings) -> list[dict[str, Any]]:
@@ -120,6 +140,10 @@ def render(status: dict[str, Any]) -> str:
                          f"{status.get('dead_worker_s', 30):.0f}s of its death (M3Q_DEAD_WORKER_S)")
     lines.append("QUEUES")
     lines += [f"  {name}: {depth} waiting" for name, depth in status["queues"].items()]
+    if status.get("lane"):
+        ln = status["lane"]
+        lines.append(f"  {ln['stream']} (query stream): {ln['depth'] - ln['pending']} waiting, {ln['pending']} taken "
+                     f"and not yet answered, {ln['replies_per_s']:.1f} replies/s")
     if status.get("held_by_dead"):
         lines.append(f"  {status['held_by_dead']} job(s) held by a dead worker, going back to their queues")
     if status["failures"]:

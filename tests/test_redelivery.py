@@ -158,3 +158,22 @@ def test_a_query_held_by_a_killed_worker_is_answered_by_another(workers):
     assert answered_s <= s.dead_worker_s + 30  # the bound, plus the survivor's start-up
     assert RESTORED in survivor.output()
     assert deliveries(s, handles[-1].id) >= 1  # the query lane counts the redelivery
+
+
+@pytest.mark.slow
+def test_a_job_a_worker_popped_but_never_recorded_is_sent_again(workers):
+    # kombu's Redis transport takes a job with BRPOP and records it as unacknowledged a moment later; a worker
+    # killed in between takes the job with it. Here a plain client pops it, as that worker's BRPOP did.
+    s = make_settings(job_timeout_s=TIMEOUT_S, dead_worker_s=6)
+    handle = Client(s).submit_encode(["a job popped by a worker that died at once"], "documents")
+    r = redis_py.Redis.from_url(s.broker_url)
+    assert r.brpop([wire.document_queue(s)], timeout=10), "the job was not in its queue"
+    assert not wire.unheld_jobs(s, r, 0), "the popped job must be in no unacknowledged record"
+    w = workers(s)
+    started = time.monotonic()
+    (item,) = handle.result(TIMEOUT_S)
+    resent_s = time.monotonic() - started
+    print(f"\nthe lost job was sent again and answered {resent_s:.1f}s after a worker was up")
+    assert item.dense is not None
+    assert w.task_ids("succeeded", wire.TASK_ENCODE_DOCUMENTS) == [handle.id]  # the same job id, once more
+    assert resent_s <= 2 * s.dead_worker_s + 5 + 10  # absent for the bound plus a heartbeat, seen every 5 s

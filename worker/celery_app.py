@@ -16,6 +16,7 @@ from producer.settings import Settings
 from worker import runtime
 from worker.query_lane import QueryLane
 from worker.reclaim import HeldJobs, Reclaimer
+from worker.stream_lane import StreamLane
 from worker.tasks import register
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def make_app(s: Settings) -> Celery:
     register(app)
     app.steps["consumer"].add(QueryLane)
     app.steps["consumer"].add(HeldJobs)
+    app.steps["consumer"].add(StreamLane)
     app.m3q_settings = s  # type: ignore[attr-defined]
     return app
 

@@ -17,9 +17,9 @@ from celery import bootsteps, states
 from kombu import Consumer
 
 from producer import wire
-from producer.status import record_failure
 from worker import runtime
-from worker.tasks import check_deliveries, crash_if_asked, encode_options, info_answer, stamp
+from worker.tasks import (check_deliveries, count_failure, count_ok, crash_if_asked, encode_options, encode_result,
+                          info_answer)
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,8 @@ class QueryLane(bootsteps.ConsumerStep):
         except Exception as e:  # noqa: BLE001 - the step failed: this job fails, the lane goes on
             self._fail(task_id, message, e)
             return
-        items = [wire.encode_item(i) for i in result.items]
-        self._finish_now(task_id, message, {"items": items, "truncated": result.truncated, "tokens": result.tokens,
-                                            **stamp(rt)})
-        rt.counters.jobs += 1
-        rt.metrics.jobs.labels(wire.TASK_ENCODE_QUERIES, "ok").inc()
-        rt.metrics.job_s.labels(wire.TASK_ENCODE_QUERIES).observe(time.monotonic() - started)
+        self._finish_now(task_id, message, encode_result(rt, result))
+        count_ok(rt, wire.TASK_ENCODE_QUERIES, started)
 
     def _finish_now(self, task_id: str, message, result: dict) -> None:
         self.app.backend.store_result(task_id, result, states.SUCCESS)
@@ -92,12 +88,9 @@ class QueryLane(bootsteps.ConsumerStep):
     def _fail(self, task_id: str, message, error: Exception) -> None:
         rt = runtime.current()
         log.warning("query job %s failed: %s: %s", task_id, type(error).__name__, error)
-        rt.counters.errors += 1
-        rt.metrics.jobs.labels(wire.TASK_ENCODE_QUERIES, "failed").inc()
-        rt.metrics.errors.labels(type(error).__name__).inc()
+        count_failure(rt, wire.TASK_ENCODE_QUERIES, task_id, error)
         try:
             self.app.backend.mark_as_failure(task_id, error)
-            record_failure(rt.settings, wire.TASK_ENCODE_QUERIES, task_id, f"{type(error).__name__}: {error}", rt.redis())
         except Exception as why:  # noqa: BLE001 - best effort, like the document lane's record
             log.warning("could not record the failure of query job %s: %s", task_id, why)
         finally:

@@ -3,7 +3,7 @@ heartbeat says nothing about long jobs of a live one.
 
 kombu's own sweep only restores a message delivered longer ago than the visibility timeout (an hour by
 default), whoever holds it: a worker killed a second after taking a job would hold it for an hour. Here each
-worker lists the delivery tags it holds in its heartbeat (:func:`held_tags`), and every running worker, at
+worker lists the delivery tags it holds in its heartbeat (:func:`held`), and every running worker, at
 each heartbeat, puts back the jobs that are older than a heartbeat's lifetime and that no live worker lists
 (:func:`producer.wire.unheld_jobs`). A live worker lists its jobs however long they run, so they are never
 taken from it; the visibility timeout stays as the last resort.
@@ -20,8 +20,9 @@ from producer.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def held_tags(consumer) -> list[str]:
-    """Delivery tags of the messages this worker holds unacknowledged, on every channel it consumes."""
+def held(consumer) -> dict[str, list[str]]:
+    """The messages this worker holds unacknowledged, on every channel it consumes: their delivery tags
+    (``held``, for the sweep) and their job ids (``held_jobs``, for a producer looking for its job)."""
     channels = set()
     if getattr(consumer, "task_consumer", None) is not None:
         channels.add(consumer.task_consumer.channel)
@@ -29,19 +30,22 @@ def held_tags(consumer) -> list[str]:
         for k in getattr(step, "consumers", None) or ():  # bootsteps.ConsumerStep lanes (the query lane)
             channels.add(k.channel)
     tags: list[str] = []
+    jobs: list[str] = []
     for channel in channels:
-        tags += _keys(channel.qos._delivered)
-    return tags
+        for tag, message in _items(channel.qos._delivered):
+            tags.append(str(tag))
+            jobs.append(str((getattr(message, "headers", None) or {}).get("id", "")))
+    return {"held": tags, "held_jobs": [j for j in jobs if j]}
 
 
-def _keys(delivered: dict) -> list[str]:
+def _items(delivered: dict) -> list[tuple]:
     # Written by the consumer thread while the heartbeat thread reads: retry a copy that raced a change.
     for _ in range(10):
         try:
-            return [str(t) for t in list(delivered)]
+            return list(delivered.items())
         except RuntimeError:
             continue
-    return [str(t) for t in delivered.copy()]
+    return list(delivered.copy().items())
 
 
 class HeldJobs(bootsteps.StartStopStep):
@@ -52,7 +56,7 @@ class HeldJobs(bootsteps.StartStopStep):
     def start(self, c) -> None:
         from worker import runtime
 
-        runtime.current().held = lambda: held_tags(c)
+        runtime.current().held = lambda: held(c)
 
 
 class Reclaimer:

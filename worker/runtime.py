@@ -72,7 +72,8 @@ class Runtime:
                              settings.preempt_ms)
         self._milvus = None
         self._redis = None
-        self.held: Callable[[], list[str]] = list  # delivery tags held now (set by worker.reclaim.HeldJobs)
+        self.held: Callable[[], dict[str, list[str]]] = dict  # jobs held now (set by worker.reclaim.HeldJobs)
+        self.lane: Callable[[], dict] = dict  # the stream lane's figures (set by worker.stream_lane.StreamLane)
         self.reclaimer = reclaimer  # a worker.reclaim.Reclaimer: jobs of dead workers go back at each heartbeat
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="m3q-heartbeat", daemon=True)
@@ -124,7 +125,8 @@ class Runtime:
         """This worker as `m3q status` shows it."""
         return {**self.encoder.info(), "hostname": self.hostname, "pid": os.getpid(), "jobs": self.counters.jobs,
                 "texts": self.counters.texts, "tokens": self.counters.tokens, "errors": self.counters.errors,
-                **self.counters.rate(), "pending": self.engine.pending(), "held": self.held(), "time": time.time()}
+                **self.counters.rate(), "pending": self.engine.pending(), "held": [], "held_jobs": [], **self.held(),
+                "lane": self.lane(), "time": time.time()}
 
     def _key(self) -> str:
         return wire.heartbeat_key(self.settings, self.hostname)

@@ -68,15 +68,29 @@ def _guarded(task: Task, payload: Any, run) -> dict:
         result = run(rt)
     except Exception as e:
         if not _is_retry(e):
-            rt.counters.errors += 1
-            rt.metrics.jobs.labels(task.name, "failed").inc()
-            rt.metrics.errors.labels(type(e).__name__).inc()
-            _record(rt, task, e)
+            count_failure(rt, task.name, task.request.id, e)
         raise
-    rt.counters.jobs += 1
-    rt.metrics.jobs.labels(task.name, "ok").inc()
-    rt.metrics.job_s.labels(task.name).observe(time.monotonic() - started)
+    count_ok(rt, task.name, started)
     return result
+
+
+def count_ok(rt: Runtime, task: str, started: float) -> None:
+    """Count a job that finished (``started``: its ``time.monotonic()`` at start), on any lane."""
+    rt.counters.jobs += 1
+    rt.metrics.jobs.labels(task, "ok").inc()
+    rt.metrics.job_s.labels(task).observe(time.monotonic() - started)
+
+
+def count_failure(rt: Runtime, task: str, job_id: str | None, error: Exception) -> None:
+    """Count a job that failed for good, on any lane, and record it for `m3q status`."""
+    rt.counters.errors += 1
+    rt.metrics.jobs.labels(task, "failed").inc()
+    rt.metrics.errors.labels(type(error).__name__).inc()
+    # Best effort: with Redis down the failure cannot be recorded, and that must not hide the job's own error.
+    try:
+        record_failure(rt.settings, task, job_id or "?", f"{type(error).__name__}: {error}", rt.redis())
+    except Exception as why:  # noqa: BLE001
+        log.warning("could not record the failure of job %s in Redis: %s", job_id, why)
 
 
 def crash_if_asked(payload: Any) -> None:
@@ -92,14 +106,6 @@ def _is_retry(e: Exception) -> bool:
     from celery.exceptions import Retry
 
     return isinstance(e, Retry)
-
-
-def _record(rt: Runtime, task: Task, e: Exception) -> None:
-    # Best effort: with Redis down the failure cannot be recorded, and that must not hide the job's own error.
-    try:
-        record_failure(rt.settings, task.name, task.request.id or "?", f"{type(e).__name__}: {e}", rt.redis())
-    except Exception as why:  # noqa: BLE001
-        log.warning("could not record the failure of job %s in Redis: %s", task.request.id, why)
 
 
 def check_deliveries(rt: Runtime, job_id: str, allowed: int, uncounted: int = 0) -> None:
@@ -156,7 +162,11 @@ def encode_options(rt: Runtime, payload: Any) -> tuple[dict, dict]:
 def encode_job(rt: Runtime, payload: Any, kind: str) -> dict:
     """Encode a job's texts; vectors come back as bytes, bad texts as item errors."""
     payload, options = encode_options(rt, payload)
-    result = rt.engine.encode(payload["texts"], kind, **options)
+    return encode_result(rt, rt.engine.encode(payload["texts"], kind, **options))
+
+
+def encode_result(rt: Runtime, result) -> dict:
+    """An encode job's answer, on any lane: items (vectors as bytes, bad texts as errors), counts, the stamp."""
     return {"items": [encode_item(i) for i in result.items], "truncated": result.truncated,
             "tokens": result.tokens, **stamp(rt)}
 

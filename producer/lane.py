@@ -1,0 +1,95 @@
+"""The query lane's wire contract: queries on a Redis stream, replies on one list per client process.
+
+Both sides import this module (it needs neither torch nor Celery). The flow:
+
+- A producer ``XADD``s one entry per query job to :func:`stream_key` (fields below; the payload is msgpack,
+  exactly an ``m3q.encode_queries`` payload). ``MAXLEN ~`` :data:`settings.query_stream_max` caps the stream
+  when no worker reads it.
+- Workers read the stream in one consumer group (:data:`GROUP`), each under its heartbeat hostname, many
+  entries per ``XREADGROUP``; the device loop batches them across jobs.
+- A worker answers a job by ``RPUSH``ing :func:`encode_reply` to the entry's reply list (one per client
+  process, :func:`reply_key`), refreshing that list's TTL (:data:`REPLY_TTL_S`), then ``XACK`` + ``XDEL``
+  the entry: all replies of a step go out in one pipeline, replies before acknowledgements (at least once).
+- Entries still pending on a consumer whose heartbeat has expired are claimed (``XCLAIM``) by a live worker
+  and answered; the times-delivered count of the pending list bounds poison queries.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from producer.settings import Settings
+
+GROUP = "m3q-workers"
+"""The consumer group of every worker on a stream."""
+
+REPLY_TTL_S = 600
+"""A reply list outlives its last reply by this much, so a client process that went away leaves nothing."""
+
+F_ID, F_REPLY, F_BODY, F_SENT = b"id", b"reply", b"body", b"sent"
+"""The fields of a stream entry: job id, reply list, msgpack payload, the producer's send time (Unix s)."""
+
+
+def stream_key(s: Settings) -> str:
+    """The stream of query jobs."""
+    return f"{s.queue_prefix}:lane:queries"
+
+
+def reply_key(s: Settings, client_id: str) -> str:
+    """The reply list of one client process."""
+    return f"{s.queue_prefix}:lane:reply:{client_id}"
+
+
+def new_client_id() -> str:
+    """A fresh id for a client process's reply list."""
+    return uuid.uuid4().hex
+
+
+def request_fields(job_id: str, reply_to: str, payload: dict[str, Any]) -> dict[bytes, bytes]:
+    """The fields of the stream entry for one query job."""
+    return {F_ID: job_id.encode(), F_REPLY: reply_to.encode(), F_BODY: msgpack.packb(payload),
+            F_SENT: repr(time.time()).encode()}
+
+
+@dataclass
+class Request:
+    """A stream entry as a worker reads it. ``payload`` is None when the body is not msgpack (``error`` says)."""
+
+    entry_id: bytes
+    job_id: str
+    reply_to: str
+    payload: Any
+    sent: float | None
+    error: str | None = None
+
+
+def read_request(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
+    """Decode one entry; a malformed one comes back with ``error`` set (still answered when it has a reply list)."""
+    job_id = fields.get(F_ID, b"?").decode(errors="replace")
+    reply_to = fields.get(F_REPLY, b"").decode(errors="replace")
+    try:
+        sent = float(fields[F_SENT]) if F_SENT in fields else None
+    except ValueError:
+        sent = None
+    try:
+        payload = msgpack.unpackb(fields[F_BODY], raw=False, strict_map_key=False)
+    except KeyError:
+        return Request(entry_id, job_id, reply_to, None, sent, "the entry has no 'body' field")
+    except Exception as e:  # noqa: BLE001 - pickle, JSON or garbage: refused, never decoded further
+        return Request(entry_id, job_id, reply_to, None, sent, f"the body is not msgpack ({type(e).__name__})")
+    return Request(entry_id, job_id, reply_to, payload, sent)
+
+
+def encode_reply(job_id: str, result: dict[str, Any] | None = None, error: str | None = None) -> bytes:
+    """A worker's answer to one job: its result (as an ``m3q.encode_queries`` task returns it), or why it failed."""
+    return msgpack.packb({"id": job_id, "result": result} if error is None else {"id": job_id, "error": error})
+
+
+def decode_reply(raw: bytes) -> tuple[str, dict[str, Any] | None, str | None]:
+    """(job id, result, error) of a reply."""
+    reply = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    return str(reply.get("id")), reply.get("result"), reply.get("error")

@@ -1,0 +1,365 @@
+"""Replies without a thread per waiter: the query lane's reply readers and the asyncio wait for Celery results.
+
+- :class:`ReplyReader`: one daemon thread per process (per broker URL and queue prefix) reads the process's
+  reply list (``BLPOP``, then ``LPOP`` of what else is there) and hands each reply to its waiter's
+  ``concurrent.futures.Future``, found by job id.
+- :class:`AsyncLane`: the same for asyncio, one reader task per event loop on a reply list of its own;
+  sends are ``XADD``s gathered into one pipeline per round trip.
+- :class:`AsyncResults`: Celery results (document jobs) awaited through one ``redis.asyncio`` pub/sub
+  connection per event loop, subscribed to each pending job's result key.
+
+A reply for an id nobody waits for (a duplicate after a redelivery, or a waiter that gave up) is dropped.
+Waiting itself (timeouts, error messages) is the client's: this module only delivers.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import weakref
+from concurrent.futures import Future
+from typing import Any, Awaitable, Callable
+
+import redis
+import redis.asyncio as aioredis
+
+from producer import lane
+from producer.settings import Settings
+from producer.status import redis_client, redis_options
+
+log = logging.getLogger(__name__)
+
+BLOCK_S = 1
+"""How long one ``BLPOP`` of a reader waits: also how soon an idle reader notices it may stop."""
+DRAIN = 500
+"""Replies taken by one ``LPOP`` after a ``BLPOP`` returned (all of a worker's step, usually)."""
+IDLE_EXIT_S = 10.0
+"""A reader with no waiter for this long stops; the next waiter starts a new one."""
+SWEEP_S = 5.0
+"""Pending Celery results are also read directly this often (a Redis restart drops subscriptions)."""
+BACKOFF_MAX_S = 5.0
+"""Longest pause of a reader between two tries while Redis is down (doubling from 0.2 s)."""
+
+Reply = tuple[dict[str, Any] | None, str | None]
+"""(result, error) of one query job, as a worker answered it."""
+
+
+def _settings_key(s: Settings) -> tuple[int, str, str]:
+    # The pid: a forked child gets a reader (and a reply list) of its own.
+    return os.getpid(), s.broker_url, s.queue_prefix
+
+
+def _backoff(delay_s: float) -> float:
+    return min(2 * delay_s, BACKOFF_MAX_S)
+
+
+# ---- blocking: one reader thread per process ---------------------------------------------------------------
+
+class ReplyReader:
+    """The reply list of this process and the thread that reads it."""
+
+    def __init__(self, s: Settings) -> None:
+        self.settings = s
+        self.client_id = lane.new_client_id()
+        self.key = lane.reply_key(s, self.client_id)
+        self._redis = redis_client(s)
+        self._waiters: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def expect(self, job_id: str) -> Future:
+        """A future that gets the reply to ``job_id``; register it before the job is sent."""
+        future: Future = Future()
+        with self._lock:
+            self._waiters[job_id] = future
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="m3q-replies", daemon=True)
+                self._thread.start()
+        return future
+
+    def forget(self, job_id: str) -> None:
+        """Stop waiting for ``job_id`` (it timed out): a late reply is dropped."""
+        with self._lock:
+            self._waiters.pop(job_id, None)
+
+    def _run(self) -> None:
+        idle_since = time.monotonic()
+        delay_s = 0.2
+        while not self._stop_if_idle(idle_since):
+            try:
+                raws = self._read()
+                delay_s = 0.2
+            except redis.RedisError as e:  # Redis restarting: its waiters time out if their replies are lost
+                log.warning("reading replies from %s: %s; retrying in %.1fs", self.key, e, delay_s)
+                time.sleep(delay_s)
+                delay_s = _backoff(delay_s)
+                continue
+            self._dispatch(raws)
+            if self._waiters:
+                idle_since = time.monotonic()
+
+    def _stop_if_idle(self, idle_since: float) -> bool:
+        with self._lock:
+            if self._waiters or time.monotonic() - idle_since < IDLE_EXIT_S:
+                return False
+            self._thread = None
+            return True
+
+    def _read(self) -> list[bytes]:
+        got = self._redis.blpop([self.key], timeout=BLOCK_S)
+        if got is None:
+            return []
+        return [got[1], *(self._redis.lpop(self.key, DRAIN) or [])]
+
+    def _dispatch(self, raws: list[bytes]) -> None:
+        for raw in raws:
+            job_id, reply = _decoded(raw)
+            with self._lock:
+                future = self._waiters.pop(job_id, None)
+            if future is not None:
+                future.set_result(reply)
+
+
+_readers: dict[tuple[int, str, str], ReplyReader] = {}
+_readers_lock = threading.Lock()
+
+
+def reply_reader(s: Settings) -> ReplyReader:
+    """This process's reader for ``s``'s Redis and queue prefix (created on first use)."""
+    key = _settings_key(s)
+    with _readers_lock:
+        if key not in _readers:
+            _readers[key] = ReplyReader(s)
+        return _readers[key]
+
+
+def _decoded(raw: bytes) -> tuple[str, Reply]:
+    try:
+        job_id, result, error = lane.decode_reply(raw)
+    except Exception as e:  # noqa: BLE001 - not a reply: nobody can be told, so it is only logged
+        log.warning("dropped a malformed reply (%s: %s)", type(e).__name__, e)
+        return "", (None, None)
+    return job_id, (result, error)
+
+
+# ---- asyncio: one reader task per event loop ----------------------------------------------------------------
+
+def async_redis(s: Settings, url: str | None = None) -> aioredis.Redis:
+    """A ``redis.asyncio`` client on ``url`` (default the broker) with the options of the blocking clients."""
+    return aioredis.Redis.from_url(url or s.broker_url, **redis_options(s.replace(broker_url=url or s.broker_url)))
+
+
+class _PerLoop:
+    """One instance per (event loop, settings key), dropped with its loop."""
+
+    _instances: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict]"
+
+    @classmethod
+    def for_loop(cls, s: Settings, *args: Any):
+        loop = asyncio.get_running_loop()
+        mine = cls._instances.setdefault(loop, {})
+        key = (*_settings_key(s), s.backend_url)
+        if key not in mine:
+            mine[key] = cls(s, *args)
+        return mine[key]
+
+
+class AsyncLane(_PerLoop):
+    """This event loop's reply list and reader task, and its batched ``XADD``s to the query stream."""
+
+    _instances = weakref.WeakKeyDictionary()
+
+    def __init__(self, s: Settings) -> None:
+        self.settings = s
+        self.key = lane.reply_key(s, lane.new_client_id())
+        self._redis = async_redis(s)
+        self._waiters: dict[str, asyncio.Future] = {}
+        self._outbox: list[tuple[dict, asyncio.Future]] = []
+        self._flushing = False
+        self._flusher: asyncio.Task | None = None  # held: the loop keeps only weak references to tasks
+        self._reader: asyncio.Task | None = None
+
+    def expect(self, job_id: str) -> asyncio.Future:
+        """A future that gets the reply to ``job_id``; register it before the job is sent."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiters[job_id] = future
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._run(), name="m3q-replies")
+        return future
+
+    def forget(self, job_id: str) -> None:
+        """Stop waiting for ``job_id``: a late reply is dropped."""
+        self._waiters.pop(job_id, None)
+
+    async def send(self, fields: dict[bytes, bytes]) -> None:
+        """``XADD`` one entry; the entries of concurrent sends share one pipeline (one round trip)."""
+        future = asyncio.get_running_loop().create_future()
+        self._outbox.append((fields, future))
+        if not self._flushing:
+            self._flushing = True
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                await self._send_batch(batch)
+        finally:
+            self._flushing = False
+
+    async def _send_batch(self, batch: list[tuple[dict, asyncio.Future]]) -> None:
+        s = self.settings
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for fields, _ in batch:
+                    pipe.xadd(lane.stream_key(s), fields, maxlen=s.query_stream_max, approximate=True)
+                await pipe.execute()
+        except Exception as e:  # noqa: BLE001 - each sender decides: retry (unreachable) or raise
+            [f.set_exception(e) for _, f in batch if not f.done()]
+            return
+        [f.set_result(None) for _, f in batch if not f.done()]
+
+    async def _run(self) -> None:
+        idle_since = time.monotonic()
+        delay_s = 0.2
+        try:
+            while self._waiters or time.monotonic() - idle_since < IDLE_EXIT_S:
+                try:
+                    raws = await self._read()
+                    delay_s = 0.2
+                except (redis.RedisError, OSError) as e:
+                    log.warning("reading replies from %s: %s; retrying in %.1fs", self.key, e, delay_s)
+                    await asyncio.sleep(delay_s)
+                    delay_s = _backoff(delay_s)
+                    continue
+                self._dispatch(raws)
+                if self._waiters:
+                    idle_since = time.monotonic()
+        finally:
+            self._reader = None
+
+    async def _read(self) -> list[bytes]:
+        got = await self._redis.blpop([self.key], timeout=BLOCK_S)
+        if got is None:
+            return []
+        return [got[1], *(await self._redis.lpop(self.key, DRAIN) or [])]
+
+    def _dispatch(self, raws: list[bytes]) -> None:
+        for raw in raws:
+            job_id, reply = _decoded(raw)
+            future = self._waiters.pop(job_id, None)
+            if future is not None and not future.done():
+                future.set_result(reply)
+
+
+# ---- asyncio: Celery results through one pub/sub connection per event loop ----------------------------------
+
+class AsyncResults(_PerLoop):
+    """Awaits Celery results: SUBSCRIBE to the result key's channel (the Redis backend PUBLISHes each result
+    there when it stores it), then GET it once (a result stored before the subscription), plus a GET sweep
+    of every pending key each :data:`SWEEP_S` (subscriptions lost in a Redis restart)."""
+
+    _instances = weakref.WeakKeyDictionary()
+
+    def __init__(self, s: Settings, backend: Any) -> None:
+        self.backend = backend
+        self._redis = async_redis(s, s.backend_url)
+        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        self._pending: dict[bytes, asyncio.Future] = {}
+        self._reader: asyncio.Task | None = None
+        # redis-py's PubSub opens its connection on the first command: concurrent first subscribes would
+        # each open one, and all but the last would be lost.
+        self._subscribing = asyncio.Lock()
+
+    async def wait(self, task_id: str) -> dict[str, Any]:
+        """The task's final meta (status, result), decoded by the backend; cancel to stop waiting."""
+        key = _as_bytes(self.backend.get_key_for_task(task_id))
+        future = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        try:
+            await self._watch(key)
+            return await future
+        finally:
+            self._pending.pop(key, None)
+            await self._unwatch(key)
+
+    async def _watch(self, key: bytes) -> None:
+        try:
+            async with self._subscribing:
+                await self._pubsub.subscribe(key)
+        except (redis.RedisError, OSError, RuntimeError) as e:
+            # Redis down, or the listener reconnecting on the same connection ("readuntil() called while
+            # another coroutine is already waiting"): the sweep reads the key once it is back.
+            log.debug("subscribing to %r: %s", key, e)
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._run(), name="m3q-results")
+        try:
+            self._offer(key, await self._redis.get(key))
+        except (redis.RedisError, OSError):
+            pass
+
+    async def _unwatch(self, key: bytes) -> None:
+        try:
+            async with self._subscribing:
+                await self._pubsub.unsubscribe(key)
+        except (redis.RedisError, OSError, RuntimeError):
+            pass  # dropped with the connection anyway, or unsubscribed when the listener reconnects
+
+    def _offer(self, key: bytes, raw: bytes | None) -> None:
+        """Resolve ``key``'s waiter if ``raw`` is a final state."""
+        future = self._pending.get(key)
+        if raw is None or future is None or future.done():
+            return
+        meta = self.backend.decode_result(raw)
+        if meta.get("status") in ("SUCCESS", "FAILURE", "REVOKED"):
+            future.set_result(meta)
+
+    async def _run(self) -> None:
+        swept = time.monotonic()
+        delay_s = 0.2
+        try:
+            while self._pending:
+                try:
+                    await self._listen()
+                    delay_s = 0.2
+                except (redis.RedisError, OSError, RuntimeError) as e:
+                    log.debug("result listener: %s; retrying in %.1fs", e, delay_s)
+                    await asyncio.sleep(delay_s)
+                    delay_s = _backoff(delay_s)
+                if time.monotonic() - swept >= SWEEP_S:
+                    swept = time.monotonic()
+                    await self._sweep()
+        finally:
+            self._reader = None
+
+    async def _listen(self) -> None:
+        message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=BLOCK_S)
+        if message and message.get("type") == "message":
+            self._offer(_as_bytes(message["channel"]), message["data"])
+
+    async def _sweep(self) -> None:
+        keys = list(self._pending)
+        try:
+            for start in range(0, len(keys), DRAIN):
+                chunk = keys[start:start + DRAIN]
+                for key, raw in zip(chunk, await self._redis.mget(chunk)):
+                    self._offer(key, raw)
+        except (redis.RedisError, OSError) as e:
+            log.debug("result sweep: %s", e)
+
+
+def _as_bytes(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def call_once_per_loop(holder: "weakref.WeakKeyDictionary", key: Any,
+                       start: Callable[[], Awaitable[Any]]) -> "asyncio.Future":
+    """The future of ``start()`` for ``key`` on this loop while it runs, a new one once it is done: concurrent
+    callers share one check instead of one each. ``holder`` maps loops (weakly) to their running checks."""
+    running = holder.setdefault(asyncio.get_running_loop(), {})
+    if key not in running or running[key].done():
+        running[key] = asyncio.ensure_future(start())
+    return running[key]

@@ -1,0 +1,254 @@
+"""The producer side of the query lane and the native asyncio client: real Redis, real worker processes.
+
+Queries go on the Redis stream (``producer.lane``) and come back on one reply list per process (a reader
+thread) or per event loop (a reader task); documents are Celery tasks awaited through one pub/sub connection
+per loop. Every test also checks that its jobs went over the path it is about (the stream's consumer group
+read them, or the process kept its threads).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from producer import lane
+from producer.client import Client, JobTimeout
+from producer.wire import Embedding, ItemError, PayloadError
+from tests.conftest import ROOT, TINY, make_settings, settings_env
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from worker.encoder import Encoder
+
+    return Encoder.load(str(TINY), "cpu", "float32")
+
+
+@pytest.fixture(scope="module")
+def client(shared_worker):
+    return Client(shared_worker.settings)
+
+
+def _close(a: Embedding, b: Embedding) -> None:
+    assert np.abs(a.dense - b.dense).max() <= TOL
+    assert a.sparse_dict().keys() == b.sparse_dict().keys()
+    assert np.abs(a.sparse_weights - b.sparse_weights).max(initial=0) <= TOL
+
+
+def _lane_reads(redis_client, s) -> int:
+    """Entries the workers' consumer group has read from the query stream (0 when it does not exist)."""
+    if not redis_client.exists(lane.stream_key(s)):
+        return 0
+    groups = [g for g in redis_client.xinfo_groups(lane.stream_key(s)) if g["name"] == lane.GROUP.encode()]
+    return int(groups[0]["entries-read"] or 0) if groups else 0
+
+
+class ThreadWatch:
+    """The most threads this process had while an awaited call ran (sampled every few milliseconds)."""
+
+    def __init__(self) -> None:
+        self.most = threading.active_count()
+
+    async def during(self, work):
+        async def sample() -> None:
+            while True:
+                self.most = max(self.most, threading.active_count())
+                await asyncio.sleep(0.005)
+
+        sampler = asyncio.ensure_future(sample())
+        try:
+            return await work
+        finally:
+            sampler.cancel()
+
+
+def test_a_thousand_concurrent_awaits_each_get_their_own_vectors(client, encoder, redis_client):
+    texts = [f"query {i} about topic {i % 37} and the {i * 7 % 101}th lane" for i in range(1000)]
+    before_threads, before_reads = threading.active_count(), _lane_reads(redis_client, client.settings)
+    watch = ThreadWatch()
+
+    async def run():
+        return await watch.during(asyncio.gather(*(client.aencode_queries([t]) for t in texts)))
+
+    answers = asyncio.run(run())
+    local = encoder.encode(texts, "queries").items
+    for (item,), expected in zip(answers, local):
+        _close(item, expected)
+    # No thread per await: at most the one thread that checks for a live worker.
+    assert watch.most <= min(8, before_threads + 2), (before_threads, watch.most)
+    assert _lane_reads(redis_client, client.settings) - before_reads >= len(texts)
+
+
+def test_blocking_queries_go_on_the_lane_from_many_threads(client, encoder, redis_client):
+    texts = [f"threaded query {i}" for i in range(64)]
+    before = _lane_reads(redis_client, client.settings)
+    answers: dict[int, Embedding] = {}
+
+    def ask(i: int) -> None:
+        (answers[i],) = client.encode_queries([texts[i]])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(texts))]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    local = encoder.encode(texts, "queries").items
+    for i, expected in enumerate(local):
+        _close(answers[i], expected)
+    assert _lane_reads(redis_client, client.settings) - before >= len(texts)
+
+
+def test_two_hundred_concurrent_document_awaits_and_await_handle(client, encoder):
+    texts = [f"document {i}: the queue keeps {i % 13} promises about documents" for i in range(200)]
+    watch = ThreadWatch()
+    before_threads = threading.active_count()
+
+    async def run():
+        handle = client.submit_encode(["awaited handle", "second text"], "documents")
+        docs = await watch.during(asyncio.gather(*(client.aencode_documents([t]) for t in texts)))
+        return docs, await handle
+
+    docs, awaited = asyncio.run(run())
+    local = encoder.encode(texts, "documents").items
+    for (item,), expected in zip(docs, local):
+        _close(item, expected)
+    for item, expected in zip(awaited, encoder.encode(["awaited handle", "second text"], "documents").items):
+        _close(item, expected)
+    assert watch.most <= min(8, before_threads + 2), (before_threads, watch.most)
+
+
+def test_bad_inputs_on_the_lane_are_answered_per_item(client, redis_client):
+    s = client.settings
+    texts = ["fine", "", None, "x" * (s.max_text_chars + 1), "lone \ud800", "fine too"]
+    before = _lane_reads(redis_client, s)
+    blocking = client.encode_queries(texts)
+    awaited = asyncio.run(client.aencode_queries(texts))
+    for items in (blocking, awaited):
+        assert isinstance(items[0], Embedding) and isinstance(items[-1], Embedding)
+        assert all(isinstance(i, ItemError) for i in items[1:-1])
+        assert "empty" in items[1].reason
+        assert "NoneType" in items[2].reason
+        assert "M3Q_MAX_TEXT_CHARS" in items[3].reason
+        assert "surrogate" in items[4].reason
+    with pytest.raises(PayloadError, match="colour"):
+        client.encode_queries(["x"], colour="blue")
+    with pytest.raises(PayloadError, match="colour"):
+        asyncio.run(client.aencode_queries(["x"], colour="blue"))
+    small = Client(s.replace(max_payload_bytes=100))
+    with pytest.raises(PayloadError, match="M3Q_MAX_PAYLOAD_BYTES"):
+        small.encode_queries(["y" * 200])
+    with pytest.raises(PayloadError, match="M3Q_MAX_PAYLOAD_BYTES"):
+        asyncio.run(small.aencode_queries(["y" * 200]))
+    assert _lane_reads(redis_client, s) - before == 4  # two jobs of texts, two refused by the worker
+
+
+def test_a_duplicate_or_stray_reply_is_dropped_and_the_reader_goes_on(client, encoder, redis_client):
+    from producer.replies import reply_reader
+
+    client.encode_queries(["start the reader"])
+    key = reply_reader(client.settings).key
+    redis_client.rpush(key, lane.encode_reply("nobody-waits-for-this", {"items": []}), b"\x93not a reply")
+    redis_client.expire(key, lane.REPLY_TTL_S)
+    (item,) = client.encode_queries(["after the strays"])
+    _close(item, encoder.encode(["after the strays"], "queries").items[0])
+
+    async def awaited():
+        return await client.submit_query(["an awaited lane handle"])
+
+    (item,) = asyncio.run(awaited())
+    _close(item, encoder.encode(["an awaited lane handle"], "queries").items[0])
+
+
+def test_job_timeout_when_no_worker(redis_client):
+    s = make_settings(require_worker=False, job_timeout_s=2.0)
+    client = Client(s)
+    try:
+        started = time.monotonic()
+        with pytest.raises(JobTimeout, match=r"m3q worker.*m3q status"):
+            client.encode_queries(["nobody listens"])
+        assert time.monotonic() - started < 10
+        with pytest.raises(JobTimeout, match=r"m3q worker.*m3q status"):
+            asyncio.run(client.aencode_queries(["nobody listens either"]))
+        assert redis_client.xlen(lane.stream_key(s)) == 2  # both waited on the stream, not a Celery queue
+    finally:
+        redis_client.delete(lane.stream_key(s))
+
+
+CLIENT_SCRIPT = r"""
+import asyncio, json, sys, threading
+from producer.client import Client
+name, n = sys.argv[1], int(sys.argv[2])
+client = Client()
+texts = [f"{name} asks question {i} about {i % 11}" for i in range(n)]
+out = {}
+def ask(i):
+    (item,) = client.encode_queries([texts[i]])
+    out[texts[i]] = item.dense.tolist()
+threads = [threading.Thread(target=ask, args=(i,)) for i in range(0, n, 2)]
+[t.start() for t in threads]
+async def main():
+    odd = [texts[i] for i in range(1, n, 2)]
+    for text, (item,) in zip(odd, await asyncio.gather(*(client.aencode_queries([t]) for t in odd))):
+        out[text] = item.dense.tolist()
+asyncio.run(main())
+[t.join() for t in threads]
+print(json.dumps(out))
+"""
+
+
+def test_replies_never_reach_the_wrong_waiter_with_two_clients_and_two_workers(spawn_worker, encoder, redis_client):
+    s = make_settings()
+    workers = [spawn_worker(s, device="cpu:0"), spawn_worker(s, device="cpu:1")]
+    n = 200
+    clients = [subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, name, str(n)], cwd=ROOT, env=settings_env(s),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("alpha", "beta")]
+    outputs = [c.communicate(timeout=180) for c in clients]
+    for c, (_, err) in zip(clients, outputs):
+        assert c.returncode == 0, err[-3000:]
+    for out, _ in outputs:
+        answers = json.loads(out)
+        assert len(answers) == n
+        texts = sorted(answers)
+        for text, expected in zip(texts, encoder.encode(texts, "queries").items):
+            assert np.abs(np.asarray(answers[text], dtype=np.float32) - expected.dense).max() <= TOL, text
+    consumers = redis_client.xinfo_consumers(lane.stream_key(s), lane.GROUP)
+    assert len(consumers) == 2, consumers  # both workers read the stream
+    assert _lane_reads(redis_client, s) >= 2 * n
+    assert all(w.proc.poll() is None for w in workers)
+
+
+def test_awaits_waiting_through_a_redis_restart_are_answered(tmp_path, spawn_worker, encoder):
+    from tests.test_faults import RedisServer
+
+    server = RedisServer(tmp_path / "redis", ("--appendonly", "yes")).start()
+    try:
+        s = make_settings(broker_url=server.url(), job_timeout_s=120)
+        spawn_worker(s)
+        client = Client(s)
+
+        async def run():
+            await client.aencode_queries(["warm the reader"])
+            await client.aencode_documents(["warm the listener"])
+            documents = [asyncio.ensure_future(client.aencode_documents([f"document {i} across a restart"]))
+                         for i in range(10)]
+            await asyncio.sleep(0)  # published (a short blocking send) before Redis goes away
+            await asyncio.to_thread(server.stop)
+            queries = [asyncio.ensure_future(client.aencode_queries([f"query {i} sent while Redis is down"]))
+                       for i in range(10)]
+            await asyncio.sleep(3)
+            await asyncio.to_thread(server.start)
+            return await asyncio.gather(*documents), await asyncio.gather(*queries)
+
+        documents, queries = asyncio.run(asyncio.wait_for(run(), 150))
+        for i, (item,) in enumerate(queries):
+            _close(item, encoder.encode([f"query {i} sent while Redis is down"], "queries").items[0])
+        for i, (item,) in enumerate(documents):
+            _close(item, encoder.encode([f"document {i} across a restart"], "documents").items[0])
+    finally:
+        server.stop()
