@@ -175,5 +175,6 @@ def test_a_job_a_worker_popped_but_never_recorded_is_sent_again(workers):
     resent_s = time.monotonic() - started
     print(f"\nthe lost job was sent again and answered {resent_s:.1f}s after a worker was up")
     assert item.dense is not None
-    assert w.task_ids("succeeded", wire.TASK_ENCODE_DOCUMENTS) == [handle.id]  # the same job id, once more
+    # the same job id, once more (the worker logs "succeeded" just after storing the result we have read)
+    wait_for(lambda: w.task_ids("succeeded", wire.TASK_ENCODE_DOCUMENTS) == [handle.id], 10, "the worker ran it")
     assert resent_s <= 2 * s.dead_worker_s + 5 + 10  # absent for the bound plus a heartbeat, seen every 5 s
