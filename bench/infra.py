@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from producer.settings import Settings
 
@@ -56,3 +59,23 @@ def start_workers(s: Settings, n: int, device: str = "cpu") -> list[Worker]:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+def threads_shape(ask: Callable[[str], object], texts: list[str], n: int, seconds: float) -> list[float]:
+    """Latencies of ``n`` threads each asking one query at a time for ``seconds``."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def run(seed: int) -> None:
+        rng = random.Random(seed)
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            ask(rng.choice(texts))
+            with lock:
+                latencies.append(time.perf_counter() - started)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return latencies

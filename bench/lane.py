@@ -26,7 +26,7 @@ from typing import Awaitable, Callable
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo root, not bench/
 
 from bench import corpus  # noqa: E402
-from bench.infra import bench_settings, percentile, start_workers  # noqa: E402
+from bench.infra import bench_settings, percentile, start_workers, threads_shape  # noqa: E402
 from bench.load import _proc_cpu  # noqa: E402
 from producer.client import Client  # noqa: E402
 
@@ -76,26 +76,6 @@ class Meter:
         self._sampler.join()
         end = self._cpu()
         self.client_s, self.worker_s = end[0] - self.start[0], end[1] - self.start[1]
-
-
-def threads_shape(ask: Callable[[str], object], texts: list[str], n: int, seconds: float) -> list[float]:
-    """Latencies of ``n`` threads each asking one query at a time for ``seconds``."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
-
-    def run(seed: int) -> None:
-        rng = random.Random(seed)
-        while time.monotonic() < deadline:
-            started = time.perf_counter()
-            ask(rng.choice(texts))
-            with lock:
-                latencies.append(time.perf_counter() - started)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    return latencies
 
 
 def tasks_shape(ask: Callable[[str], Awaitable[object]], texts: list[str], n: int, seconds: float) -> list[float]:

@@ -29,29 +29,14 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo root, not bench/
 
 from bench import corpus  # noqa: E402
-from bench.infra import bench_settings, percentile, start_workers  # noqa: E402
+from bench.infra import bench_settings, percentile, start_workers, threads_shape  # noqa: E402
 from producer.client import Client  # noqa: E402
 from producer.status import redis_client  # noqa: E402
 
 
 def query_load(client: Client, clients: int, seconds: float, texts: list[str]) -> list[float]:
     """Latencies of single queries sent by ``clients`` threads, one at a time each, for ``seconds``."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
-
-    def run(seed: int) -> None:
-        rng = random.Random(seed)
-        while time.monotonic() < deadline:
-            started = time.perf_counter()
-            client.encode_queries([rng.choice(texts)])
-            with lock:
-                latencies.append(time.perf_counter() - started)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    return latencies
+    return threads_shape(lambda q: client.encode_queries([q]), texts, clients, seconds)
 
 
 def _timed(fn) -> float:

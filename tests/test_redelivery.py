@@ -83,7 +83,7 @@ def test_a_killed_workers_jobs_come_back_within_the_bound_and_status_shows_them(
 def test_twenty_kills_during_a_3000_document_index_store_every_document_once(workers, milvus_server):
     s = make_settings(milvus_uri=milvus_server, job_timeout_s=TIMEOUT_S, dead_worker_s=6, job_texts=10,
                       max_in_flight=6, worker_threads=1)
-    survivor = workers(s)
+    workers(s)  # the survivor: it outlives every victim
     collection = collection_name()
     n = 3000
     texts = [f"document {i}: " + "the queue keeps every job of a worker that died " * 60 for i in range(n)]
