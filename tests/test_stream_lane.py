@@ -172,8 +172,9 @@ def test_bad_entries_are_answered_naming_why_and_the_rest_of_the_burst_succeeds(
     assert error is None and "error" not in result["items"][0] and "empty" in result["items"][1]["error"]
 
     assert r.exists(foreign) == 0
-    failed = {json.loads(f)["id"] for f in r.lrange(failures_key(s), 0, -1)}
-    assert failed >= {"pickled", "no-body", *bad}, failed
+    # Recorded just after the replies go out (the accounting follows the reply pipeline).
+    wait_for(lambda: {json.loads(f)["id"] for f in r.lrange(failures_key(s), 0, -1)} >= {"pickled", "no-body", *bad},
+             10, "every bad entry recorded as a failure")
     wait_for(lambda: r.xlen(stream) == 0, 10, "the foreign-reply entry acknowledged")
     assert_clean(s, r)
 
@@ -231,8 +232,9 @@ def test_a_poison_query_is_given_up_after_bounded_deliveries(workers):
     assert replies["poison-job"] == (None, "PoisonJob: job poison-job was delivered 3 times without finishing "
                                            "(M3Q_TASK_MAX_RETRIES=1); giving up")
     assert third.proc.poll() is None
-    failed = [json.loads(f) for f in r.lrange(failures_key(s), 0, -1)]
-    assert any(f["id"] == "poison-job" and f["reason"].startswith("PoisonJob") for f in failed)
+    # Recorded just after the reply goes out (the accounting follows the reply pipeline).
+    wait_for(lambda: any(f["id"] == "poison-job" and f["reason"].startswith("PoisonJob")
+                         for f in map(json.loads, r.lrange(failures_key(s), 0, -1))), 10, "the failure is recorded")
     assert lane_status(s, r, lambda f: f["poison"] > 0)["poison"] == 1
     assert_clean(s, r)
 
