@@ -9,6 +9,7 @@ from dataclasses import fields
 from typing import Any, Iterator, Sequence
 
 from producer.settings import Settings
+from producer.errors import ConfigError, M3QError
 
 log = logging.getLogger("m3q")
 
@@ -42,9 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _expected(e: Exception) -> bool:
-    names = {"ModelLoadError", "DeviceError", "PayloadError", "JobFailed", "JobTimeout", "MilvusError",
-             "SchemaMismatch", "FileNotFoundError", "ValueError", "ConnectionError", "InfraError"}
-    return type(e).__name__ in names or any(c.__name__ in names for c in type(e).__mro__)
+    # Every error m3-queue raises on purpose is an M3QError (producer/errors.py); a missing file is the one
+    # builtin error that is the user's, not a bug. Anything else keeps its traceback.
+    return isinstance(e, (M3QError, FileNotFoundError))
 
 
 REDIS_COMMANDS = {"worker", "encode", "index", "search", "status", "reindex"}
@@ -390,7 +391,7 @@ def _reindex(args: argparse.Namespace, s: Settings) -> int:
         print("\n".join(f"dropped {name}" for name in dropped) or "nothing to drop")
         return 0
     else:
-        raise ValueError("use --from SOURCE --into NAME, --resume JOB, --adopt --into NAME or --drop-old --into NAME")
+        raise ConfigError("use --from SOURCE --into NAME, --resume JOB, --adopt --into NAME or --drop-old --into NAME")
     print(report.summary())
     return 0 if report.switched else 1
 

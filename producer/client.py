@@ -27,11 +27,11 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
-from producer import lane, wire
+from producer import checks, lane, wire
 from producer.replies import AsyncLane, AsyncResults, call_once_per_loop, reply_reader
 from producer.settings import Settings
-from producer.status import live_workers, redis_client, serves
 from producer.wire import Item, PayloadError, decode_item
+from producer.errors import BrokerError, ConfigError, JobFailed, JobTimeout, NoWorker  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +44,6 @@ WORKER_SEEN_S = 10.0
 RESULT_POLL_S = 5.0
 """A waiting producer also reads its job's result directly this often, besides listening for it: after a
 Redis restart Celery's pub/sub listener may have lost the subscription and would wait in vain."""
-
-
-class JobFailed(RuntimeError):
-    """A job that the workers could not complete; the message names the job and the reason."""
-
-
-class JobTimeout(JobFailed):
-    """No result within ``M3Q_JOB_TIMEOUT_S``: no worker alive, or one that is far behind."""
-
-
-class NoWorker(JobFailed):
-    """No live worker serves the queue (no heartbeat within ``M3Q_NO_WORKER_GRACE_S``); raised before any job
-    of the call is sent. The message names the queue, `m3q worker` and `m3q status`."""
-
-
-class BrokerError(ConnectionError):
-    """Redis refused the producer (password, certificate) or stayed unreachable for ``M3Q_JOB_TIMEOUT_S``."""
 
 
 @dataclass
@@ -388,7 +371,7 @@ class Client:
         """Live workers as their heartbeats describe them (device, model, dtype, rate; what `m3q status`
         shows); with ``device``, only those serving that device's own queue."""
         queue = wire.device_queue(self.settings, device) if device else wire.query_queue(self.settings)
-        return [w for w in live_workers(self.settings, self._status_redis()) if serves(w, self.settings, queue)]
+        return [w for w in wire.live_workers(self.settings, self._status_redis()) if wire.serves(w, self.settings, queue)]
 
     def require_worker(self, device: str | None = None, grace_s: float | None = None) -> list[dict]:
         """The live workers (of ``device``'s queue, when given), waiting up to ``grace_s`` (default
@@ -408,10 +391,10 @@ class Client:
         told = False
         while True:
             try:
-                every = live_workers(self.settings, self._status_redis())
+                every = wire.live_workers(self.settings, self._status_redis())
             except (redis.ConnectionError, redis.TimeoutError):
                 return []  # Redis unreachable: not judged here, the send waits for Redis to come back
-            found = [w for w in every if serves(w, self.settings, queue)]
+            found = [w for w in every if wire.serves(w, self.settings, queue)]
             if found:
                 self._served_at[queue] = time.monotonic()
                 return found
@@ -437,8 +420,8 @@ class Client:
         whether its job was lost (``lost``)."""
         def watch(waited_s: float) -> None:
             try:
-                workers = live_workers(self.settings, self._status_redis())
-                alive = any(serves(w, self.settings, queue) for w in workers)
+                workers = wire.live_workers(self.settings, self._status_redis())
+                alive = any(wire.serves(w, self.settings, queue) for w in workers)
                 if alive and lost is not None:
                     lost.check(workers, self._status_redis(), self.settings)
             except redis.RedisError:
@@ -451,14 +434,14 @@ class Client:
 
     def _status_redis(self) -> redis.Redis:
         if self._redis is None:
-            self._redis = redis_client(self.settings)
+            self._redis = wire.redis_client(self.settings)
         return self._redis
 
     def submit_encode(self, texts: Sequence[object], kind: str = "documents", *, device: str | None = None,
                       first_index: int = 0, **options: Any) -> Handle:
         """Send one encode job (kind 'queries' or 'documents')."""
         if kind not in wire.KINDS:
-            raise ValueError(f"kind must be 'queries' or 'documents', got {kind!r}")
+            raise ConfigError(f"kind must be 'queries' or 'documents', got {kind!r}")
         task = wire.TASK_ENCODE_QUERIES if kind == "queries" else wire.TASK_ENCODE_DOCUMENTS
         return self.submit(task, wire.encode_payload(texts, **options), device, first_index)
 
@@ -484,7 +467,7 @@ class Client:
     def _split(self, texts: Sequence[object], kind: str, job_texts: int | None) -> tuple[list, list[list[int]]]:
         """Items answered here (texts that cannot travel) and the positions of the others, in jobs."""
         if kind not in wire.KINDS:
-            raise ValueError(f"kind must be 'queries' or 'documents', got {kind!r}")
+            raise ConfigError(f"kind must be 'queries' or 'documents', got {kind!r}")
         size = job_texts or (self.settings.job_texts if kind == "documents" else max(self.settings.job_texts, 256))
         out, send = _answer_unsendable(texts)
         return out, [send[start:start + size] for start in range(0, len(send), size)]
@@ -608,7 +591,7 @@ class Client:
               progress: Callable[[int], None] | None = None) -> IndexReport:
         """Index documents; rejected ones are reported with their input position, never dropped silently."""
         if len(ids) != len(texts) or (metadata is not None and len(metadata) != len(texts)):
-            raise ValueError("texts, ids (and metadata) must have the same length")
+            raise ConfigError("texts, ids (and metadata) must have the same length")
         report = IndexReport()
         rows = ((i, texts[i], ids[i], None if metadata is None else metadata[i]) for i in range(len(texts)))
         return self.index_rows(collection, _first_of_each_id(rows, report), job_texts=job_texts, progress=progress,
@@ -672,7 +655,7 @@ def _redis_urls(s: Settings) -> list[tuple[str, str]]:
 
 def _ping(s: Settings, url: str, name: str) -> str | None:
     """None if Redis at ``url`` answered, why not if it cannot be reached now; BrokerError if it refused us."""
-    client = redis_client(s.replace(broker_url=url))
+    client = wire.redis_client(s.replace(broker_url=url))
     try:
         client.ping()
         return None
@@ -700,9 +683,9 @@ def _index_batches(rows: Iterable[tuple[int, object, object, object]], size: int
 
 
 def _sendable_row(row: tuple[int, object, object, object], report: IndexReport) -> bool:
-    reason = wire.unsendable(row[1]) or wire.unsendable_metadata(row[3])
+    reason = checks.unsendable_text(row[1]) or checks.unsendable_metadata(row[3])
     if reason:
-        report.rejected.append((row[0], f"{wire.name_item(row[0], row[2])}: {reason}"))
+        report.rejected.append((row[0], f"{checks.name_item(row[0], row[2])}: {reason}"))
     return reason is None
 
 
@@ -723,10 +706,10 @@ def _first_of_each_id(rows: Iterable[tuple[int, object, object, object]],
     """The rows whose id comes first in this call; a repeat is rejected here, since its jobs may run in any order."""
     first: dict[str, int] = {}
     for row in rows:
-        key = str(row[2])
-        if isinstance(row[2], (str, int)) and first.setdefault(key, row[0]) != row[0]:
-            report.rejected.append((row[0], f"{wire.name_item(row[0], row[2])}: duplicate id {key!r}, "
-                                            f"first at item {first[key]}"))
+        earlier = checks.repeat_of(first, row[2], row[0]) if isinstance(row[2], (str, int)) else None
+        if earlier is not None:
+            report.rejected.append((row[0], f"{checks.name_item(row[0], row[2])}: duplicate id {str(row[2])!r}, "
+                                            f"first at item {earlier}"))
             continue
         yield row
 
@@ -736,7 +719,7 @@ def _answer_unsendable(texts: Sequence[object]) -> tuple[list[Item | None], list
     out: list[Item | None] = [None] * len(texts)
     send = []
     for i, text in enumerate(texts):
-        reason = wire.unsendable(text)
+        reason = checks.unsendable_text(text)
         if reason:
             out[i] = wire.ItemError(reason)
         else:

@@ -20,6 +20,7 @@ import redis
 
 from producer.milvus import RRF_K
 from producer.settings import Settings
+from producer.errors import InfraError
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "sample_corpus.jsonl"
 QUERIES = ["How does hybrid search merge dense and sparse results?", "Which city is the capital of Japan?",
@@ -30,10 +31,6 @@ RRF_NOTE = (f"Scores are reciprocal rank fusion (RRF) of the dense and the spars
             f"1/({RRF_K} + rank) over both, so they rank rather than measure similarity; "
             f"{2 / (RRF_K + 1):.4f} is the most (first in both), {1 / (RRF_K + 1):.4f} first in one only.")
 """What the demo says about its scores (the RRF smoothing constant is producer.milvus.RRF_K)."""
-
-
-class InfraError(RuntimeError):
-    """A service the demo needs is missing, with what to do about it."""
 
 
 def run_demo(s: Settings, collection: str = "m3q_demo") -> int:

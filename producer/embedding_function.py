@@ -15,7 +15,9 @@ from scipy.sparse import csr_array
 
 from producer.client import Client
 from producer.settings import Settings
-from producer.wire import Embedding, ItemError, name_item
+from producer.checks import name_item
+from producer.wire import Embedding, ItemError
+from producer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +30,9 @@ class RemoteBGEM3EmbeddingFunction:
                  return_sparse: bool = True, return_colbert_vecs: bool = False, *, client: Client | None = None,
                  settings: Settings | None = None, **kwargs: Any) -> None:
         if not normalize_embeddings:
-            raise ValueError("m3-queue workers always L2-normalize (BGE-M3's default); normalize_embeddings=False is not supported")
+            raise ConfigError("m3-queue workers always L2-normalize (BGE-M3's default); normalize_embeddings=False is not supported")
         if not (return_dense or return_sparse or return_colbert_vecs):
-            raise ValueError("choose at least one of return_dense, return_sparse, return_colbert_vecs")
+            raise ConfigError("choose at least one of return_dense, return_sparse, return_colbert_vecs")
         self.model_name = model_name
         self.batch_size = batch_size
         self.device = device
@@ -65,7 +67,7 @@ class RemoteBGEM3EmbeddingFunction:
                                    max_length=self._max_length[kind], **self._options)
         bad = [f"{name_item(i)}: {item.reason}" for i, item in enumerate(items) if isinstance(item, ItemError)]
         if bad:
-            raise ValueError(f"{len(bad)} of {len(items)} texts rejected: " + "; ".join(bad[:10]))
+            raise ConfigError(f"{len(bad)} of {len(items)} texts rejected: " + "; ".join(bad[:10]))
         return self._results(items)  # type: ignore[arg-type]
 
     def _results(self, items: list[Embedding]) -> dict:

@@ -5,10 +5,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from producer import milvus
+from producer import checks, milvus
 from producer.client import Client, IndexReport
 from producer.settings import Settings
 from producer.sources import Document, count_documents, read_documents
+from producer.errors import IndexInterrupted
 
 
 @dataclass
@@ -51,16 +52,6 @@ def index_file(s: Settings, path: str | Path, collection: str, text_field: str =
     return report
 
 
-class IndexInterrupted(KeyboardInterrupt):
-    """Ctrl-C (or SIGTERM) stopped :func:`index_file`; ``report`` holds what was stored until then."""
-
-    def __init__(self, report: FileReport, rows: int | None) -> None:
-        super().__init__(f"interrupted: stored {report.stored} of {rows if rows is not None else '?'} documents "
-                         f"so far ({report.total} read); jobs already sent may still be stored. The same "
-                         "command again finishes it: documents are upserted by id, never duplicated")
-        self.report = report
-
-
 def _rows(docs: Iterator[Document], report: FileReport, bar) -> Iterator[tuple[int, object, object, object]]:
     # (row number, text, id, metadata); rows the file itself got wrong are reported and never sent (the bar
     # counts them at once, so it ends at the file's row count).
@@ -70,8 +61,8 @@ def _rows(docs: Iterator[Document], report: FileReport, bar) -> Iterator[tuple[i
         report.total += 1
         if doc.error:
             report.source_errors.append((row, f"{doc.id}: {doc.error}"))
-        elif first_row.setdefault(str(doc.id), row) != row:
-            report.source_errors.append((row, f"id {doc.id!r}: duplicate id, first at row {first_row[str(doc.id)]}"))
+        elif (earlier := checks.repeat_of(first_row, doc.id, row)) is not None:
+            report.source_errors.append((row, f"id {doc.id!r}: duplicate id, first at row {earlier}"))
         else:
             yield row, doc.text, doc.id, doc.metadata
             continue

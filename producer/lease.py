@@ -25,6 +25,7 @@ import uuid
 from typing import TypeVar
 
 import redis
+from producer.errors import LeaseBusy
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -39,15 +40,6 @@ return redis.call('DEL', KEYS[1])
 """Delete the lease only while it is still ours: once expired, it may be another owner's."""
 
 _L = TypeVar("_L", bound="Lease")
-
-
-class LeaseBusy(Exception):
-    """Another owner holds the lease: ``holder`` is its token, ``expires_in_s`` the most it may still last
-    if that owner is gone (it is renewed while the owner lives)."""
-
-    def __init__(self, key: str, holder: str, expires_in_s: float) -> None:
-        super().__init__(f"{key} is held by {holder}; it expires in {expires_in_s:.1f} s unless renewed")
-        self.key, self.holder, self.expires_in_s = key, holder, expires_in_s
 
 
 class Lease:

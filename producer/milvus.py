@@ -12,7 +12,6 @@ vectors of two models in one collection.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -29,14 +28,11 @@ from pymilvus.exceptions import (
     PrimaryKeyException,
 )
 
+from producer import checks
+from producer.checks import ID_MAX_BYTES, METADATA_MAX_BYTES, TEXT_MAX_BYTES  # noqa: F401 - the schema's limits
 from producer.settings import Settings
+from producer.errors import ConfigError, MilvusError, MilvusRejected, SchemaMismatch  # noqa: F401 - re-exported
 
-ID_MAX_BYTES = 2048
-"""Longest id in UTF-8 bytes: M3Q_MAX_ID_CHARS (512) characters of up to 4 bytes each always fit."""
-TEXT_MAX_BYTES = 65535
-"""Longest stored text in UTF-8 bytes (Milvus' VARCHAR limit); longer texts are stored truncated."""
-METADATA_MAX_BYTES = 65536
-"""Largest metadata as JSON (Milvus' default JSON field limit); a bigger one rejects its row."""
 SPARSE_INDEX_LIMIT = 2**32 - 1
 """Sparse token ids must lie in [0, 2**32 - 1) (Milvus stores them as uint32, the last one reserved)."""
 EMPTY_SPARSE_TOKEN = 2**32 - 2
@@ -63,18 +59,6 @@ FIELDS = ("id", "text", "dense", "sparse", "metadata")
 MODES = ("hybrid", "dense", "sparse")
 RRF_K = 60
 """RRF's smoothing constant (the usual value, and pymilvus' default)."""
-
-
-class MilvusError(RuntimeError):
-    """Milvus is unreachable or failed transiently: retry later."""
-
-
-class SchemaMismatch(ValueError):
-    """The collection was made for another dense dimension or model (or not by m3-queue): fatal."""
-
-
-class MilvusRejected(ValueError):
-    """Milvus (or the check before it) refused the request itself, e.g. an invalid row: fatal."""
 
 
 @dataclass
@@ -302,7 +286,7 @@ def row_problem(row: dict, dense_dim: int | None = None) -> str | None:
         return f"dense must be a vector of {dense_dim or 'the collection'}'s dim, got shape {dense.shape}"
     if not np.isfinite(dense).all():
         return "dense has a NaN or infinite value"
-    return _sparse_problem(row.get("sparse")) or _metadata_problem(row.get("metadata"))
+    return _sparse_problem(row.get("sparse")) or checks.metadata_problem(row.get("metadata"))
 
 
 def _is_utf8(value: str) -> bool:
@@ -327,18 +311,6 @@ def _sparse_problem(sparse: object) -> str | None:
         if not weight_ok:
             return f"sparse weight of token {token} is {weight}, not a finite non-negative number"
     return None
-
-
-def _metadata_problem(metadata: object) -> str | None:
-    if metadata is None:
-        return None
-    if not isinstance(metadata, dict):
-        return "metadata must be a dict"
-    try:
-        size = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8"))
-    except (TypeError, ValueError) as e:
-        return f"metadata is not JSON-serialisable: {e}"
-    return f"metadata is {size} bytes as JSON, over {METADATA_MAX_BYTES}" if size > METADATA_MAX_BYTES else None
 
 
 def fit_text(text: str) -> str:
@@ -420,9 +392,9 @@ def _ranker(ranker: str) -> Any:
     if kind == "weighted":
         weights = [float(w) for w in args.split(",")] if args else [0.5, 0.5]
         if len(weights) != 2:
-            raise ValueError(f"ranker {ranker!r}: weighted needs two weights, dense and sparse")
+            raise ConfigError(f"ranker {ranker!r}: weighted needs two weights, dense and sparse")
         return WeightedRanker(*weights)
-    raise ValueError(f"unknown ranker {ranker!r}; use rrf, rrf:K, weighted or weighted:DENSE,SPARSE")
+    raise ConfigError(f"unknown ranker {ranker!r}; use rrf, rrf:K, weighted or weighted:DENSE,SPARSE")
 
 
 def _query_sparse(sparse: dict | None) -> dict[int, float]:
@@ -447,12 +419,12 @@ def search(client: MilvusClient, name: str, dense: np.ndarray | None, sparse: di
     Bounded answers faster but may miss the last seconds of writes.
     """
     if mode not in MODES:
-        raise ValueError(f"unknown search mode {mode!r}; use {', '.join(MODES)}")
+        raise ConfigError(f"unknown search mode {mode!r}; use {', '.join(MODES)}")
     query_sparse = _query_sparse(sparse)
     if mode == "sparse" and not query_sparse:
         return []
     if mode != "sparse" and dense is None:
-        raise ValueError(f"{mode} search needs a dense query vector")
+        raise ConfigError(f"{mode} search needs a dense query vector")
     common = dict(limit=k, output_fields=["text", "metadata"], consistency_level=consistency_level)
     what = f"{mode} search in {name!r}"
     if mode == "hybrid" and query_sparse:

@@ -45,13 +45,14 @@ from typing import Any, Iterator
 import redis
 from celery.result import AsyncResult
 
-from producer import milvus, wire
+from producer import checks, milvus, wire
 from producer.client import Client, Handle, JobFailed
 from producer.lease import Lease, LeaseBusy
 from producer.settings import Settings
 from producer.sources import count_documents, read_documents
-from producer.status import redis_client
+from producer.wire import redis_client
 from producer.wire import PayloadError
+from producer.errors import ConfigError, DriverBusy, DriverLost, ReindexFailed, ReindexInterrupted
 
 MILVUS_PREFIX = "milvus:"
 """A source of this form re-encodes what an existing collection stores (id, text, metadata)."""
@@ -98,30 +99,6 @@ return 1
 """
 """Write a final state and, in the same step, give the job's keys a TTL; the last key is the target's
 reservation, which expires only when it is this job's."""
-
-
-class ReindexFailed(JobFailed):
-    """A batch failed, or the driver lost its lock; the job is marked failed in Redis and can be resumed."""
-
-
-class DriverLost(ReindexFailed):
-    """The driver's lock expired or was taken while it drove the job, so it stopped sending batches. The
-    job is marked failed unless another driver holds it by then: its checkpoint is that driver's."""
-
-
-class ReindexInterrupted(KeyboardInterrupt):
-    """Ctrl-C (or SIGTERM) stopped the driver; the job stays resumable, and the message says how."""
-
-    def __init__(self, job: dict[str, Any]) -> None:
-        self.job_id, self.job = str(job["id"]), job
-        super().__init__(f"re-index {self.job_id} interrupted: {job.get('done', 0)} of {job.get('total', '?')} "
-                         f"documents done, {job.get('stored', 0)} stored in {job.get('target')}; "
-                         f"`m3q reindex --resume {self.job_id}` goes on (stored batches are not encoded again)")
-
-
-class DriverBusy(ValueError):
-    """Another process drives this job now; the message names the job and the lock's holder. A ValueError
-    like the one for an existing job id: the id cannot be driven from here at this time."""
 
 
 @dataclass
@@ -252,12 +229,12 @@ def resume_reindex(settings: Settings, job_id: str, *, allow_rejects: bool | Non
     Raises DriverBusy, changing nothing, while another process drives the job."""
     r = redis_client(settings)
     if not r.exists(job_key(settings, job_id)):
-        raise ValueError(f"no re-index job {job_id!r} (see `m3q status`)")
+        raise ConfigError(f"no re-index job {job_id!r} (see `m3q status`)")
     with DriverLock(settings, job_id) as lock:
         job = get_job(settings, job_id, rejects=0)
         if "target" not in job:  # its start failed, or its starter died before creating it ("starting")
             why = job.get("error") or "the process that started it ended before it read the source"
-            raise ValueError(f"re-index job {job_id} never started ({why}); start it again with "
+            raise ConfigError(f"re-index job {job_id} never started ({why}); start it again with "
                              f"`m3q reindex {job.get('source')} {job.get('alias')}`")
         changes = {"allow_rejects": allow_rejects, "rate_limit_docs_s": rate_limit_docs_s, "drop_old": drop_old}
         changes = {k: int(v) if isinstance(v, bool) else v for k, v in changes.items() if v is not None}
@@ -309,7 +286,7 @@ def get_job(settings: Settings, job_id: str, rejects: int = 20) -> dict[str, Any
     r = redis_client(settings)
     raw = r.hgetall(job_key(settings, job_id))
     if not raw:
-        raise ValueError(f"no re-index job {job_id!r}")
+        raise ConfigError(f"no re-index job {job_id!r}")
     job: dict[str, Any] = {"id": job_id, **{k.decode(): _number(v.decode()) for k, v in raw.items()}}
     job["batches_done"] = r.scard(job_key(settings, job_id) + ":batches")
     driver = r.get(job_key(settings, job_id) + ":driver")
@@ -359,7 +336,7 @@ def _refuse_existing(s: Settings, job_id: str) -> None:
     """A new job never takes over an existing one's checkpoint ("starting" is start_in_background's own)."""
     r = redis_client(s)
     if r.exists(job_key(s, job_id)) and r.hget(job_key(s, job_id), "state") != b"starting":
-        raise ValueError(f"re-index job {job_id} exists; resume it with `m3q reindex --resume {job_id}`")
+        raise ConfigError(f"re-index job {job_id} exists; resume it with `m3q reindex --resume {job_id}`")
 
 
 def _create_job(s: Settings, mc: Any, job_id: str, source: str, alias: str,
@@ -385,7 +362,7 @@ def _check_alias(s: Settings, mc: Any, alias: str, adopt: bool) -> None:
     if _alias_target(mc, alias) is not None or not milvus._call(f"has_collection {alias!r}", mc.has_collection, alias):
         return
     if not adopt:
-        raise ValueError(f"{alias!r} is a collection, not an alias (nothing was encoded): add --adopt to turn it "
+        raise ConfigError(f"{alias!r} is a collection, not an alias (nothing was encoded): add --adopt to turn it "
                          f"into {_next_version(mc, alias)} behind an alias {alias!r} first, or pick another --into")
     adopt_collection(s, mc, alias)
 
@@ -399,7 +376,7 @@ def adopt_alias(settings: Settings, name: str) -> str:
         if current is not None:
             return current  # already an alias: nothing to do
         if not milvus._call(f"has_collection {name!r}", mc.has_collection, name):
-            raise ValueError(f"no collection {name!r} to adopt")
+            raise ConfigError(f"no collection {name!r} to adopt")
         return adopt_collection(settings, mc, name)
     finally:
         mc.close()
@@ -438,7 +415,7 @@ def _source_collection(mc: Any, source: str) -> str | None:
     name = source[len(MILVUS_PREFIX):]
     resolved = _alias_target(mc, name) or name
     if not milvus._call(f"has_collection {resolved!r}", mc.has_collection, resolved):
-        raise ValueError(f"source collection {name!r} does not exist")
+        raise ConfigError(f"source collection {name!r} does not exist")
     return resolved
 
 
@@ -538,9 +515,9 @@ def _batches(mc: Any, job: dict, done: set[int]) -> Iterator[_Batch]:
 def _make_batch(number: int, chunk: list) -> _Batch:
     rows, rejects = [], []
     for position, text, doc_id, metadata, error in chunk:
-        reason = error or wire.unsendable(text) or wire.unsendable_metadata(metadata)
+        reason = error or checks.unsendable_text(text) or checks.unsendable_metadata(metadata)
         if reason:
-            rejects.append((position, f"{wire.name_item(position, doc_id)}: {reason}"))
+            rejects.append((position, f"{checks.name_item(position, doc_id)}: {reason}"))
         else:
             rows.append((position, text, doc_id, metadata))
     return _Batch(number, rows, rejects, len(chunk))
@@ -652,7 +629,7 @@ def _switch(s: Settings, mc: Any, job: dict) -> None:
     previous = _alias_target(mc, alias)
     if previous is None:
         if milvus._call(f"has_collection {alias!r}", mc.has_collection, alias):
-            raise ValueError(f"{alias!r} is a collection, not an alias: `m3q reindex --into {alias} --adopt` "
+            raise ConfigError(f"{alias!r} is a collection, not an alias: `m3q reindex --into {alias} --adopt` "
                              f"turns it into a version behind an alias")
         milvus._call(f"create alias {alias!r}", mc.create_alias, target, alias)
     elif previous != target:

@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 
 from producer import lane
 from producer.settings import Settings
-from producer.status import redis_client, redis_options
+from producer.wire import redis_client, redis_options
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ from producer.milvus import Hit
 from producer.settings import Settings
 from producer import wire
 from producer.wire import ItemError
+from producer.errors import ConfigError
 
 MAX_K = 16384
 """Most hits one search returns (Milvus' limit on ``limit``)."""
@@ -27,15 +28,15 @@ class Searcher:
     def search(self, text: str, collection: str, mode: str = "hybrid", k: int = 10) -> list[Hit]:
         """Ranked hits for ``text`` in ``collection``; mode is hybrid, dense or sparse."""
         if mode not in ("hybrid", "dense", "sparse"):
-            raise ValueError(f"mode must be hybrid, dense or sparse, got {mode!r}")
+            raise ConfigError(f"mode must be hybrid, dense or sparse, got {mode!r}")
         if not isinstance(k, int) or not 1 <= k <= MAX_K:
-            raise ValueError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")  # before encoding the query
+            raise ConfigError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")  # before encoding the query
         if self._milvus is None:
             self._milvus = milvus.connect(self.settings)
         self._check(collection)  # before the query is encoded: a wrong collection fails in milliseconds
         (item,) = self.client.encode_queries([text])
         if isinstance(item, ItemError):
-            raise ValueError(f"query rejected: {item.reason}")
+            raise ConfigError(f"query rejected: {item.reason}")
         return milvus.search(self._milvus, collection, item.dense, item.sparse_dict(), mode=mode, k=k)
 
     def _check(self, collection: str) -> None:

@@ -9,6 +9,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
+from producer.errors import ConfigError
 
 ENV_PREFIX = "M3Q_"
 
@@ -83,11 +84,11 @@ def _parse(f: dataclasses.Field, raw: str) -> Any:
             return True
         if raw.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a boolean (use true or false)")
+        raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a boolean (use true or false)")
     try:
         return kind(raw)
     except ValueError:
-        raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
 
 
 def settings_table() -> list[tuple[str, str, str]]:

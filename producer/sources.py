@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
+from producer.errors import SourceError
 
 SNIFF_BYTES = 8192
 """How much of a file is looked at to tell text from binary."""
@@ -35,10 +36,6 @@ class Document:
     text: Any
     metadata: dict = field(default_factory=dict)
     error: str | None = None
-
-
-class SourceError(ValueError):
-    """A file that cannot be read as documents at all (a directory, binary, compressed, no text column)."""
 
 
 def read_documents(path: str | Path, text_field: str = "text", id_field: str = "id") -> Iterator[Document]:

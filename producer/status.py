@@ -11,69 +11,23 @@ from producer import wire
 from producer.settings import Settings
 
 
-def redis_client(s: Settings) -> redis.Redis:
-    """A Redis client on the broker, with TLS certificate checks for rediss://."""
-    return redis.Redis.from_url(s.broker_url, **redis_options(s))
-
-
-def redis_options(s: Settings) -> dict[str, Any]:
-    """Connection options of :func:`redis_client` (the asyncio clients use the same)."""
-    kwargs: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5, "health_check_interval": 30}
-    if s.broker_url.startswith("rediss://"):
-        kwargs["ssl_cert_reqs"] = "required"
-        if s.redis_tls_ca_file:
-            kwargs["ssl_ca_certs"] = s.redis_tls_ca_file
-    return kwargs
-
-
-def failures_key(s: Settings) -> str:
-    """Redis list of failed jobs (newest first)."""
-    return f"{s.queue_prefix}:failures"
-
-
-def record_failure(s: Settings, task: str, job_id: str, reason: str, client: redis.Redis | None = None) -> None:
-    """Remember a job that failed for good, for `m3q status`."""
-    r = client or redis_client(s)
-    entry = json.dumps({"task": task, "id": job_id, "reason": reason[:2000], "time": time.time()})
-    r.lpush(failures_key(s), entry)
-    r.ltrim(failures_key(s), 0, 999)
-
-
 def clear_failures(s: Settings) -> int:
     """Forget the failed jobs that `m3q status` lists (`m3q status --clear-failures`); returns how many."""
-    r = redis_client(s)
-    count = r.llen(failures_key(s))
-    r.delete(failures_key(s))
+    r = wire.redis_client(s)
+    count = r.llen(wire.failures_key(s))
+    r.delete(wire.failures_key(s))
     return count
-
-
-def live_workers(s: Settings, r: redis.Redis | None = None) -> list[dict[str, Any]]:
-    """The workers whose heartbeat (``{queue_prefix}:worker:{hostname}``, which expires a few beats after the
-    worker stops) is in Redis."""
-    return wire.live_workers(s, r or redis_client(s))
-
-
-def serves(worker: dict[str, Any], s: Settings, queue: str) -> bool:
-    """Whether ``worker`` consumes ``queue`` (a lane, or a device's own queue), judged by its heartbeat."""
-    if "queues" in worker:
-        return queue in worker["queues"]
-    device_prefix = wire.device_queue(s, "")
-    if not queue.startswith(device_prefix):
-        return True  # every m3q worker serves the query and document lanes
-    # Heartbeats without queues name the resolved device ("cuda:0" for a worker started on "cuda").
-    device, served = queue[len(device_prefix):], str(worker.get("device", ""))
-    return served == device or served.split(":")[0] == device
 
 
 def collect(s: Settings) -> dict[str, Any]:
     """Workers, queue depths and recent failures."""
-    r = redis_client(s)
-    workers = live_workers(s, r)
+    r = wire.redis_client(s)
+    workers = wire.live_workers(s, r)
     for w in workers:  # a worker silent for two heartbeats is probably dead: its jobs go back when it expires
         w["silent_s"] = max(0.0, time.time() - float(w.get("time", time.time())))
         w["silent"] = w["silent_s"] > 2 * wire.heartbeat_s(s)
     queues = {q: r.llen(q) for q in _queues(s, r)}
-    failures = [json.loads(v) for v in r.lrange(failures_key(s), 0, 19)]
+    failures = [json.loads(v) for v in r.lrange(wire.failures_key(s), 0, 19)]
     # Jobs of workers whose heartbeat has just expired, until a running worker's sweep puts them back.
     orphans = wire.unheld_jobs(s, r, 2 * wire.heartbeat_s(s), workers)
     stream = lane_status(s, r, workers)

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+import redis
 from celery import Celery
 
 from producer.settings import Settings
+from producer.errors import PayloadError  # noqa: F401 - callers import it from here
 
 # Task names: sent by name, so the producer never imports the worker.
 TASK_ENCODE_QUERIES = "m3q.encode_queries"
@@ -23,10 +25,6 @@ KINDS = ("queries", "documents")
 ENCODE_OPTIONS = frozenset({"texts", "ids", "dense", "sparse", "colbert", "max_length"})
 INDEX_OPTIONS = frozenset({"texts", "ids", "metadata", "collection", "batch", "allow_empty_sparse"})
 ACCEPT = ["msgpack", "json"]
-
-
-class PayloadError(ValueError):
-    """A job payload that cannot be processed at all (as opposed to one bad text in it)."""
 
 
 def query_queue(s: Settings) -> str:
@@ -112,6 +110,28 @@ def make_celery(s: Settings, name: str = "m3q") -> Celery:
     return app
 
 
+# ---- Redis ---------------------------------------------------------------------------------------------
+
+def redis_client(s: Settings) -> redis.Redis:
+    """A Redis client on the broker, with TLS certificate checks for rediss://."""
+    return redis.Redis.from_url(s.broker_url, **redis_options(s))
+
+
+def redis_options(s: Settings) -> dict[str, Any]:
+    """Connection options of :func:`redis_client` (the asyncio clients use the same)."""
+    kwargs: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5, "health_check_interval": 30}
+    if s.broker_url.startswith("rediss://"):
+        kwargs["ssl_cert_reqs"] = "required"
+        if s.redis_tls_ca_file:
+            kwargs["ssl_ca_certs"] = s.redis_tls_ca_file
+    return kwargs
+
+
+def failures_key(s: Settings) -> str:
+    """Redis list of failed jobs (newest first)."""
+    return f"{s.queue_prefix}:failures"
+
+
 # ---- workers and the jobs they hold ---------------------------------------------------------------------
 
 # kombu's Redis transport keeps every delivered, not yet acknowledged message in one hash per database
@@ -168,55 +188,16 @@ def unheld_jobs(s: Settings, r, older_than_s: float, workers: list[dict[str, Any
     return unheld
 
 
-# ---- texts -------------------------------------------------------------------------------------------
-
-def check_text(value: object, max_chars: int) -> str | None:
-    """Why ``value`` cannot be encoded, or None when it can."""
-    if not isinstance(value, str):
-        return f"text must be a string, got {type(value).__name__}"
-    if not value.strip():
-        return "text is empty or whitespace only"
-    if len(value) > max_chars:
-        return f"text is {len(value):,} characters, over the limit of {max_chars:,} (M3Q_MAX_TEXT_CHARS)"
-    nul = value.find("\x00")
-    if nul >= 0:
-        return f"text contains a NUL character at offset {nul}"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return f"text contains a lone surrogate at offset {e.start}"
-    return None
-
-
-_SENDABLE = (str, bytes, int, float, bool, type(None), list, dict)
-
-
-def unsendable(value: object) -> str | None:
-    """Why ``value`` cannot even travel on the wire (so the producer answers it), or None."""
-    if not isinstance(value, _SENDABLE):
-        return f"text must be a string, got {type(value).__name__}"
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            return f"text contains a lone surrogate at offset {e.start}"
-    return None
-
-
-def unsendable_metadata(value: object) -> str | None:
-    """Why ``value`` cannot travel as metadata (it must pack as msgpack), or None."""
-    import msgpack
-
-    try:
-        msgpack.packb(value)
-    except (TypeError, ValueError) as e:
-        return f"metadata is not JSON: {e}"
-    return None
-
-
-def name_item(index: int, item_id: object = None) -> str:
-    """How an error names an item: its position, and its id when it has one."""
-    return f"item {index}" if item_id is None else f"item {index} (id {item_id!r})"
+def serves(worker: dict[str, Any], s: Settings, queue: str) -> bool:
+    """Whether ``worker`` consumes ``queue`` (a lane, or a device's own queue), judged by its heartbeat."""
+    if "queues" in worker:
+        return queue in worker["queues"]
+    device_prefix = device_queue(s, "")
+    if not queue.startswith(device_prefix):
+        return True  # every m3q worker serves the query and document lanes
+    # Heartbeats without queues name the resolved device ("cuda:0" for a worker started on "cuda").
+    device, served = queue[len(device_prefix):], str(worker.get("device", ""))
+    return served == device or served.split(":")[0] == device
 
 
 # ---- results -----------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import redis as redis_py
 
 from producer import milvus, wire
 from producer.client import Client, JobFailed, JobTimeout, NoWorker
-from producer.status import record_failure
+from worker.records import record_failure
 from producer.wire import Embedding
 from tests.conftest import ROOT, free_port, make_settings, settings_env
 
@@ -160,7 +160,7 @@ def test_index_without_milvus_fails_before_encoding_naming_both_ways_out(redis_c
 def test_status_clear_failures_forgets_them(redis_client):
     s = make_settings()
     for n in range(2):
-        record_failure(s, wire.TASK_INDEX_DOCUMENTS, f"job-{n}", "MilvusError: cannot connect to Milvus")
+        record_failure(s, wire.redis_client(s), wire.TASK_INDEX_DOCUMENTS, f"job-{n}", "MilvusError: cannot connect to Milvus")
     out, _ = m3q(s, "status")
     assert "FAILED JOBS" in out.stdout and "--clear-failures" in out.stdout and "job-1" in out.stdout
     out, _ = m3q(s, "status", "--clear-failures")

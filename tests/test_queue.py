@@ -12,7 +12,7 @@ import pytest
 from producer import wire
 from producer.client import Client
 from producer.embedding_function import RemoteBGEM3EmbeddingFunction
-from producer.wire import Embedding, ItemError, PayloadError
+from producer.wire import Embedding, PayloadError
 from tests.conftest import ROOT, TINY, make_settings
 
 TEXTS = ["What is BGE-M3?", "Milvus stores dense and sparse vectors.", "Привет, мир", "東京は日本の首都です。",

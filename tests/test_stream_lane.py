@@ -16,7 +16,7 @@ import redis as redis_py
 
 from producer import lane, wire
 from producer.settings import Settings
-from producer.status import failures_key
+from producer.wire import failures_key
 from tests.conftest import TINY, make_settings
 from tests.test_faults import (CRASH_ENV, CRASH_EXIT_CODE, private_redis, wait_for,  # noqa: F401 - fixtures
                                workers)

@@ -4,14 +4,11 @@ from __future__ import annotations
 import logging
 
 import torch
+from producer.errors import DeviceError
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class DeviceError(ValueError):
-    """A device or dtype that this machine cannot provide."""
 
 
 def resolve_device(name: str) -> torch.device:

@@ -14,12 +14,14 @@ from typing import Sequence
 
 import torch
 
-from producer.wire import Embedding, ItemError, Item, check_text
+from producer.checks import text_problem
+from producer.wire import Embedding, Item, ItemError
 from worker.batcher import plan_batches
 from worker.device import dtype_name, pin, resolve_device, resolve_dtype
 from worker.model import BGEM3Model, resolve_checkpoint
 from worker.slicing import Slicer
 from worker.tokenizer import CheckpointTokenizer
+from producer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +122,13 @@ class Encoder:
         """Validate and tokenize; a bad text becomes an ItemError in its place."""
         limit = max_length or self.limits.max_length(kind)
         if limit < 2:
-            raise ValueError(f"max_length must be at least 2, got {limit}")
+            raise ConfigError(f"max_length must be at least 2, got {limit}")
         if limit > self.max_positions:
-            raise ValueError(f"max_length {limit} is over the model's {self.max_positions} positions")
+            raise ConfigError(f"max_length {limit} is over the model's {self.max_positions} positions")
         out: list[Prepared | ItemError | None] = [None] * len(texts)
         good = []
         for i, text in enumerate(texts):
-            reason = check_text(text, self.limits.max_text_chars)
+            reason = text_problem(text, self.limits.max_text_chars)
             if reason:
                 out[i] = ItemError(reason)
             else:

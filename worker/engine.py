@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 from producer.wire import Embedding, Item, ItemError
 from worker.encoder import EncodeResult, Encoder, Prepared
 from worker.slicing import Slicer
+from producer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class Engine:
                colbert: bool = False, max_length: int | None = None) -> Future:
         """Queue texts; the future resolves to an :class:`EncodeResult` in input order."""
         if kind not in self._queues:
-            raise ValueError(f"kind must be 'queries' or 'documents', got {kind!r}")
+            raise ConfigError(f"kind must be 'queries' or 'documents', got {kind!r}")
         prepared = self.encoder.prepare(texts, kind, max_length)
         good = sorted((p for p in prepared if isinstance(p, Prepared)), key=lambda p: -len(p.ids))
         job = Job(kind, [p if isinstance(p, ItemError) else None for p in prepared], deque(good), dense, sparse,

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from worker.slicing import Slicer
+from producer.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ PADDING_FREE = 8192    # or at most this many rows in all (a step of queries)
 # of milliseconds. A query step has a new shape almost every time (its batch size and longest query vary), so
 # that cost would land on nearly every step. Flash and memory-efficient attention have no per-shape set-up.
 CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-class ModelLoadError(RuntimeError):
-    """A checkpoint that cannot be found or does not have BGE-M3's shape."""
 
 
 # ---- finding the checkpoint ------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
 from worker.replica_tokenizer import MODEL_MAX_LENGTH, build_tokenizer, corpus_text, save_tokenizer
+from producer.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def write_replica(path: str | os.PathLike, size: str = "small", seed: int = 0) -
     directory as a ``Path``.
     """
     if size not in SIZES:
-        raise ValueError(f"unknown replica size {size!r}; choose one of {sorted(SIZES)}")
+        raise ConfigError(f"unknown replica size {size!r}; choose one of {sorted(SIZES)}")
     shape = SIZES[size]
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)

@@ -106,7 +106,7 @@ class Runtime:
     def redis(self):
         """A Redis client on the broker, created on first use and shared by all threads (it reconnects itself)."""
         if self._redis is None:
-            from producer.status import redis_client
+            from producer.wire import redis_client
 
             self._redis = redis_client(self.settings)
         return self._redis

@@ -18,6 +18,7 @@ from producer.wire import Embedding, Item
 from worker.encoder import Encoder, Limits, Prepared
 from worker.slicing import Slicer
 from worker.tokenizer import SpecialIds
+from producer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -70,5 +71,5 @@ def load(model: str, limits: Limits, device: str) -> SleepPerTokenEncoder:
     """Parse ``test-stand-in:sleep-us-per-token=N``."""
     key, _, value = model[len(PREFIX):].partition("=")
     if key != "sleep-us-per-token" or not value:
-        raise ValueError(f"unknown stand-in {model!r}: use {PREFIX}sleep-us-per-token=N")
+        raise ConfigError(f"unknown stand-in {model!r}: use {PREFIX}sleep-us-per-token=N")
     return SleepPerTokenEncoder(float(value), limits, device)

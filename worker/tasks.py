@@ -5,7 +5,6 @@ the whole job with a :class:`~producer.wire.PayloadError` before anything is enc
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -14,20 +13,17 @@ from typing import Any
 import msgpack
 from celery import Celery, Task
 
-from producer import wire
-from producer.status import record_failure
+from producer import checks, wire
+from worker.records import record_failure
 from producer.wire import ItemError, PayloadError, check_options, encode_item
 from worker.runtime import Runtime, current
+from producer.errors import PoisonJob
 
 log = logging.getLogger(__name__)
 
 TEST_CRASH_ENV = "M3Q_TEST_CRASH_ON_TEXT"
 """Test only: a worker whose environment sets this exits at once (os._exit(86)) on a job holding that text."""
 TEST_CRASH_EXIT_CODE = 86
-
-
-class PoisonJob(RuntimeError):
-    """A job whose deliveries keep killing workers: given up on and recorded."""
 
 
 def register(app: Celery) -> None:
@@ -88,7 +84,7 @@ def count_failure(rt: Runtime, task: str, job_id: str | None, error: Exception) 
     rt.metrics.errors.labels(type(error).__name__).inc()
     # Best effort: with Redis down the failure cannot be recorded, and that must not hide the job's own error.
     try:
-        record_failure(rt.settings, task, job_id or "?", f"{type(error).__name__}: {error}", rt.redis())
+        record_failure(rt.settings, rt.redis(), task, job_id or "?", f"{type(error).__name__}: {error}")
     except Exception as why:  # noqa: BLE001
         log.warning("could not record the failure of job %s in Redis: %s", job_id, why)
 
@@ -226,37 +222,20 @@ def _rows(ids: list, texts: list, metadata: list, good: list[int], items: list, 
 
 
 def _check_rows(rt: Runtime, ids: list, metadata: list | None, n: int) -> dict[int, str]:
-    """Item errors for bad ids (type, length, duplicates) and metadata that is not a JSON object."""
+    """Item errors for bad ids (type, length, repeats) and metadata (:mod:`producer.checks`)."""
     if metadata is not None and (not isinstance(metadata, list) or len(metadata) != n):
         raise PayloadError("'metadata' must be a list as long as 'texts'")
     errors: dict[int, str] = {}
-    seen: dict[str, int] = {}
+    first: dict[str, int] = {}
     for i, raw in enumerate(ids):
-        if not isinstance(raw, (str, int)) or isinstance(raw, bool) or str(raw) == "":
-            errors[i] = f"id must be a non-empty string or integer, got {type(raw).__name__}"
-        elif len(str(raw)) > rt.settings.max_id_chars:
-            errors[i] = f"id is {len(str(raw))} characters, over the limit of {rt.settings.max_id_chars} (M3Q_MAX_ID_CHARS)"
-        elif str(raw) in seen:
-            errors[i] = f"duplicate id {str(raw)!r}: an earlier document of the same job has it"
-        else:
-            seen[str(raw)] = i
-        if i not in errors and metadata is not None:
-            reason = _check_metadata(metadata[i])
-            if reason:
-                errors[i] = reason
+        reason = checks.id_problem(raw, rt.settings.max_id_chars)
+        if reason is None and checks.repeat_of(first, raw, i) is not None:
+            reason = f"duplicate id {str(raw)!r}: an earlier document of the same job has it"
+        if reason is None and metadata is not None:
+            reason = checks.metadata_problem(metadata[i])
+        if reason:
+            errors[i] = reason
     return errors
-
-
-def _check_metadata(value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        return f"metadata must be a JSON object, got {type(value).__name__}"
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        return f"metadata is not JSON: {e}"
-    return None
 
 
 def model_identity(model: str) -> str:
