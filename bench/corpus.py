@@ -4,7 +4,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-_WORDS = (Path(__file__).resolve().parent.parent / "worker" / "replica_corpus.txt").read_text(encoding="utf-8").split()
+_CORPUS = Path(__file__).resolve().parent.parent / "worker" / "replica" / "corpus.txt"
+_WORDS = _CORPUS.read_text(encoding="utf-8").split()
 
 
 def _text(rng: random.Random, words: int) -> str:

@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo root, not bench/ (bench/queue.py would shadow the stdlib)
+# the repo root, not bench/ (bench/queue.py would shadow the stdlib)
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -119,7 +120,8 @@ def main(argv=None) -> int:
           f"reference {'none' if args.skip_reference else args.reference}")
 
     for _, (run_docs, run_query) in paths.items():  # warm-up: first calls pay one-off costs
-        run_docs(docs[:8]); run_query(queries[0])
+        run_docs(docs[:8])
+        run_query(queries[0])
 
     seconds = {name: [] for name in paths}
     outputs = {}
@@ -160,7 +162,8 @@ def report(paths, seconds, latency, outputs, n_docs, tokens) -> None:
         if n.startswith("(c)"):
             dev = deviation(outputs[ref16], outputs[n])
             print(f"{n} against {ref16}: x ref16 {best[ref16] / best[n]:.2f} (speed), query p50 x ref16 "
-                  f"{p50[n] / p50[ref16]:.2f}; max dev dense / sparse / same ids {dev[0]:.1e} / {dev[1]:.1e} / {dev[2]}")
+                  f"{p50[n] / p50[ref16]:.2f}; max dev dense / sparse / same ids "
+                  f"{dev[0]:.1e} / {dev[1]:.1e} / {dev[2]}")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,14 @@
 """Benchmark plumbing: real worker processes on a private queue prefix."""
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Callable
 
+from producer.devstack import WorkerProcess
 from producer.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,31 +19,15 @@ def bench_settings(**overrides) -> Settings:
     return Settings.from_env(queue_prefix=f"bench{uuid.uuid4().hex[:8]}", **overrides)
 
 
-class Worker:
-    """An `m3q worker` subprocess."""
+class Worker(WorkerProcess):
+    """An `m3q worker` subprocess; its log is removed when it stops."""
 
     def __init__(self, s: Settings, device: str = "cpu") -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("M3Q_")}
-        env.update({f"M3Q_{k.upper()}": str(v) for k, v in vars(s.replace(device=device)).items()})
-        self.log = tempfile.NamedTemporaryFile(prefix="m3q-bench-worker-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--device", device], env=env,
-                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout_s: float = 300) -> "Worker":
-        deadline = time.monotonic() + timeout_s
-        while " ready." not in Path(self.log.name).read_text(errors="replace"):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(Path(self.log.name).read_text(errors="replace")[-3000:])
-            time.sleep(0.2)
-        return self
+        super().__init__(s, device=device, cwd=ROOT, env={"M3Q_TESTING": "1"})  # benches may use the stand-in
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        super().stop(60)
+        self.remove_log()
 
 
 def start_workers(s: Settings, n: int, device: str = "cpu") -> list[Worker]:

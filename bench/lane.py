@@ -45,8 +45,10 @@ class Shape:
     def line(self) -> str:
         n = max(1, len(self.latencies))
         return (f"{self.name:<44} {len(self.latencies) / self.seconds:8.1f} q/s  "
-                f"p50 {statistics.median(self.latencies) * 1e3:7.1f} ms  p99 {percentile(self.latencies, 99) * 1e3:7.1f} ms  "
-                f"client CPU {self.client_cpu_s / n * 1e3:5.2f} ms/q  worker CPU {self.worker_cpu_s / n * 1e3:5.2f} ms/q  "
+                f"p50 {statistics.median(self.latencies) * 1e3:7.1f} ms  "
+                f"p99 {percentile(self.latencies, 99) * 1e3:7.1f} ms  "
+                f"client CPU {self.client_cpu_s / n * 1e3:5.2f} ms/q  "
+                f"worker CPU {self.worker_cpu_s / n * 1e3:5.2f} ms/q  "
                 f"threads {self.threads}")
 
 

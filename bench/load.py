@@ -198,8 +198,8 @@ def cmd_scaling(args) -> None:
         finally:
             [w.stop() for w in workers]
         base = base or rate
-        print(f"{k} worker(s): {rate:8.1f} docs/s   {rate / base:5.2f}x one worker   efficiency {rate / (k * base):.2f} "
-              f"(target >= 0.9)", flush=True)
+        print(f"{k} worker(s): {rate:8.1f} docs/s   {rate / base:5.2f}x one worker   "
+              f"efficiency {rate / (k * base):.2f} (target >= 0.9)", flush=True)
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo root, not bench/ (bench/queue.py would shadow the stdlib)
+# the repo root, not bench/ (bench/queue.py would shadow the stdlib)
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from bench import corpus  # noqa: E402
 from bench.infra import bench_settings, percentile, start_workers  # noqa: E402
@@ -59,9 +60,11 @@ def main(argv=None) -> int:
             w.stop()
     ref = _reference_latency(args.model, queries) if not args.skip_reference else []
     print(f"{len(docs)} documents, {args.rounds} rounds, dtype {args.dtype}")
-    print(f"through the queue: {len(docs) / min(queue_s):7.1f} docs/s   in-process: {len(docs) / min(local_s):7.1f} docs/s"
+    print(f"through the queue: {len(docs) / min(queue_s):7.1f} docs/s   "
+          f"in-process: {len(docs) / min(local_s):7.1f} docs/s"
           f"   ratio {min(local_s) / min(queue_s):.3f}  (target >= 0.95)")
-    line = f"single query through the queue: p50 {statistics.median(latency) * 1e3:.1f} ms  p99 {percentile(latency, 99) * 1e3:.1f} ms"
+    line = (f"single query through the queue: p50 {statistics.median(latency) * 1e3:.1f} ms  "
+            f"p99 {percentile(latency, 99) * 1e3:.1f} ms")
     if ref:
         line += (f"   reference in-process encode_queries: p50 {statistics.median(ref) * 1e3:.1f} ms"
                  f"   ratio {statistics.median(latency) / statistics.median(ref):.2f} (target <= 1)")

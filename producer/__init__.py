@@ -1,11 +1,32 @@
 """m3-queue's producer side: send texts to the BGE-M3 workers and get vectors back, or index into Milvus.
 
-Light on purpose: it imports neither torch nor transformers.
+Light on purpose: it imports neither torch nor transformers, and ``import producer`` loads nothing but this
+file; each name below is imported on first use (``from producer import Client`` loads the client, and
+scipy only with ``RemoteBGEM3EmbeddingFunction``). See README, "Layout", for what lives where.
 """
-from producer.client import Client, Handle, IndexReport, JobFailed, JobTimeout, LaneHandle, NoWorker
-from producer.embedding_function import RemoteBGEM3EmbeddingFunction
-from producer.settings import Settings
-from producer.wire import Embedding, ItemError, PayloadError
+from __future__ import annotations
 
-__all__ = ["Client", "Handle", "IndexReport", "JobFailed", "JobTimeout", "LaneHandle", "NoWorker", "RemoteBGEM3EmbeddingFunction",
-           "Settings", "Embedding", "ItemError", "PayloadError"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Client": "producer.client", "Handle": "producer.client", "LaneHandle": "producer.client",
+    "IndexReport": "producer.client", "RemoteBGEM3EmbeddingFunction": "producer.embedding_function",
+    "Settings": "producer.settings", "Embedding": "producer.wire", "ItemError": "producer.wire",
+    "M3QError": "producer.errors", "JobFailed": "producer.errors", "JobTimeout": "producer.errors",
+    "NoWorker": "producer.errors", "PayloadError": "producer.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'producer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

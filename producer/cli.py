@@ -8,18 +8,17 @@ import sys
 from dataclasses import fields
 from typing import Any, Iterator, Sequence
 
-from producer.settings import Settings
 from producer.errors import ConfigError, M3QError
-
-log = logging.getLogger("m3q")
+from producer.settings import Settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``m3q``."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.command in ("worker", "demo", "milvus") else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.command in ("worker", "demo", "milvus", "serve") else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # pymilvus logs a traceback for errors that m3q already reports in one clear line.
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
     try:
@@ -48,7 +47,7 @@ def _expected(e: Exception) -> bool:
     return isinstance(e, (M3QError, FileNotFoundError))
 
 
-REDIS_COMMANDS = {"worker", "encode", "index", "search", "status", "reindex"}
+REDIS_COMMANDS = {"worker", "encode", "index", "search", "status", "reindex", "serve"}
 """Commands that need Redis from the start (`m3q demo` starts a local one if none answers)."""
 
 
@@ -62,7 +61,7 @@ def _check_broker(args: argparse.Namespace, s: Settings) -> None:
 
 
 def _extra_providing(module: str) -> str | None:
-    """The extra of m3-queue that installs ``module`` (the worker extra first), or None."""
+    """The extra of m3-queue that installs ``module`` (the smallest one that lists it), or None."""
     import re
     from importlib.metadata import PackageNotFoundError, requires
 
@@ -71,10 +70,14 @@ def _extra_providing(module: str) -> str | None:
         requirements = requires("m3-queue") or []
     except PackageNotFoundError:
         return None
+    sizes: dict[str, int] = {}
+    for r in requirements:
+        for extra in re.findall(r"extra\s*==\s*['\"]([^'\"]+)", r):
+            sizes[extra] = sizes.get(extra, 0) + 1
     extras = [extra for r in requirements
               if re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0].lower().replace("-", "_") == top
               for extra in re.findall(r"extra\s*==\s*['\"]([^'\"]+)", r)]
-    return "worker" if "worker" in extras else (extras[0] if extras else None)
+    return min(extras, key=lambda e: (sizes[e], e)) if extras else None
 
 
 INDEX_EXIT_RULE = ("Exit status: 0 when at least one document was stored (rejected rows are listed, not fatal); "
@@ -87,7 +90,8 @@ ID_FIELD_HELP = "Field or column holding the id (default: id; without one, FILE:
 
 def build_parser() -> argparse.ArgumentParser:
     """All sub-commands: each one's own options first, then every setting as a flag in a group of its own."""
-    parser = argparse.ArgumentParser(prog="m3q", description="BGE-M3 embeddings on a Celery + Redis queue, into Milvus.")
+    parser = argparse.ArgumentParser(prog="m3q",
+                                     description="BGE-M3 embeddings on a Celery + Redis queue, into Milvus.")
     parser.add_argument("--version", action="version", version=f"m3q {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     commands: list[argparse.ArgumentParser] = []
@@ -99,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("worker", cmd_worker, "Run a worker pinned to one device (loads the model before taking jobs).")
-    p.add_argument("--queues", help="Comma-separated queues to consume (default: queries, documents, this device's queue)")
+    p.add_argument("--queues",
+                   help="Comma-separated queues to consume (default: queries, documents, this device's queue)")
     p.add_argument("--hostname", help="Celery node name (default m3q-DEVICE-PID@host)")
     p.add_argument("--loglevel", default="INFO", help="Log level of the worker (default: INFO)")
 
@@ -127,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("status", cmd_status, "Live workers (device, model, dtype, rate), queue depths, failed jobs.")
     p.add_argument("--clear-failures", action="store_true", help="Forget the failed jobs listed, then show the rest")
-    p = command("replica", cmd_replica, "Write a random-weight checkpoint in BGE-M3's format (tests, capacity planning).")
+    p = command("replica", cmd_replica,
+                "Write a random-weight checkpoint in BGE-M3's format (tests, capacity planning).")
     p.add_argument("dir", help="Folder to write the checkpoint into")
     p.add_argument("--size", choices=["tiny", "small", "base", "large"], default="small",
                    help="Model size (large: BGE-M3's own shapes); default: small")
@@ -150,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="No progress bar")
 
     command("milvus", cmd_milvus, "Run the embedded Milvus Lite server (for several workers on one machine).")
+    p = command("serve", cmd_serve, "Run the HTTP gateway: OpenAI- and TEI-compatible embeddings, encode, index and "
+                "search over HTTP, enqueued on Redis for the workers (README: HTTP gateway).")
+    p.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8080, help="Port to listen on (default: 8080)")
+    p.add_argument("--access-log", action="store_true", help="Log every request (off by default: /metrics counts them)")
     p = command("demo", cmd_demo, "The whole job end to end on embedded defaults: index a sample corpus, search it.")
     p.add_argument("--collection", default="m3q_demo", help="Collection for the sample corpus (default: m3q_demo)")
     for p in commands:
@@ -324,10 +335,10 @@ def _item_json(doc_id: Any, error: str | None, item: Any, colbert: bool) -> dict
 
 def cmd_index(args: argparse.Namespace, s: Settings) -> int:
     """Index a file through the queue, with a progress bar and a summary."""
-    from producer.indexing import index_file
+    from producer.devstack import interrupt_on_sigterm
+    from producer.indexing import IndexInterrupted, index_file
 
-    from producer.indexing import IndexInterrupted
-
+    interrupt_on_sigterm()  # SIGTERM (a job scheduler, `kill`) gets the summary that Ctrl-C gets
     try:
         report = index_file(s, args.file, args.collection, args.text_field, args.id_field)
     except IndexInterrupted as stopped:
@@ -363,7 +374,9 @@ def cmd_status(args: argparse.Namespace, s: Settings) -> int:
 def cmd_reindex(args: argparse.Namespace, s: Settings) -> int:
     """Start or resume a re-index, or drop the collections an alias left behind."""
     from producer import reindex
+    from producer.devstack import interrupt_on_sigterm
 
+    interrupt_on_sigterm()  # SIGTERM gets the summary that Ctrl-C gets: the job stays resumable
     try:
         return _reindex(args, s)
     except reindex.ReindexInterrupted as stopped:
@@ -405,6 +418,13 @@ def cmd_replica(args: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, s: Settings) -> int:
+    """Run the HTTP gateway until SIGTERM (which drains the requests in flight)."""
+    from producer.gateway.server import serve
+
+    return serve(s, args.host, args.port, access_log=args.access_log)
+
+
 def cmd_milvus(args: argparse.Namespace, s: Settings) -> int:
     """Run Milvus Lite in the foreground."""
     from producer.milvus_lite import serve
@@ -415,8 +435,12 @@ def cmd_milvus(args: argparse.Namespace, s: Settings) -> int:
 def cmd_demo(args: argparse.Namespace, s: Settings) -> int:
     """The main job end to end on embedded defaults."""
     from producer.demo import run_demo
+    from worker.model import resolve_checkpoint
 
-    return run_demo(s, args.collection)
+    # Here, not in the demo: the CLI is the one place that imports both sides. Fails in seconds, before any
+    # service is started, when the model is neither local nor downloadable.
+    folder = resolve_checkpoint(s.model)
+    return run_demo(s, args.collection, replica=(folder / "m3q_replica.json").exists())
 
 
 if __name__ == "__main__":

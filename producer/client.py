@@ -28,10 +28,10 @@ from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
 from producer import checks, lane, wire
+from producer.errors import BrokerError, ConfigError, JobFailed, JobTimeout, NoWorker  # noqa: F401 - re-exported
 from producer.replies import AsyncLane, AsyncResults, call_once_per_loop, reply_reader
 from producer.settings import Settings
 from producer.wire import Item, PayloadError, decode_item
-from producer.errors import BrokerError, ConfigError, JobFailed, JobTimeout, NoWorker  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,8 @@ class Handle:
         raise JobFailed(self._failed(f"{type(error).__name__}: {error}"))
 
     def _failed(self, reason: str) -> str:
-        return f"job {self.id} ({self.task}, items {self.first_index}..{self.first_index + self.size - 1}) failed: {reason}"
+        return (f"job {self.id} ({self.task}, items {self.first_index}..{self.first_index + self.size - 1}) "
+                f"failed: {reason}")
 
     def _lost_redis(self, e: Exception) -> bool:
         # The wait itself lost Redis, as opposed to a job that failed (whose state is final and cached).
@@ -287,11 +288,13 @@ class Client:
 
     # ---- single jobs -------------------------------------------------------------------------------------
 
-    def submit(self, task: str, payload: dict, device: str | None = None, first_index: int = 0) -> Handle:
-        """Send one job; route it to ``device``'s own queue when given."""
+    def submit(self, task: str, payload: dict, device: str | None = None, first_index: int = 0, *,
+               task_id: str | None = None) -> Handle:
+        """Send one job; route it to ``device``'s own queue when given. ``task_id``: the job's id when the
+        caller chose it (re-index records it before the send, so a crash mid-send is seen); else a new one."""
         self._check_size(payload)
         queue = wire.device_queue(self.settings, device) if device else wire.task_queue(self.settings, task)
-        result = self._send(task, payload, queue)
+        result = self._send(task, payload, queue, task_id)
         resend = lambda: self._send(task, payload, queue, result.id)  # noqa: E731
         return Handle(result, task, len(payload.get("texts", [])), self.settings.job_timeout_s, first_index,
                       watch=self._watch(queue, LostJob(result.id, queue, resend)), settings=self.settings)
@@ -371,7 +374,8 @@ class Client:
         """Live workers as their heartbeats describe them (device, model, dtype, rate; what `m3q status`
         shows); with ``device``, only those serving that device's own queue."""
         queue = wire.device_queue(self.settings, device) if device else wire.query_queue(self.settings)
-        return [w for w in wire.live_workers(self.settings, self._status_redis()) if wire.serves(w, self.settings, queue)]
+        return [w for w in wire.live_workers(self.settings, self._status_redis())
+                if wire.serves(w, self.settings, queue)]
 
     def require_worker(self, device: str | None = None, grace_s: float | None = None) -> list[dict]:
         """The live workers (of ``device``'s queue, when given), waiting up to ``grace_s`` (default
@@ -579,7 +583,8 @@ class Client:
     # ---- indexing ------------------------------------------------------------------------------------------
 
     def submit_index(self, collection: str, texts: Sequence[object], ids: Sequence[object],
-                     metadata: Sequence[object] | None = None, first_index: int = 0, device: str | None = None) -> Handle:
+                     metadata: Sequence[object] | None = None, first_index: int = 0,
+                     device: str | None = None) -> Handle:
         """Send one index job: encode on a worker, upsert into Milvus ``collection``."""
         payload = {"collection": collection, "texts": list(texts), "ids": list(ids), "batch": first_index}
         if metadata is not None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -18,9 +16,10 @@ from urllib.parse import urlparse
 
 import redis
 
+from producer.devstack import RedisServer, WorkerProcess, exit_on_sigterm
+from producer.errors import InfraError
 from producer.milvus import RRF_K
 from producer.settings import Settings
-from producer.errors import InfraError
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "sample_corpus.jsonl"
 QUERIES = ["How does hybrid search merge dense and sparse results?", "Which city is the capital of Japan?",
@@ -33,12 +32,11 @@ RRF_NOTE = (f"Scores are reciprocal rank fusion (RRF) of the dense and the spars
 """What the demo says about its scores (the RRF smoothing constant is producer.milvus.RRF_K)."""
 
 
-def run_demo(s: Settings, collection: str = "m3q_demo") -> int:
-    """Start what is missing, index the sample corpus, search it, stop what was started."""
-    from producer.milvus_lite import exit_on_sigterm
-
+def run_demo(s: Settings, collection: str = "m3q_demo", replica: bool = False) -> int:
+    """Start what is missing, index the sample corpus, search it, stop what was started (``replica``: the
+    model is a random-weight replica, which the demo says)."""
     exit_on_sigterm()  # SIGTERM unwinds the ExitStack as Ctrl-C does: nothing is left running
-    _check_model(s)
+    print(f"model: {s.model}" + (" (a RANDOM-WEIGHT REPLICA: the rankings below mean nothing)" if replica else ""))
     with ExitStack() as stack:
         s = _ensure_redis(s, stack)
         s = _ensure_milvus(s, stack)
@@ -47,32 +45,22 @@ def run_demo(s: Settings, collection: str = "m3q_demo") -> int:
     return 0
 
 
-def _check_model(s: Settings) -> None:
-    # Fail in seconds, not after starting services, when the model is neither local nor downloadable.
-    from worker.model import resolve_checkpoint
-
-    folder = resolve_checkpoint(s.model)
-    replica = (folder / "m3q_replica.json").exists()
-    print(f"model: {s.model}" + (" (a RANDOM-WEIGHT REPLICA: the rankings below mean nothing)" if replica else ""))
-
-
 def _ensure_redis(s: Settings, stack: ExitStack) -> Settings:
+    url = urlparse(s.broker_url)
     try:
         redis.Redis.from_url(s.broker_url, socket_connect_timeout=2).ping()
-        print(f"redis: {urlparse(s.broker_url).hostname}:{urlparse(s.broker_url).port or 6379} answers")
+        print(f"redis: {url.hostname}:{url.port or 6379} answers")
         return s
     except redis.ConnectionError:
         pass
-    url = urlparse(s.broker_url)
     if url.hostname not in ("localhost", "127.0.0.1") or not shutil.which("redis-server"):
         raise InfraError(f"no Redis answers at {url.hostname}:{url.port or 6379}. Install one "
                          "(apt-get install redis-server, or docker run -p 6379:6379 redis) or set M3Q_BROKER_URL")
-    port = url.port or 6379
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    stack.callback(_stop, proc)
-    _wait(lambda: redis.Redis.from_url(s.broker_url, socket_connect_timeout=1).ping(), "redis-server", 20)
-    print(f"redis: started a local redis-server on port {port}")
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="m3q-demo-redis-")))
+    server = RedisServer(folder, port=url.port or 6379)
+    stack.callback(server.stop)  # before the folder goes (callbacks run last first)
+    server.start()
+    print(f"redis: started a local redis-server on port {server.port}")
     return s
 
 
@@ -91,20 +79,11 @@ def _ensure_milvus(s: Settings, stack: ExitStack) -> Settings:
 
 
 def _start_worker(s: Settings, stack: ExitStack) -> None:
-    from producer.status import collect
-
-    env = {**os.environ, **{f"M3Q_{k.upper()}": str(v) for k, v in vars(s).items()}}
-    log = tempfile.NamedTemporaryFile(prefix="m3q-demo-worker-", suffix=".log", delete=False)
-    stack.callback(_remove, log)  # after the worker has stopped (callbacks run last first)
-    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--device", s.device], env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    stack.callback(_stop, proc)
-    print(f"worker: starting on {s.device} (log: {log.name}, removed at exit)")
-    deadline = time.monotonic() + 300
-    while not any(w["pid"] == proc.pid for w in collect(s)["workers"]):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise InfraError(f"the worker did not start:\n{Path(log.name).read_text(errors='replace')[-2000:]}")
-        time.sleep(0.5)
+    worker = WorkerProcess(s)
+    stack.callback(worker.remove_log)  # after the worker has stopped (callbacks run last first)
+    stack.callback(worker.stop)
+    print(f"worker: starting on {s.device} (log: {worker.log_path}, removed at exit)")
+    worker.wait_ready(300)
 
 
 def _index_and_search(s: Settings, collection: str) -> None:
@@ -122,29 +101,3 @@ def _index_and_search(s: Settings, collection: str) -> None:
         print(f"\nhybrid search: {query}  ({(time.perf_counter() - started) * 1000:.0f} ms)")
         for rank, hit in enumerate(hits, 1):
             print(f"  {rank}. {hit.score:.4f}  {hit.id:<10} {hit.text[:80]}")
-
-
-def _wait(check, what: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            check()
-            return
-        except Exception:  # noqa: BLE001 - not up yet
-            if time.monotonic() > deadline:
-                raise InfraError(f"{what} did not come up in {timeout_s:.0f}s") from None
-            time.sleep(0.2)
-
-
-def _remove(log) -> None:
-    log.close()
-    Path(log.name).unlink(missing_ok=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()

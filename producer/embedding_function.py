@@ -7,19 +7,16 @@ accepted for compatibility and otherwise ignored.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Sequence
 
 import numpy as np
 from scipy.sparse import csr_array
 
-from producer.client import Client
-from producer.settings import Settings
 from producer.checks import name_item
-from producer.wire import Embedding, ItemError
+from producer.client import Client
 from producer.errors import ConfigError
-
-log = logging.getLogger(__name__)
+from producer.settings import Settings
+from producer.wire import Embedding, ItemError
 
 
 class RemoteBGEM3EmbeddingFunction:
@@ -30,7 +27,8 @@ class RemoteBGEM3EmbeddingFunction:
                  return_sparse: bool = True, return_colbert_vecs: bool = False, *, client: Client | None = None,
                  settings: Settings | None = None, **kwargs: Any) -> None:
         if not normalize_embeddings:
-            raise ConfigError("m3-queue workers always L2-normalize (BGE-M3's default); normalize_embeddings=False is not supported")
+            raise ConfigError("m3-queue workers always L2-normalize (BGE-M3's default); "
+                              "normalize_embeddings=False is not supported")
         if not (return_dense or return_sparse or return_colbert_vecs):
             raise ConfigError("choose at least one of return_dense, return_sparse, return_colbert_vecs")
         self.model_name = model_name
@@ -39,8 +37,6 @@ class RemoteBGEM3EmbeddingFunction:
         self.use_fp16 = use_fp16
         self.client = client or Client(settings)
         self._options = {"dense": return_dense, "sparse": return_sparse, "colbert": return_colbert_vecs}
-        self._encode_config = {"batch_size": batch_size, "return_dense": return_dense,
-                               "return_sparse": return_sparse, "return_colbert_vecs": return_colbert_vecs}
         self._max_length = {"queries": kwargs.pop("query_max_length", None),
                             "documents": kwargs.pop("passage_max_length", None)}
 

@@ -7,9 +7,9 @@ from typing import Iterator
 
 from producer import checks, milvus
 from producer.client import Client, IndexReport
+from producer.errors import IndexInterrupted
 from producer.settings import Settings
 from producer.sources import Document, count_documents, read_documents
-from producer.errors import IndexInterrupted
 
 
 @dataclass

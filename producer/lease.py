@@ -25,6 +25,7 @@ import uuid
 from typing import TypeVar
 
 import redis
+
 from producer.errors import LeaseBusy
 
 _RENEW = """

@@ -1,10 +1,11 @@
-"""The Milvus sink and search: collection schema, upsert by id, count, dense/sparse/hybrid search.
-Light: pymilvus and numpy only (no torch). The embedded Milvus Lite server is in :mod:`producer.milvus_lite`.
+"""Milvus for the producer side: connect, check a collection, count, dense/sparse/hybrid search.
+Light: pymilvus and numpy only (no torch). The embedded Milvus Lite server is in :mod:`producer.milvus_lite`;
+the sink that creates collections and writes rows is the worker's (:mod:`worker.sink`).
 
 Errors are split on purpose: :class:`MilvusError` is retryable (Milvus unreachable or transient),
 :class:`SchemaMismatch` and :class:`MilvusRejected` are fatal (retrying cannot help).
 
-Collection layout (DESIGN.md, "Milvus"): ``id`` VARCHAR primary key (the caller's id, so re-indexing is
+Collection layout (README, "Milvus"): ``id`` VARCHAR primary key (the caller's id, so re-indexing is
 an idempotent upsert), ``text`` VARCHAR, ``dense`` FLOAT_VECTOR(dim), ``sparse`` SPARSE_FLOAT_VECTOR,
 ``metadata`` JSON; both vector indexes use the IP metric. The model name and dense dimension are recorded
 in the collection's properties (and its description), so a worker running another model cannot mix
@@ -12,41 +13,36 @@ vectors of two models in one collection.
 """
 from __future__ import annotations
 
-import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import numpy as np
-from pymilvus import AnnSearchRequest, DataType, MilvusClient, RRFRanker, WeightedRanker
+from pymilvus import AnnSearchRequest, MilvusClient, RRFRanker, WeightedRanker
 from pymilvus.exceptions import (
-    CollectionNotExistException, ConnectionConfigException, DataNotMatchException,
-    DataTypeNotMatchException, FieldsTypeException, FieldTypeException, MilvusException, ParamError,
+    CollectionNotExistException,
+    ConnectionConfigException,
+    DataNotMatchException,
+    DataTypeNotMatchException,
+    FieldsTypeException,
+    FieldTypeException,
+    MilvusException,
+    ParamError,
     PrimaryKeyException,
 )
 
-from producer import checks
-from producer.checks import ID_MAX_BYTES, METADATA_MAX_BYTES, TEXT_MAX_BYTES  # noqa: F401 - the schema's limits
-from producer.settings import Settings
 from producer.errors import ConfigError, MilvusError, MilvusRejected, SchemaMismatch  # noqa: F401 - re-exported
+from producer.settings import Settings
 
-SPARSE_INDEX_LIMIT = 2**32 - 1
-"""Sparse token ids must lie in [0, 2**32 - 1) (Milvus stores them as uint32, the last one reserved)."""
 EMPTY_SPARSE_TOKEN = 2**32 - 2
-"""Token id stored for a text whose sparse vector is empty: outside every vocabulary, so no query has it."""
-EMPTY_SPARSE_WEIGHT = 1e-6
-"""Weight of :data:`EMPTY_SPARSE_TOKEN`: nonzero (Milvus requires it) and too small to matter anyway."""
-UPSERT_CHUNK_BYTES = 16 * 1024 * 1024
-"""Rows are sent in chunks of about this size, well under Milvus' gRPC message limit."""
+"""Token id stored for a text whose sparse vector is empty: outside every vocabulary, so no query has it
+(the sink, :mod:`worker.sink`, stores it; search drops it from queries)."""
 CONNECT_TIMEOUT_S = 10.0
 """How long a connection attempt may take before it is a MilvusError."""
-CREATE_RACE_WAIT_S = 5.0
-"""After losing a create race, how long to wait for the winner's collection to appear."""
-CREATE_RACE_SETTLE_S = 0.2
-"""...and how long to leave the winner to finish opening it (Milvus Lite) before using it."""
 GRPC_OPTIONS = {"grpc.keepalive_time_ms": 330_000}
 """pymilvus pings every 10 s even on an idle channel, which a gRPC server with the default policy (one
 ping per 5 min without data, as Milvus Lite's) answers with GOAWAY ``too_many_pings`` and a dropped
@@ -166,54 +162,6 @@ def _way_out(uri: str) -> str:
 
 # ---- collection ---------------------------------------------------------------------------------------
 
-def ensure_collection(client: MilvusClient, name: str, dense_dim: int, model: str) -> None:
-    """Create collection ``name`` on first use (schema and indexes above), check that an existing one was
-    made for ``model`` and ``dense_dim`` (SchemaMismatch otherwise, before anything is written), and load
-    it. Safe when several processes do it at once: a lost create race is tolerated and re-checked.
-
-    ``model`` is compared as given, so pass a stable identity (a hub id), not a machine-specific path.
-    """
-    if not _call(f"has_collection {name!r}", client.has_collection, name):
-        _create_or_join(client, name, dense_dim, model)
-    check_collection(client, name, dense_dim, model)
-    _ensure_indexes(client, name)
-    _call(f"load collection {name!r}", client.load_collection, name)
-
-
-def _create_or_join(client: MilvusClient, name: str, dense_dim: int, model: str) -> None:
-    try:
-        _call(f"create collection {name!r}", client.create_collection, name,
-              schema=_schema(dense_dim, model), properties={PROP_MODEL: model, PROP_DIM: str(dense_dim)},
-              consistency_level="Bounded")
-    except (MilvusError, MilvusRejected):
-        # Another process may have won the race; only a collection that does not appear is an error.
-        if not _await_collection(client, name):
-            raise
-
-
-def _await_collection(client: MilvusClient, name: str) -> bool:
-    # Milvus Lite's create is not atomic: a loser can fail ("File exists") while the winner is still
-    # writing the collection, so wait for it to appear, then let the winner finish opening it.
-    deadline = time.monotonic() + CREATE_RACE_WAIT_S
-    while time.monotonic() < deadline:
-        if _call(f"has_collection {name!r}", client.has_collection, name):
-            time.sleep(CREATE_RACE_SETTLE_S)
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _schema(dense_dim: int, model: str) -> Any:
-    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
-                                        description=f"m3-queue: model={model}; dense_dim={dense_dim}")
-    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_BYTES)
-    schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
-    schema.add_field("dense", DataType.FLOAT_VECTOR, dim=dense_dim)
-    schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
-    schema.add_field("metadata", DataType.JSON)
-    return schema
-
-
 def check_collection(client: MilvusClient, name: str, dense_dim: int, model: str) -> None:
     """Raise SchemaMismatch unless collection ``name`` has m3-queue's fields, ``dense_dim`` and ``model``."""
     info = _call(f"describe collection {name!r}", client.describe_collection, name)
@@ -242,137 +190,12 @@ def _recorded_model(info: dict) -> str | None:
     return None
 
 
-def _ensure_indexes(client: MilvusClient, name: str) -> None:
-    wanted = {"dense": ("AUTOINDEX", {}), "sparse": ("SPARSE_INVERTED_INDEX", {})}
-    for field_name, (index_type, params) in wanted.items():
-        if _call("list indexes", client.list_indexes, name, field_name=field_name):
-            continue
-        index = client.prepare_index_params()
-        index.add_index(field_name, index_type=index_type, metric_type="IP", index_name=field_name,
-                        params=params)
-        try:
-            # sync=False: pymilvus would poll the build every 0.5 s; load_collection waits for it anyway.
-            _call(f"create index on {name!r}.{field_name}", client.create_index, name, index, sync=False)
-        except (MilvusError, MilvusRejected):
-            # A concurrent first use may have built it meanwhile ("already exists"); re-check.
-            if not _call("list indexes", client.list_indexes, name, field_name=field_name):
-                raise
-
-
 def _dense_dim(client: MilvusClient, name: str) -> int:
     info = _call(f"describe collection {name!r}", client.describe_collection, name)
     dense = [f for f in info.get("fields", []) if f["name"] == "dense"]
     if not dense:
         raise SchemaMismatch(f"collection {name!r} has no 'dense' field: it was not made by m3-queue")
     return int(dense[0]["params"]["dim"])
-
-
-# ---- rows ---------------------------------------------------------------------------------------------
-
-def row_problem(row: dict, dense_dim: int | None = None) -> str | None:
-    """Why ``row`` cannot be stored, or None when it can (so a caller can reject one row, not a batch)."""
-    rid, text = row.get("id"), row.get("text")
-    if not isinstance(rid, str) or not rid or not isinstance(text, str):
-        return "id must be a non-empty string and text a string"
-    if not _is_utf8(rid) or not _is_utf8(text):
-        return "id or text has a lone surrogate (not valid UTF-8)"
-    if len(rid.encode("utf-8")) > ID_MAX_BYTES:
-        return f"id is over {ID_MAX_BYTES} UTF-8 bytes"
-    try:
-        dense = np.asarray(row.get("dense"), dtype=np.float32)
-    except (TypeError, ValueError):
-        return "dense must be a vector of numbers"
-    if dense.ndim != 1 or (dense_dim is not None and dense.shape[0] != dense_dim):
-        return f"dense must be a vector of {dense_dim or 'the collection'}'s dim, got shape {dense.shape}"
-    if not np.isfinite(dense).all():
-        return "dense has a NaN or infinite value"
-    return _sparse_problem(row.get("sparse")) or checks.metadata_problem(row.get("metadata"))
-
-
-def _is_utf8(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def _sparse_problem(sparse: object) -> str | None:
-    if not isinstance(sparse, dict):
-        return "sparse must be a dict {token id: weight}"
-    for token, weight in sparse.items():
-        try:
-            token_ok = 0 <= int(token) < SPARSE_INDEX_LIMIT and int(token) != EMPTY_SPARSE_TOKEN
-            weight_ok = math.isfinite(weight) and weight >= 0
-        except (TypeError, ValueError):
-            return f"sparse entry {token!r}: {weight!r} is not an int token id and a number"
-        if not token_ok:
-            return f"sparse token id {token} is out of range"
-        if not weight_ok:
-            return f"sparse weight of token {token} is {weight}, not a finite non-negative number"
-    return None
-
-
-def fit_text(text: str) -> str:
-    """``text`` cut to at most TEXT_MAX_BYTES UTF-8 bytes, on a character boundary."""
-    raw = text.encode("utf-8")
-    if len(raw) <= TEXT_MAX_BYTES:
-        return text
-    return raw[:TEXT_MAX_BYTES].decode("utf-8", "ignore")
-
-
-def stored_sparse(sparse: dict) -> dict[int, float]:
-    """The sparse row Milvus stores: zero weights dropped, plain ints and floats, and for an empty vector
-    the placeholder {EMPTY_SPARSE_TOKEN: EMPTY_SPARSE_WEIGHT} (Milvus rejects an empty row)."""
-    kept = {int(t): float(w) for t, w in sparse.items() if w > 0}
-    return kept or {EMPTY_SPARSE_TOKEN: EMPTY_SPARSE_WEIGHT}
-
-
-def _to_milvus(row: dict) -> dict:
-    return {"id": row["id"], "text": fit_text(row["text"]),
-            "dense": np.asarray(row["dense"], dtype=np.float32).tolist(),
-            "sparse": stored_sparse(row["sparse"]), "metadata": row.get("metadata") or {}}
-
-
-def _chunks(rows: list[dict]) -> Iterator[list[dict]]:
-    chunk: list[dict] = []
-    size = 0
-    for row in rows:
-        row_bytes = len(row["text"]) * 4 + len(row["dense"]) * 4 + len(row["sparse"]) * 12 + 256
-        if chunk and size + row_bytes > UPSERT_CHUNK_BYTES:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(row)
-        size += row_bytes
-    if chunk:
-        yield chunk
-
-
-def upsert(client: MilvusClient, name: str, rows: Sequence[dict]) -> int:
-    """Insert or replace ``rows`` by id (idempotent) and return how many distinct rows were written.
-
-    Each row: ``id`` (str), ``text`` (str), ``dense`` (float32 array), ``sparse`` ({token id: weight}),
-    ``metadata`` (dict, optional). Rows are checked first: an invalid one raises MilvusRejected naming it,
-    before anything is written (use :func:`row_problem` to drop bad rows one by one). Within one call the
-    last row of a repeated id wins.
-
-    Texts over TEXT_MAX_BYTES UTF-8 bytes are stored truncated (the vectors come from the full text).
-    A text whose sparse vector is empty (or all zeros) is stored with the placeholder
-    ``{EMPTY_SPARSE_TOKEN: EMPTY_SPARSE_WEIGHT}``: Milvus (and Milvus Lite) reject an empty sparse row,
-    and this token id lies outside every vocabulary, so the document never matches a sparse query while
-    dense and hybrid search find it as usual. Transient failures raise MilvusError.
-    """
-    dim = _dense_dim(client, name)
-    for i, row in enumerate(rows):
-        problem = row_problem(row, dim)
-        if problem:
-            raise MilvusRejected(f"row {i} (id {row.get('id')!r}) cannot go into {name!r}: {problem}")
-    unique = list({row["id"]: row for row in rows}.values())
-    written = 0
-    for chunk in _chunks([_to_milvus(r) for r in unique]):
-        result = _call(f"upsert into {name!r}", client.upsert, name, chunk)
-        written += int(result.get("upsert_count", len(chunk)))
-    return written
 
 
 def count(client: MilvusClient, name: str) -> int:
@@ -440,3 +263,76 @@ def search(client: MilvusClient, name: str, dense: np.ndarray | None, sparse: di
 
 def _dense_list(dense: np.ndarray) -> list[float]:
     return np.asarray(dense, dtype=np.float32).reshape(-1).tolist()
+
+
+# ---- collections, aliases and versions ----------------------------------------------------------------
+# Thin wrappers over MilvusClient with the same error translation as the rest of this module: what
+# re-indexing (and a search's existence check) needs, so no caller reaches for ``_call`` itself.
+
+def has_collection(client: MilvusClient, name: str) -> bool:
+    """Whether a collection ``name`` exists."""
+    return bool(_call(f"has_collection {name!r}", client.has_collection, name))
+
+
+def list_collections(client: MilvusClient) -> list[str]:
+    """The names of every collection."""
+    return list(_call("list collections", client.list_collections))
+
+
+def versions(client: MilvusClient, alias: str) -> list[str]:
+    """The versioned collections ``{alias}_v{N}`` that exist, by increasing N."""
+    pattern = re.compile(re.escape(alias) + r"_v(\d+)$")
+    numbered = [(int(m.group(1)), name) for name in list_collections(client) if (m := pattern.match(name))]
+    return [name for _, name in sorted(numbered)]
+
+
+def alias_target(client: MilvusClient, alias: str) -> str | None:
+    """The collection behind ``alias``, or None when there is no such alias."""
+    if alias not in _call("list aliases", client.list_aliases).get("aliases", []):
+        return None  # asked first: describe_alias logs an error for an unknown alias
+    return _call(f"describe alias {alias!r}", client.describe_alias, alias)["collection_name"]
+
+
+def aliases_of(client: MilvusClient, collection: str) -> list[str]:
+    """The aliases that point to ``collection``."""
+    return list(_call(f"list aliases of {collection!r}", client.list_aliases, collection_name=collection)
+                .get("aliases", []))
+
+
+def point_alias(client: MilvusClient, alias: str, collection: str) -> str | None:
+    """Point ``alias`` at ``collection`` in one step: create the alias, or alter it; returns the collection it
+    pointed to before (None when it is new). Searches through the alias see one collection or the other."""
+    previous = alias_target(client, alias)
+    if previous is None:
+        _call(f"create alias {alias!r}", client.create_alias, collection, alias)
+    elif previous != collection:
+        _call(f"alter alias {alias!r}", client.alter_alias, collection, alias)
+    return previous
+
+
+def drop_collection(client: MilvusClient, name: str) -> None:
+    """Drop collection ``name`` and its rows."""
+    _call(f"drop collection {name!r}", client.drop_collection, name)
+
+
+def rename_collection(client: MilvusClient, old: str, new: str) -> None:
+    """Rename collection ``old`` to ``new``; Milvus Lite releases it, so :func:`load_collection` it again."""
+    _call(f"rename collection {old!r} to {new!r}", client.rename_collection, old, new)
+
+
+def load_collection(client: MilvusClient, name: str) -> None:
+    """Load collection ``name`` into memory, so it can be searched."""
+    _call(f"load collection {name!r}", client.load_collection, name)
+
+
+def iter_rows(client: MilvusClient, name: str, fields: tuple[str, ...] = ("id", "text", "metadata"),
+              page_rows: int = 1000) -> Iterator[dict]:
+    """Every row of ``name`` (its ``fields``), fetched ``page_rows`` at a time in primary-key order: the
+    same order on every read of an unchanged collection."""
+    pages = _call(f"read {name!r}", client.query_iterator, name, batch_size=page_rows, filter="",
+                  output_fields=list(fields))
+    try:
+        while page := _call(f"read {name!r}", pages.next):
+            yield from page
+    finally:
+        pages.close()

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -106,14 +104,9 @@ def _wait_ready(proc: subprocess.Popen, host: str, port: int, timeout_s: float, 
 
 def stop_lite_server(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
     """Stop a server from :func:`start_lite_server`: SIGTERM, then SIGKILL after ``timeout_s``."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    from producer.devstack import stop_process
+
+    stop_process(proc, timeout_s)
 
 
 class LiteServer:
@@ -161,20 +154,11 @@ def ensure_lite_server(settings: Settings, timeout_s: float = 60.0) -> LiteServe
     return LiteServer(settings.milvus_data_dir, port).start(timeout_s)
 
 
-def exit_on_sigterm() -> None:
-    """Make SIGTERM unwind the main thread like Ctrl-C does (``finally`` blocks and ExitStack callbacks
-    run), so a command stops what it started either way; it exits 143. A no-op off the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def stop(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-    signal.signal(signal.SIGTERM, stop)
-
-
 def serve(settings: Settings) -> int:
     """`m3q milvus`: run the embedded server in the foreground until it exits, Ctrl-C or SIGTERM; the
     server is stopped in every case."""
+    from producer.devstack import exit_on_sigterm
+
     exit_on_sigterm()
     server = start_lite_server(settings.milvus_data_dir, settings.milvus_port)
     try:

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import asyncio
 
-from producer import milvus
+from producer import milvus, wire
 from producer.client import Client
+from producer.errors import ConfigError
 from producer.milvus import Hit
 from producer.settings import Settings
-from producer import wire
 from producer.wire import ItemError
-from producer.errors import ConfigError
 
 MAX_K = 16384
 """Most hits one search returns (Milvus' limit on ``limit``)."""
@@ -27,14 +26,22 @@ class Searcher:
 
     def search(self, text: str, collection: str, mode: str = "hybrid", k: int = 10) -> list[Hit]:
         """Ranked hits for ``text`` in ``collection``; mode is hybrid, dense or sparse."""
+        self._prepare(collection, mode, k)
+        (item,) = self.client.encode_queries([text])
+        return self._search(collection, item, mode, k)
+
+    def _prepare(self, collection: str, mode: str, k: int) -> None:
+        """The arguments checked, Milvus connected and the collection checked: before the query is encoded,
+        so that a wrong collection fails in milliseconds."""
         if mode not in ("hybrid", "dense", "sparse"):
             raise ConfigError(f"mode must be hybrid, dense or sparse, got {mode!r}")
         if not isinstance(k, int) or not 1 <= k <= MAX_K:
-            raise ConfigError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")  # before encoding the query
+            raise ConfigError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
         if self._milvus is None:
             self._milvus = milvus.connect(self.settings)
-        self._check(collection)  # before the query is encoded: a wrong collection fails in milliseconds
-        (item,) = self.client.encode_queries([text])
+        self._check(collection)
+
+    def _search(self, collection: str, item: object, mode: str, k: int) -> list[Hit]:
         if isinstance(item, ItemError):
             raise ConfigError(f"query rejected: {item.reason}")
         return milvus.search(self._milvus, collection, item.dense, item.sparse_dict(), mode=mode, k=k)
@@ -44,7 +51,7 @@ class Searcher:
         SchemaMismatch rather than a dimension error deep in Milvus)."""
         if collection in self._checked:
             return
-        if not milvus._call(f"has_collection {collection!r}", self._milvus.has_collection, collection):
+        if not milvus.has_collection(self._milvus, collection):
             uri = milvus.redact(milvus.milvus_uri(self.settings))
             raise milvus.MilvusRejected(f"collection {collection!r} does not exist in Milvus at {uri}; index into "
                                         f"it first (`m3q index FILE --collection {collection}`)")
@@ -61,10 +68,24 @@ class Searcher:
         return self._identity
 
     async def asearch(self, text: str, collection: str, mode: str = "hybrid", k: int = 10) -> list[Hit]:
-        """:meth:`search` for asyncio handlers."""
-        return await asyncio.to_thread(self.search, text, collection, mode, k)
+        """:meth:`search` for asyncio handlers: the query is encoded through the client's native asyncio path
+        (no thread); only Milvus' blocking calls run on the loop's default executor (connecting and checking a
+        collection on its first search, then each search)."""
+        if self._milvus is None or collection not in self._checked:
+            await asyncio.to_thread(self._prepare, collection, mode, k)
+        else:
+            self._prepare(collection, mode, k)  # no I/O left: arguments only
+        (item,) = await self.client.aencode_queries([text])
+        return await asyncio.to_thread(self._search, collection, item, mode, k)
+
+    def close(self) -> None:
+        """Close the Milvus connection (a later search opens a new one)."""
+        if self._milvus is not None:
+            self._milvus.close()
+            self._milvus = None
 
 
-def search(text: str, collection: str, mode: str = "hybrid", k: int = 10, settings: Settings | None = None) -> list[Hit]:
+def search(text: str, collection: str, mode: str = "hybrid", k: int = 10,
+           settings: Settings | None = None) -> list[Hit]:
     """One-off search (a web app should keep a :class:`Searcher`)."""
     return Searcher(settings).search(text, collection, mode, k)

@@ -9,6 +9,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
+
 from producer.errors import ConfigError
 
 ENV_PREFIX = "M3Q_"
@@ -54,6 +55,10 @@ class Settings:
     index_retries: int = field(default=5, metadata={"doc": "Retries of an index job when Milvus fails."})
     index_retry_backoff_s: float = field(default=2.0, metadata={"doc": "First retry delay of an index job; doubles each time."})
     task_max_retries: int = field(default=3, metadata={"doc": "Deliveries of a job that keeps crashing before it is recorded as failed."})
+    # repr=False: the keys are secrets, and a settings object may end up in a log line.
+    api_keys: str = field(default="", repr=False, metadata={"doc": "Bearer keys of the HTTP gateway (`m3q serve`), comma-separated: each request needs `Authorization: Bearer KEY` (/health and /metrics excepted); empty: no key needed."})
+    gateway_max_in_flight: int = field(default=512, metadata={"doc": "Requests one gateway process serves at once; more are answered 429 with Retry-After (backpressure, not an unbounded queue)."})
+    gateway_max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={"doc": "Largest request body the gateway reads; a bigger one is answered 413."})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
+
 from producer.errors import SourceError
 
 SNIFF_BYTES = 8192

@@ -51,7 +51,7 @@ def lane_status(s: Settings, r: redis.Redis, workers: list[dict[str, Any]]) -> d
 
 def _reindex_jobs(s: Settings) -> list[dict[str, Any]]:
     """Re-index jobs (done/total, rate, eta_s, state), oldest first."""
-    from producer.reindex import list_jobs  # imported here: reindex imports this module
+    from producer.reindex import list_jobs  # here: the re-index package loads the client and pymilvus
 
     return list_jobs(s)
 

@@ -6,14 +6,14 @@ accepted too); pickle is refused on both sides. Vectors travel as raw little-end
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, TypedDict
 
 import numpy as np
 import redis
 from celery import Celery
 
-from producer.settings import Settings
 from producer.errors import PayloadError  # noqa: F401 - callers import it from here
+from producer.settings import Settings
 
 # Task names: sent by name, so the producer never imports the worker.
 TASK_ENCODE_QUERIES = "m3q.encode_queries"
@@ -132,6 +132,66 @@ def failures_key(s: Settings) -> str:
     return f"{s.queue_prefix}:failures"
 
 
+def deliveries_key(s: Settings, job_id: str) -> str:
+    """Redis counter of a job's deliveries (a job that keeps killing its worker stops: PoisonJob)."""
+    return f"{s.queue_prefix}:deliveries:{job_id}"
+
+
+# ---- typed records: what a worker writes and a producer reads ---------------------------------------------
+
+class Stamp(TypedDict):
+    """Which worker, device, model and dtype produced a result (every job's answer carries one)."""
+
+    worker: str
+    device: str
+    model: str
+    dtype: str
+
+
+class EncodeAnswer(Stamp):
+    """An encode job's answer: one :func:`encode_item` per text, in order; truncated texts; tokens encoded."""
+
+    items: list[dict[str, Any]]
+    truncated: int
+    tokens: int
+
+
+class IndexAnswer(Stamp):
+    """An index job's answer: rows stored, their ids, truncated texts, ``[place, reason]`` per refused row."""
+
+    stored: int
+    ids: list[str]
+    truncated: int
+    errors: list[list[Any]]
+    batch: Any
+
+
+class Heartbeat(TypedDict, total=False):
+    """A worker's status in Redis (:func:`heartbeat_key`, JSON), renewed every :func:`heartbeat_s`."""
+
+    hostname: str
+    pid: int
+    model: str
+    device: str
+    dtype: str
+    dims: dict[str, int]
+    replica: bool
+    jobs: int
+    texts: int
+    tokens: int
+    errors: int
+    texts_per_s: float
+    tokens_per_s: float
+    pending: int
+    held: list[str]
+    """kombu delivery tags this worker holds (not yet acknowledged): a dead worker's are put back."""
+    held_jobs: list[str]
+    lane: dict[str, Any]
+    """The stream lane's figures (consumer name, prefetch, replies per second)."""
+    queues: list[str]
+    time: float
+
+
 # ---- workers and the jobs they hold ---------------------------------------------------------------------
 
 # kombu's Redis transport keeps every delivered, not yet acknowledged message in one hash per database
@@ -157,7 +217,7 @@ def heartbeat_ttl_s(s: Settings) -> float:
     return s.dead_worker_s / 2
 
 
-def live_workers(s: Settings, r) -> list[dict[str, Any]]:
+def live_workers(s: Settings, r) -> list[Heartbeat]:
     """The heartbeats of the workers alive now (``r``: a redis client on the broker)."""
     import json
 

@@ -2,29 +2,24 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
+import re
 import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 import redis
 
+from producer import devstack, wire
+from producer.devstack import RedisServer, free_port  # noqa: F401 - used by the tests
+from producer.errors import InfraError
 from producer.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "data" / "tiny-bge-m3"
+WORKER_READY_S = 180
+"""How long a test waits for a worker to load the tiny model (2 shared cores, a busy suite)."""
 REDIS_URL = os.environ.get("M3Q_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_settings(**overrides) -> Settings:
@@ -37,51 +32,43 @@ def make_settings(**overrides) -> Settings:
 
 def settings_env(s: Settings) -> dict[str, str]:
     """The environment that hands ``s`` to a child process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("M3Q_")}
-    for name, value in vars(s).items():
-        env["M3Q_" + name.upper()] = str(value)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return devstack.settings_env(s)
 
 
-class WorkerProcess:
-    """A real `m3q worker` process."""
+class WorkerProcess(devstack.WorkerProcess):
+    """A real `m3q worker` process, with what the tests read from its log and /proc."""
 
-    def __init__(self, s: Settings, log_path: Path, device: str = "cpu", extra: list[str] | None = None) -> None:
-        self.settings = s.replace(device=device)
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "producer.cli", "worker", "--device", device, *(extra or [])]
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen(cmd, env=settings_env(self.settings), stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=ROOT, start_new_session=True)
+    def __init__(self, s: Settings, log_path: Path, device: str = "cpu", extra: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        super().__init__(s, log_path, device, extra, env, cwd=ROOT)
 
     def wait_ready(self, timeout_s: float = 90) -> "WorkerProcess":
-        """Until the worker logs that it is ready for jobs."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
-            if " ready." in self.output():
-                return self
-            time.sleep(0.2)
-        raise TimeoutError(f"worker not ready after {timeout_s}s:\n{self.output()[-3000:]}")
+        super().wait_ready(timeout_s)
+        return self
 
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def rss_kb(self) -> int:
+        """Resident memory of the worker process (VmRSS), in KiB."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
 
-    def signal(self, sig: int) -> None:
-        os.kill(self.proc.pid, sig)
+    def task_ids(self, event: str, task: str = wire.TASK_INDEX_DOCUMENTS) -> list[str]:
+        """Ids of ``task`` jobs that this worker logged as ``event`` (received, succeeded, ...)."""
+        return re.findall(rf"Task {re.escape(task)}\[([0-9a-f-]+)\] {event}", self.output())
 
-    def stop(self, timeout_s: float = 30) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+    def owns(self, raw: dict) -> bool:
+        """Whether a job result was stamped by this worker (its hostname carries the pid)."""
+        return f"-{self.proc.pid}@" in str(raw.get("worker"))
+
+
+Worker = WorkerProcess
+
+
+def wait_for(check, timeout_s: float, what: str, proc: subprocess.Popen | None = None, interval_s: float = 0.1):
+    """Poll ``check`` until it returns something truthy; fail the test naming ``what``."""
+    try:
+        return devstack.wait_until(check, timeout_s, what, proc, interval_s)
+    except InfraError as e:
+        raise AssertionError(str(e)) from None
 
 
 @pytest.fixture(scope="session")
@@ -127,13 +114,39 @@ def shared_worker(tmp_path_factory, redis_client):
 @pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory):
     """A real Milvus Lite server on a free port, for the whole session."""
-    from producer.milvus_lite import start_lite_server
+    from producer.milvus_lite import start_lite_server, stop_lite_server
 
     port = free_port()
     proc = start_lite_server(str(tmp_path_factory.mktemp("milvus")), port)
     yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_lite_server(proc, 20)
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """Start private redis-servers; all are stopped after the test."""
+    servers: list[RedisServer] = []
+
+    def start(*args: str, tls: tuple[Path, Path, Path] | None = None) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis{len(servers)}", args, tls)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def workers(tmp_path, redis_client):
+    """Start worker processes (``wait`` for them to be ready, or not); all are stopped after the test."""
+    started: list[WorkerProcess] = []
+
+    def spawn(s: Settings, env: dict[str, str] | None = None, wait: bool = True) -> WorkerProcess:
+        w = WorkerProcess(s, tmp_path / f"worker{len(started)}.log", env=env)
+        started.append(w)
+        return w.wait_ready(WORKER_READY_S) if wait else w
+
+    yield spawn
+    for w in started:
+        w.stop(timeout_s=30)

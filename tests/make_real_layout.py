@@ -94,7 +94,7 @@ TEXTS = [
 
 def corpus() -> list[str]:
     """The training lines: the project's own texts (replica corpus, sample corpus) and the lines above."""
-    lines = (ROOT / "worker" / "replica_corpus.txt").read_text(encoding="utf-8").splitlines()
+    lines = (ROOT / "worker" / "replica" / "corpus.txt").read_text(encoding="utf-8").splitlines()
     for row in (ROOT / "producer" / "data" / "sample_corpus.jsonl").read_text(encoding="utf-8").splitlines():
         lines.append(json.loads(row)["text"])
     return [line for line in lines + EXTRA_CORPUS if line.strip()]
@@ -202,7 +202,8 @@ def main() -> int:
     arrays: dict[str, np.ndarray] = {}
     for form, folder in FORMS.items():
         arrays.update(golden(folder, form))
-    arrays["versions"] = np.array([f"{n}={version(n)}" for n in ("FlagEmbedding", "transformers", "tokenizers", "torch")])
+    arrays["versions"] = np.array([f"{n}={version(n)}"
+                                   for n in ("FlagEmbedding", "transformers", "tokenizers", "torch")])
     np.savez_compressed(GOLDEN, **arrays)
     sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in FORMS.values()}
     sizes[GOLDEN.name] = GOLDEN.stat().st_size

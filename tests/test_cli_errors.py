@@ -21,6 +21,7 @@ from producer.cli import build_parser
 from producer.milvus_lite import port_open
 from producer.status import collect, render
 from tests.conftest import ROOT, TINY, WorkerProcess, free_port, make_settings, settings_env
+from worker import sink
 
 TIMEOUT_S = 180
 
@@ -122,7 +123,7 @@ def test_search_of_a_collection_of_another_dimension_or_model_is_refused_like_in
     collection = name()
     from producer.client import Client
 
-    milvus.ensure_collection(mc, collection, dim or Client(worker.settings).dims()["dense"], model)
+    sink.ensure_collection(mc, collection, dim or Client(worker.settings).dims()["dense"], model)
     done = m3q(worker.settings, "search", "x", "--collection", collection)
     line = one_line_error(done, collection, model, "expected tiny-bge-m3")
     assert "matmul" not in done.stderr and (dim is None or "dim 33" in line)
@@ -201,13 +202,14 @@ def test_json_errors_are_whole_sentences(worker, tmp_path):
 
 # ---- item 8: interruptions -----------------------------------------------------------------------------
 
-def test_ctrl_c_in_index_prints_what_was_stored_and_nothing_is_lost(worker, mc, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_in_index_prints_what_was_stored_and_nothing_is_lost(worker, mc, tmp_path, sig):
     collection, n = name(), 4000
     source = docs_file(tmp_path / "big.jsonl", n)
     slow = worker.settings.replace(job_texts=8, max_in_flight=1)
     proc = spawn(slow, "index", str(source), "--collection", collection)
     wait_until(lambda: mc.has_collection(collection) and milvus.count(mc, collection) > 0, 60, "first batch stored")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, out + err
     assert "Traceback" not in err
@@ -219,14 +221,15 @@ def test_ctrl_c_in_index_prints_what_was_stored_and_nothing_is_lost(worker, mc, 
     assert again.returncode == 0 and milvus.count(mc, collection) == n
 
 
-def test_ctrl_c_in_reindex_prints_the_resume_line_and_status_says_interrupted(worker, mc, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_in_reindex_prints_the_resume_line_and_status_says_interrupted(worker, mc, tmp_path, sig):
     alias, job_id, n = name(), "j" + uuid.uuid4().hex[:8], 600
     source = docs_file(tmp_path / "re.jsonl", n)
     slow = worker.settings.replace(job_texts=10)
     proc = spawn(slow, "reindex", "--from", str(source), "--into", alias, "--job-id", job_id, "--rate-limit", "100",
                  "--no-progress")
     wait_until(lambda: _job(slow, job_id).get("done", 0) > 0, 60, "the first batch is recorded")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, out + err
     assert f"re-index {job_id} interrupted" in err and f"`m3q reindex --resume {job_id}`" in err

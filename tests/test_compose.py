@@ -9,7 +9,7 @@ import yaml
 
 COMPOSE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
 WORKERS = ("worker-gpu0", "worker-gpu1", "worker-cpu")
-SECRET_KEYS = re.compile(r"PASSWORD|SECRET|TOKEN|_AUTH$|ACCESS_KEY")
+SECRET_KEYS = re.compile(r"PASSWORD|SECRET|TOKEN|_AUTH$|ACCESS_KEY|API_KEYS")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def command_text(service: dict) -> str:
 
 
 def test_services_present(services):
-    assert {"redis", "etcd", "minio", "milvus", *WORKERS, "flower"} <= set(services)
+    assert {"redis", "etcd", "minio", "milvus", *WORKERS, "gateway", "flower"} <= set(services)
     assert services["flower"]["profiles"] == ["monitoring"]
 
 
@@ -79,7 +79,8 @@ def test_cpu_worker(services):
 def test_worker_settings(services, name):
     worker = services[name]
     env = worker["environment"]
-    assert env["M3Q_BROKER_URL"].startswith("redis://:${REDIS_PASSWORD") and env["M3Q_BROKER_URL"].endswith("@redis:6379/0")
+    assert (env["M3Q_BROKER_URL"].startswith("redis://:${REDIS_PASSWORD")
+            and env["M3Q_BROKER_URL"].endswith("@redis:6379/0"))
     assert env["M3Q_MILVUS_URI"] == "http://milvus:19530"
     assert env["M3Q_MILVUS_TOKEN"].startswith("${")
     assert "M3Q_MODEL" in env and env["M3Q_METRICS_PORT"] == "9400"
@@ -88,6 +89,22 @@ def test_worker_settings(services, name):
     assert "pip install" in command_text(worker) and "/app" in command_text(worker)
     for dependency in ("redis", "milvus"):
         assert worker["depends_on"][dependency]["condition"] == "service_healthy"
+
+
+def test_gateway_serves_http_with_a_healthcheck_and_no_model(services):
+    gateway = services["gateway"]
+    command = command_text(gateway)
+    assert "pip install" in command and "[http]'" in command and "[worker]" not in command  # no torch
+    assert "exec m3q serve --host 0.0.0.0 --port 8080" in command
+    health = " ".join(gateway["healthcheck"]["test"])
+    assert gateway["healthcheck"]["test"][0] == "CMD" and "http://127.0.0.1:8080/health" in health
+    assert gateway["healthcheck"]["start_period"]  # the first start installs the package
+    env = gateway["environment"]
+    assert env["M3Q_BROKER_URL"] == services["worker-cpu"]["environment"]["M3Q_BROKER_URL"]
+    assert env["M3Q_MILVUS_URI"] == "http://milvus:19530" and env["M3Q_API_KEYS"].startswith("${M3Q_API_KEYS")
+    assert gateway["ports"] == ["${M3Q_BIND:-127.0.0.1}:8080:8080"]
+    assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert not gpu_devices(gateway) and not any("huggingface" in v for v in gateway["volumes"])
 
 
 def env_items(compose: dict):
@@ -102,7 +119,7 @@ def env_items(compose: dict):
 def test_no_hard_coded_secrets(compose):
     variable = re.compile(r"^\$\{[A-Z0-9_]+(:[-?][^}]*)?\}$")
     secrets = [(n, k, v) for n, k, v in env_items(compose) if SECRET_KEYS.search(k) or k.startswith("MINIO_ROOT")]
-    assert len(secrets) >= 5, "the scan should see the password settings"
+    assert len(secrets) >= 6, "the scan should see the password settings"
     for name, key, value in secrets:
         assert variable.match(value), f"{name}: {key} looks hard-coded: {value!r}"
     redis = compose["services"]["redis"]["command"]

@@ -10,8 +10,8 @@ import time
 import uuid
 from pathlib import Path
 
-from producer.milvus_lite import port_open
 from producer.demo import QUERIES, SAMPLE
+from producer.milvus_lite import port_open
 from tests.conftest import REDIS_URL, ROOT, TINY, free_port
 
 TIMEOUT_S = 240

@@ -1,4 +1,4 @@
-"""The in-process encoder against BGE-M3's definition (DESIGN.md, "What an embedding is").
+"""The in-process encoder against BGE-M3's definition (README, "Models": what an embedding is).
 
 Reference numbers come from FlagEmbedding's BGEM3FlagModel: frozen in tests/data/golden.npz (written by
 tests/make_golden.py, so these tests run without FlagEmbedding, e.g. under transformers 5.x) and, where
@@ -19,10 +19,11 @@ import pytest
 import torch
 
 from producer.wire import Embedding, ItemError
+from worker import model as model_module
 from worker.device import DeviceError
 from worker.encoder import Encoder, EncodeResult, Limits
-from worker import model as model_module
-from worker.model import ModelLoadError, padding_for as model_padding_for
+from worker.model import ModelLoadError
+from worker.model import padding_for as model_padding_for
 from worker.slicing import Slicer
 
 ROOT = Path(__file__).resolve().parent.parent

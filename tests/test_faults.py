@@ -28,95 +28,20 @@ from producer.client import Client, IndexReport, JobFailed
 from producer.settings import Settings
 from producer.status import collect
 from producer.wire import Embedding, ItemError, PayloadError
-from tests.conftest import ROOT, WorkerProcess, free_port, make_settings, settings_env
+from tests.conftest import ROOT, Worker, WorkerProcess, free_port, make_settings, settings_env, wait_for
+from worker import sink
 
 TIMEOUT_S = 180
 LONG_DOC = "word alpha beta " * 3000  # over 8192 tokens: cut to 8192, about a second of encoding each
-CRASH_ENV = "M3Q_TEST_CRASH_ON_TEXT"  # worker.tasks.TEST_CRASH_ENV: the worker exits at once on that text
-CRASH_EXIT_CODE = 86  # worker.tasks.TEST_CRASH_EXIT_CODE
+TESTING_ENV = "M3Q_TESTING"  # worker.testing.SWITCH_ENV: the test hooks are armed only with it
+CRASH_ENV = "M3Q_TEST_CRASH_ON_TEXT"  # worker.testing.CRASH_ENV: the worker exits at once on that text
+CRASH_EXIT_CODE = 86  # worker.testing.CRASH_EXIT_CODE
 DOWN_S = 25  # how long Redis stays down in the restart test
 
 
-# ---- real processes ---------------------------------------------------------------------------------------
-
-class RedisServer:
-    """A private redis-server on its own port and data folder; stop() and start() keep both."""
-
-    def __init__(self, folder: Path, args: tuple[str, ...] = (), tls: tuple[Path, Path, Path] | None = None) -> None:
-        self.folder = folder
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.args = args
-        self.tls = tls
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def url(self, password: str | None = None) -> str:
-        auth = f":{password}@" if password else ""
-        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
-
-    def start(self, timeout_s: float = 20) -> "RedisServer":
-        ports = ["--port", str(self.port)]
-        if self.tls:
-            cert, key, ca = self.tls
-            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
-                     "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
-        self.starts += 1
-        log_path = self.folder / f"redis{self.starts}.log"
-        self.proc = subprocess.Popen(["redis-server", *ports, "--bind", "127.0.0.1", "--dir", str(self.folder),
-                                      "--save", "", "--logfile", str(log_path), *self.args],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        wait_for(lambda: log_path.exists() and "Ready to accept connections" in log_path.read_text(errors="replace"),
-                 timeout_s, f"redis-server on port {self.port} (log {log_path})", self.proc)
-        return self
-
-    def stop(self) -> None:
-        """SIGTERM: Redis' own clean shutdown (the append-only file is flushed first)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-class Worker(WorkerProcess):
-    """A real `m3q worker` process, with extra environment variables when a test needs them."""
-
-    def __init__(self, s: Settings, log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.settings = s.replace(device="cpu")
-        self.log_path = log_path
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--device", "cpu"],
-                                     env={**settings_env(self.settings), **(env or {})}, stdout=self.log,
-                                     stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-
-    def rss_kb(self) -> int:
-        """Resident memory of the worker process (VmRSS), in KiB."""
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
-
-    def task_ids(self, event: str, task: str = wire.TASK_INDEX_DOCUMENTS) -> list[str]:
-        """Ids of ``task`` jobs that this worker logged as ``event`` (received, succeeded, ...)."""
-        return re.findall(rf"Task {re.escape(task)}\[([0-9a-f-]+)\] {event}", self.output())
-
-    def owns(self, raw: dict) -> bool:
-        """Whether a job result was stamped by this worker (its hostname carries the pid)."""
-        return f"-{self.proc.pid}@" in str(raw.get("worker"))
-
-
-def wait_for(check, timeout_s: float, what: str, proc: subprocess.Popen | None = None, interval_s: float = 0.1):
-    """Poll ``check`` until it returns something truthy; fail naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what}: process exited with {proc.returncode}")
-        time.sleep(interval_s)
-    raise AssertionError(f"{what}: not after {timeout_s:.0f}s")
+def crash_on(text: str) -> dict[str, str]:
+    """The environment of a worker that exits at once on a job holding ``text`` (the test hook, switched on)."""
+    return {TESTING_ENV: "1", CRASH_ENV: text}
 
 
 def in_thread(fn) -> tuple[threading.Thread, dict]:
@@ -132,36 +57,6 @@ def in_thread(fn) -> tuple[threading.Thread, dict]:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, out
-
-
-@pytest.fixture
-def private_redis(tmp_path):
-    """Start private redis-servers; all are stopped after the test."""
-    servers: list[RedisServer] = []
-
-    def start(*args: str, tls: tuple[Path, Path, Path] | None = None) -> RedisServer:
-        server = RedisServer(tmp_path / f"redis{len(servers)}", args, tls)
-        servers.append(server)
-        return server.start()
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
-@pytest.fixture
-def workers(tmp_path, redis_client):
-    """Start worker processes (``wait`` for them to be ready, or not); all are stopped after the test."""
-    started: list[Worker] = []
-
-    def spawn(s: Settings, env: dict[str, str] | None = None, wait: bool = True) -> Worker:
-        w = Worker(s, tmp_path / f"worker{len(started)}.log", env)
-        started.append(w)
-        return w.wait_ready(TIMEOUT_S) if wait else w
-
-    yield spawn
-    for w in started:
-        w.stop(timeout_s=30)
 
 
 def collection_name() -> str:
@@ -330,7 +225,7 @@ def test_milvus_unreachable_retries_then_fails_naming_the_batch(workers):
 def test_poison_job_is_given_up_after_bounded_deliveries_and_shown_by_status(private_redis, workers, kind):
     server = private_redis()
     s = make_settings(broker_url=server.url(), visibility_timeout_s=2, task_max_retries=1, job_timeout_s=TIMEOUT_S)
-    crash = {CRASH_ENV: "poison pill"}
+    crash = crash_on("poison pill")
     handle = Client(s).submit_encode(["a fine text", "poison pill"], kind)
     # Each delivery kills its worker; the next one to start takes the job back (kombu restores it at start-up).
     for _ in range(1 + s.task_max_retries):
@@ -356,7 +251,7 @@ def test_poison_job_is_given_up_after_bounded_deliveries_and_shown_by_status(pri
 def worker(milvus_server, tmp_path_factory, redis_client):
     """One worker for the bad-input tests: Milvus with a token (which Milvus Lite ignores), a 16 MB payload limit."""
     s = make_settings(milvus_uri=milvus_server, milvus_token="root:Milvus", max_payload_bytes=16 * 1024 * 1024)
-    w = Worker(s, tmp_path_factory.mktemp("faults-worker") / "worker.log").wait_ready(TIMEOUT_S)
+    w = WorkerProcess(s, tmp_path_factory.mktemp("faults-worker") / "worker.log").wait_ready(TIMEOUT_S)
     yield w
     w.stop()
 
@@ -493,7 +388,7 @@ def test_unknown_options_fail_the_job_by_name(client, worker):
 def test_a_collection_of_another_dimension_is_refused_before_writing(client, worker):
     collection = collection_name()
     mc = milvus_client(worker.settings)
-    milvus.ensure_collection(mc, collection, 8, "some/other-model")
+    sink.ensure_collection(mc, collection, 8, "some/other-model")
     with pytest.raises(PayloadError, match=rf"{collection}.*dim 8"):
         client.index(collection, ["a document"], ["doc"])
     assert milvus.count(mc, collection) == 0

@@ -14,9 +14,10 @@ import redis as redis_py
 
 from producer import milvus, wire
 from producer.client import Client, JobFailed, JobTimeout, NoWorker
-from worker.records import record_failure
 from producer.wire import Embedding
 from tests.conftest import ROOT, free_port, make_settings, settings_env
+from worker import sink
+from worker.records import record_failure
 
 LINE = '{"id": 1, "text": "hello"}\n'
 
@@ -53,7 +54,7 @@ def test_no_worker_is_one_line_in_seconds_naming_m3q_worker(redis_client, milvus
     s = make_settings(milvus_uri=milvus_server)  # the default grace, M3Q_NO_WORKER_GRACE_S=10
     if command[0] == "search":  # search checks its collection first: make one
         client = milvus.connect(s)
-        milvus.ensure_collection(client, "first_hour", 8, "any-model")
+        sink.ensure_collection(client, "first_hour", 8, "any-model")
         client.close()
     out, took = m3q(s, *command, stdin=LINE)
     line = one_line(out)
@@ -160,7 +161,8 @@ def test_index_without_milvus_fails_before_encoding_naming_both_ways_out(redis_c
 def test_status_clear_failures_forgets_them(redis_client):
     s = make_settings()
     for n in range(2):
-        record_failure(s, wire.redis_client(s), wire.TASK_INDEX_DOCUMENTS, f"job-{n}", "MilvusError: cannot connect to Milvus")
+        record_failure(s, wire.redis_client(s), wire.TASK_INDEX_DOCUMENTS, f"job-{n}",
+                       "MilvusError: cannot connect to Milvus")
     out, _ = m3q(s, "status")
     assert "FAILED JOBS" in out.stdout and "--clear-failures" in out.stdout and "job-1" in out.stdout
     out, _ = m3q(s, "status", "--clear-failures")

@@ -21,6 +21,7 @@ from producer.client import Client, JobFailed
 from producer.search import Searcher
 from producer.wire import Embedding, PayloadError
 from tests.conftest import ROOT, TINY, WorkerProcess, make_settings, settings_env
+from worker import sink
 
 DOCS = {
     "milvus-1": "Milvus is an open-source vector database built for similarity search.",
@@ -157,14 +158,14 @@ def _refused(client, mc, collection):
 
 def test_collection_of_another_dimension_is_refused(client, mc, collection, recorded_model):
     dim = client.dims()["dense"]
-    milvus.ensure_collection(mc, collection, dim + 16, recorded_model)
+    sink.ensure_collection(mc, collection, dim + 16, recorded_model)
     message = _refused(client, mc, collection)
     assert repr(collection) in message and f"dim {dim + 16}" in message and f"dim {dim}" in message
     assert message.count(recorded_model) == 2  # the same model on both sides: the dimension is the reason
 
 
 def test_collection_of_another_model_is_refused(client, mc, collection):
-    milvus.ensure_collection(mc, collection, client.dims()["dense"], "someone/else-model")
+    sink.ensure_collection(mc, collection, client.dims()["dense"], "someone/else-model")
     message = _refused(client, mc, collection)
     assert repr(collection) in message and "someone/else-model" in message
 
@@ -342,7 +343,7 @@ def test_m3q_index_exits_nonzero_when_nothing_is_stored(worker, tmp_path, collec
 
 
 def test_m3q_index_into_a_mismatched_collection_fails_clearly(worker, client, mc, tmp_path, collection):
-    milvus.ensure_collection(mc, collection, client.dims()["dense"], "someone/else-model")
+    sink.ensure_collection(mc, collection, client.dims()["dense"], "someone/else-model")
     path = tmp_path / "docs.txt"
     _write(path, "txt")
     done = _m3q(worker.settings, "index", str(path), "--collection", collection)

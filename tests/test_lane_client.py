@@ -207,7 +207,8 @@ def test_replies_never_reach_the_wrong_waiter_with_two_clients_and_two_workers(s
     workers = [spawn_worker(s, device="cpu:0"), spawn_worker(s, device="cpu:1")]
     n = 200
     clients = [subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, name, str(n)], cwd=ROOT, env=settings_env(s),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("alpha", "beta")]
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name in ("alpha", "beta")]
     outputs = [c.communicate(timeout=180) for c in clients]
     for c, (_, err) in zip(clients, outputs):
         assert c.returncode == 0, err[-3000:]
@@ -224,7 +225,7 @@ def test_replies_never_reach_the_wrong_waiter_with_two_clients_and_two_workers(s
 
 
 def test_awaits_waiting_through_a_redis_restart_are_answered(tmp_path, spawn_worker, encoder):
-    from tests.test_faults import RedisServer
+    from producer.devstack import RedisServer
 
     server = RedisServer(tmp_path / "redis", ("--appendonly", "yes")).start()
     try:

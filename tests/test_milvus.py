@@ -1,4 +1,5 @@
-"""The Milvus sink against a real Milvus Lite server (``milvus-lite server``), no mocks.
+"""The Milvus sink (worker/sink.py) and the producer's Milvus calls (producer/milvus.py) against a real Milvus
+Lite server (``milvus-lite server``), no mocks.
 
 Vectors are random, L2-normalised float32 of dim 32: the schema, upsert and search logic do not need a model.
 """
@@ -15,6 +16,7 @@ import pytest
 from producer import milvus, milvus_lite
 from producer.milvus import Hit, MilvusError, MilvusRejected, SchemaMismatch
 from producer.settings import Settings
+from worker import sink
 
 DIM = 32
 MODEL = "test/model-a"
@@ -45,7 +47,7 @@ def client(lite):
 def collection(client):
     """A fresh collection name per test, created for MODEL and DIM."""
     name = "t_" + uuid.uuid4().hex[:12]
-    milvus.ensure_collection(client, name, DIM, MODEL)
+    sink.ensure_collection(client, name, DIM, MODEL)
     return name
 
 
@@ -61,18 +63,18 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def test_create_upsert_count(client, collection):
-    assert milvus.upsert(client, collection, make_rows(20)) == 20
+    assert sink.upsert(client, collection, make_rows(20)) == 20
     assert milvus.count(client, collection) == 20
-    milvus.ensure_collection(client, collection, DIM, MODEL)  # a second first-use is a no-op
+    sink.ensure_collection(client, collection, DIM, MODEL)  # a second first-use is a no-op
     assert milvus.count(client, collection) == 20
 
 
 def test_reupsert_is_idempotent_by_id(client, collection):
     rows = make_rows(10)
-    milvus.upsert(client, collection, rows)
+    sink.upsert(client, collection, rows)
     for row in rows:
         row["text"] = "new " + row["text"]
-    assert milvus.upsert(client, collection, rows + rows[:3]) == 10  # repeated ids in one call: last wins
+    assert sink.upsert(client, collection, rows + rows[:3]) == 10  # repeated ids in one call: last wins
     assert milvus.count(client, collection) == 10
     top = milvus.search(client, collection, rows[4]["dense"], None, mode="dense", k=1)
     assert top[0].id == "doc-4" and top[0].text == "new text 4" and top[0].metadata == {"i": 4}
@@ -80,7 +82,7 @@ def test_reupsert_is_idempotent_by_id(client, collection):
 
 def test_own_dense_vector_finds_document_first(client, collection):
     rows = make_rows(30, seed=1)
-    milvus.upsert(client, collection, rows)
+    sink.upsert(client, collection, rows)
     for row in rows[::5]:
         hits = milvus.search(client, collection, row["dense"], None, mode="dense", k=3)
         assert isinstance(hits[0], Hit)
@@ -95,7 +97,7 @@ def test_hybrid_merges_dense_and_sparse(client, collection):
     # dense-only winner: the query's own vector, no shared token; sparse-only winner: the query's token.
     rows.append({"id": "dense-win", "text": "d", "dense": query, "sparse": {5000: 1.0}, "metadata": {}})
     rows.append({"id": "sparse-win", "text": "s", "dense": -query, "sparse": {42: 3.0}, "metadata": {}})
-    milvus.upsert(client, collection, rows)
+    sink.upsert(client, collection, rows)
     sparse_query = {42: 1.0}
     dense_ids = [h.id for h in milvus.search(client, collection, query, sparse_query, mode="dense", k=3)]
     sparse_ids = [h.id for h in milvus.search(client, collection, query, sparse_query, mode="sparse", k=3)]
@@ -108,9 +110,9 @@ def test_hybrid_merges_dense_and_sparse(client, collection):
 
 @pytest.mark.parametrize("dim,model", [(DIM * 2, MODEL), (DIM, "test/model-b")])
 def test_schema_mismatch_raises_and_writes_nothing(client, collection, dim, model):
-    milvus.upsert(client, collection, make_rows(5))
+    sink.upsert(client, collection, make_rows(5))
     with pytest.raises(SchemaMismatch) as err:
-        milvus.ensure_collection(client, collection, dim, model)
+        sink.ensure_collection(client, collection, dim, model)
     message = str(err.value)
     assert collection in message and str(dim) in message and str(DIM) in message
     assert model in message and MODEL in message
@@ -124,7 +126,7 @@ def test_empty_sparse_row_is_stored_and_never_matches_sparse(client, collection)
     rows = make_rows(5, seed=4)
     empty = {"id": "no-sparse", "text": "!!!", "dense": unit(rng), "sparse": {}, "metadata": {}}
     zeros = {"id": "zero-sparse", "text": "...", "dense": unit(rng), "sparse": {9: 0.0}, "metadata": {}}
-    assert milvus.upsert(client, collection, rows + [empty, zeros]) == 7
+    assert sink.upsert(client, collection, rows + [empty, zeros]) == 7
     assert milvus.count(client, collection) == 7
     stored = client.get(collection, ids=["no-sparse"], output_fields=["sparse"])[0]["sparse"]
     assert set(stored) == {milvus.EMPTY_SPARSE_TOKEN}
@@ -139,7 +141,7 @@ def test_empty_sparse_row_is_stored_and_never_matches_sparse(client, collection)
 
 def test_empty_sparse_query(client, collection):
     rows = make_rows(5, seed=5)
-    milvus.upsert(client, collection, rows)
+    sink.upsert(client, collection, rows)
     assert milvus.search(client, collection, rows[2]["dense"], {}, mode="sparse") == []
     hybrid = milvus.search(client, collection, rows[2]["dense"], {}, mode="hybrid", k=2)
     assert hybrid[0].id == "doc-2"  # fell back to dense
@@ -149,23 +151,23 @@ def test_invalid_row_is_rejected_before_any_write(client, collection):
     rows = make_rows(4)
     rows[2]["dense"] = np.full(DIM, np.nan, dtype=np.float32)
     with pytest.raises(MilvusRejected, match="doc-2"):
-        milvus.upsert(client, collection, rows)
+        sink.upsert(client, collection, rows)
     assert milvus.count(client, collection) == 0
-    assert milvus.row_problem(make_rows(1)[0] | {"dense": np.ones(DIM + 1)}, DIM)
-    assert milvus.row_problem(make_rows(1)[0] | {"sparse": {3: -1.0}}, DIM)
-    assert milvus.row_problem(make_rows(1)[0] | {"dense": "not a vector"}, DIM)
-    assert milvus.row_problem(make_rows(1)[0] | {"text": "bad \ud800 surrogate"}, DIM)
-    assert milvus.row_problem(make_rows(1)[0] | {"id": "x" * (milvus.ID_MAX_BYTES + 1)}, DIM)
-    assert milvus.row_problem(make_rows(1)[0] | {"metadata": {"blob": "x" * 70_000}}, DIM)
-    assert milvus.row_problem(make_rows(1)[0], DIM) is None
+    assert sink.row_problem(make_rows(1)[0] | {"dense": np.ones(DIM + 1)}, DIM)
+    assert sink.row_problem(make_rows(1)[0] | {"sparse": {3: -1.0}}, DIM)
+    assert sink.row_problem(make_rows(1)[0] | {"dense": "not a vector"}, DIM)
+    assert sink.row_problem(make_rows(1)[0] | {"text": "bad \ud800 surrogate"}, DIM)
+    assert sink.row_problem(make_rows(1)[0] | {"id": "x" * (sink.ID_MAX_BYTES + 1)}, DIM)
+    assert sink.row_problem(make_rows(1)[0] | {"metadata": {"blob": "x" * 70_000}}, DIM)
+    assert sink.row_problem(make_rows(1)[0], DIM) is None
 
 
 def test_long_text_is_stored_truncated_on_a_character_boundary(client, collection):
     row = make_rows(1)[0] | {"text": "é" * 40_000}  # 80,000 UTF-8 bytes
-    milvus.upsert(client, collection, [row])
+    sink.upsert(client, collection, [row])
     stored = milvus.search(client, collection, row["dense"], None, mode="dense", k=1)[0].text
-    assert len(stored.encode("utf-8")) <= milvus.TEXT_MAX_BYTES
-    assert stored == "é" * (milvus.TEXT_MAX_BYTES // 2)
+    assert len(stored.encode("utf-8")) <= sink.TEXT_MAX_BYTES
+    assert stored == "é" * (sink.TEXT_MAX_BYTES // 2)
 
 
 def test_concurrent_first_use_is_safe(lite):
@@ -174,7 +176,7 @@ def test_concurrent_first_use_is_safe(lite):
     def first_use(_: int) -> None:
         own = milvus.connect(Settings(milvus_port=lite.port))
         try:
-            milvus.ensure_collection(own, name, DIM, MODEL)
+            sink.ensure_collection(own, name, DIM, MODEL)
         finally:
             own.close()
 
@@ -197,8 +199,8 @@ def test_unreachable_uri_raises_milvus_error_quickly():
 
 def test_lite_db_path(tmp_path):
     client = milvus.connect(Settings(milvus_uri=str(tmp_path / "one.db")))
-    milvus.ensure_collection(client, "docs", DIM, MODEL)
-    assert milvus.upsert(client, "docs", make_rows(3)) == 3
+    sink.ensure_collection(client, "docs", DIM, MODEL)
+    assert sink.upsert(client, "docs", make_rows(3)) == 3
     assert milvus.count(client, "docs") == 3
 
 

@@ -86,7 +86,8 @@ def test_unknown_option_fails_the_job_clearly(client):
 
 def test_too_many_texts_refused_before_encoding(shared_worker):
     s = shared_worker.settings.replace(max_job_texts=10)
-    handle = Client(shared_worker.settings).submit(wire.TASK_ENCODE_DOCUMENTS, {"texts": ["x"] * (shared_worker.settings.max_job_texts + 1)})
+    handle = Client(shared_worker.settings).submit(
+        wire.TASK_ENCODE_DOCUMENTS, {"texts": ["x"] * (shared_worker.settings.max_job_texts + 1)})
     with pytest.raises(PayloadError, match="M3Q_MAX_JOB_TEXTS"):
         handle.raw()
     assert s.max_job_texts == 10

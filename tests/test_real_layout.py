@@ -51,7 +51,7 @@ BGE_M3_HUB_FILES = sorted(BGE_M3_FILES | {
 })
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_cli_encode import m3q, jsonl  # noqa: E402 - the same `m3q` runner
+from test_cli_encode import jsonl, m3q  # noqa: E402 - the same `m3q` runner
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,8 @@ import redis as redis_py
 from producer import wire
 from producer.client import Client
 from producer.status import collect, render
-from tests.conftest import make_settings
-from tests.test_faults import (CRASH_ENV, CRASH_EXIT_CODE, LONG_DOC, TIMEOUT_S, Worker, collection_name,  # noqa: F401
-                               in_thread, stored_count, wait_for, workers)  # workers is a fixture
+from tests.conftest import Worker, make_settings, wait_for
+from tests.test_faults import CRASH_EXIT_CODE, LONG_DOC, TIMEOUT_S, collection_name, crash_on, in_thread, stored_count
 
 RESTORED = "held by a dead worker back on their queues"
 
@@ -144,7 +143,7 @@ def test_a_query_held_by_a_killed_worker_is_answered_by_another(workers):
     s = make_settings(job_timeout_s=TIMEOUT_S, dead_worker_s=6)
     # The victim's query lane takes the queries and dies on one of them (the test hook exits the process on
     # that text before the job is answered or acknowledged): that one is held by a dead worker.
-    victim = workers(s, env={CRASH_ENV: "the query that kills its worker"})
+    victim = workers(s, env=crash_on("the query that kills its worker"))
     texts = [f"query {i}" for i in range(7)] + ["the query that kills its worker"]
     handles = [Client(s).submit_encode([text], "queries") for text in texts]
     assert victim.proc.wait(60) == CRASH_EXIT_CODE

@@ -21,8 +21,12 @@ import pytest
 from producer import milvus, reindex
 from producer.cli import main as cli_main
 from producer.client import Client
+from producer.reindex import batches as reindex_batches
+from producer.reindex import checkpoint, versions
+from producer.reindex import lock as driver_lock
 from producer.status import collect, render
 from tests.conftest import ROOT, WorkerProcess, free_port, make_settings, settings_env
+from worker import sink
 
 N_SWITCH = 5000
 """Documents re-indexed under a search loop (the issue's 5,000: about 10 s with the tiny model)."""
@@ -78,14 +82,14 @@ def write_jsonl(path, lines: list[str]):
 
 
 def lock_key(s, job_id: str) -> str:
-    """The job's driver lock (see producer/reindex.py)."""
+    """The job's driver lock (see producer/reindex/lock.py)."""
     return reindex.job_key(s, job_id) + ":driver"
 
 
 def job_keys(r, s, job_id: str) -> list[bytes]:
     """Every Redis key of a job that exists now: its hash, the sets and lists beside it, its target's reservation."""
     target = reindex.get_job(s, job_id)["target"]
-    return r.keys(reindex.job_key(s, job_id) + "*") + r.keys(reindex._target_key(s, target))
+    return r.keys(reindex.job_key(s, job_id) + "*") + r.keys(checkpoint.target_key(s, target))
 
 
 def wait_until(condition, timeout_s: float, what: str) -> None:
@@ -99,13 +103,13 @@ def failed_job(s, tmp_path, monkeypatch) -> str:
     """A job of 12 rows whose target is made for the wrong dense size, so the worker refuses batch 0: it
     is marked failed. Dropping its target is the fix, after which a resume finishes it."""
     source = write_jsonl(tmp_path / "docs.jsonl", [json.dumps({"id": f"f{i}", "text": f"text {i}"}) for i in range(12)])
-    real = reindex._reserve_target
+    real = versions.reserve_target
 
-    def reserve_and_break(settings, client, *args):
-        name = real(settings, client, *args)
-        milvus.ensure_collection(client, name, 33, "another-model")
+    def reserve_and_break(cp, client, *args):
+        name = real(cp, client, *args)
+        sink.ensure_collection(client, name, 33, "another-model")
         return name
-    monkeypatch.setattr(reindex, "_reserve_target", reserve_and_break)
+    monkeypatch.setattr(versions, "reserve_target", reserve_and_break)
     with pytest.raises(reindex.ReindexFailed, match="batch 0 .*rows 1..4.*resume") as failed:
         reindex.start_reindex(s, str(source), "fail_" + uuid.uuid4().hex[:8], job_id=f"j{uuid.uuid4().hex[:8]}",
                               progress=False)
@@ -120,8 +124,8 @@ def test_alias_switches_in_one_step_under_searches(worker, mc):
     dim = Client(s).dims()["dense"]
     rng = np.random.default_rng(0)
     first = f"{alias}_v1"
-    milvus.ensure_collection(mc, first, dim, "random-vectors")
-    milvus.upsert(mc, first, [{"id": f"doc-{i:05d}", "text": f"document {i} on topic {i % 37}",
+    sink.ensure_collection(mc, first, dim, "random-vectors")
+    sink.upsert(mc, first, [{"id": f"doc-{i:05d}", "text": f"document {i} on topic {i % 37}",
                                "dense": unit(rng, dim), "sparse": {7: 0.1}, "metadata": {"i": i}}
                               for i in range(N_SWITCH)])
     mc.create_alias(first, alias)
@@ -235,7 +239,7 @@ def test_rejected_rows_are_listed_and_block_the_switch_until_allowed(worker, mc,
     reasons = dict(report.rejected)
     assert sorted(reasons) == [4, 5, 9]
     assert "empty" in reasons[4] and "not JSON" in reasons[5] and "'text'" in reasons[9]
-    assert reindex._alias_target(mc, alias) is None
+    assert milvus.alias_target(mc, alias) is None
     assert 0 < redis_client.ttl(reindex.job_key(s, report.job_id)) <= reindex.FINISHED_KEPT_S  # done is final
     assert "RE-INDEX JOBS" in render(collect(s)) and report.job_id in render(collect(s))
 
@@ -253,7 +257,7 @@ def test_failed_batch_marks_the_job_failed_and_resume_finishes_it(worker, mc, tm
     job_id = failed_job(s, tmp_path, monkeypatch)
     job = reindex.get_job(s, job_id)
     assert job["state"] == "failed" and "batch 0" in job["error"] and "dim 33" in job["error"]
-    assert reindex._alias_target(mc, job["alias"]) is None
+    assert milvus.alias_target(mc, job["alias"]) is None
 
     mc.drop_collection(job["target"])  # the fix: the worker recreates it with the model's size
     report = reindex.resume_reindex(s, job_id, progress=False)
@@ -263,7 +267,8 @@ def test_failed_batch_marks_the_job_failed_and_resume_finishes_it(worker, mc, tm
 def test_background_job_is_polled_from_another_thread(worker, tmp_path):
     """What a web app does: start in a thread, poll done/total, rate and ETA until the switch."""
     s = worker.settings.replace(job_texts=20)
-    source = write_jsonl(tmp_path / "docs.jsonl", [json.dumps({"id": f"b{i}", "text": f"text {i}"}) for i in range(200)])
+    source = write_jsonl(tmp_path / "docs.jsonl",
+                         [json.dumps({"id": f"b{i}", "text": f"text {i}"}) for i in range(200)])
     job_id = reindex.start_in_background(s, str(source), "bg_" + uuid.uuid4().hex[:8], rate_limit_docs_s=300)
     polls = []
     deadline = time.monotonic() + 60
@@ -336,7 +341,7 @@ def test_a_driver_that_loses_its_lock_stops_sending_and_fails_the_job(worker, tm
     """The lock's key vanishes under a running driver (as after a Redis flush or a missed renewal): its
     heartbeat finds out, the driver sends no further batch and marks the job failed. The resume awaits the
     batches that were in flight by their task ids, so the worker still encodes each batch once."""
-    monkeypatch.setattr(reindex, "DRIVER_LOCK_TTL_S", 1.5)  # renewed every 0.5 s
+    monkeypatch.setattr(driver_lock, "DRIVER_LOCK_TTL_S", 1.5)  # renewed every 0.5 s
     s, n = worker.settings.replace(job_texts=10), 300
     source = write_jsonl(tmp_path / "docs.jsonl", [json.dumps({"id": f"x{i}", "text": f"text {i}"}) for i in range(n)])
     before = encoded(s)
@@ -362,13 +367,13 @@ def test_finished_jobs_keys_expire_and_failed_ones_are_kept(worker, mc, tmp_path
     job_id = failed_job(s, tmp_path, monkeypatch)
     key, target = reindex.job_key(s, job_id), reindex.get_job(s, job_id)["target"]
     kept = job_keys(redis_client, s, job_id)
-    assert {key, key + ":tasks", key + ":sent", reindex._target_key(s, target)} <= {k.decode() for k in kept}
+    assert {key, key + ":tasks", key + ":sent", checkpoint.target_key(s, target)} <= {k.decode() for k in kept}
     assert [redis_client.ttl(k) for k in kept] == [-1] * len(kept), "a failed job is kept: it can be resumed"
 
     mc.drop_collection(target)
     assert reindex.resume_reindex(s, job_id, progress=False).switched
     finished = job_keys(redis_client, s, job_id)
-    assert {key, key + ":batches", key + ":tasks", reindex._target_key(s, target)} <= {k.decode() for k in finished}
+    assert {key, key + ":batches", key + ":tasks", checkpoint.target_key(s, target)} <= {k.decode() for k in finished}
     assert all(0 < redis_client.ttl(k) <= reindex.FINISHED_KEPT_S for k in finished)
 
     for k in finished:  # their expiry, brought forward: list_jobs forgets the job and drops it from its index
@@ -381,15 +386,16 @@ def test_finished_jobs_keys_expire_and_failed_ones_are_kept(worker, mc, tmp_path
 def test_an_error_outside_a_batch_marks_the_job_failed_and_resume_finishes_it(worker, mc, tmp_path, monkeypatch):
     # Not a batch's failure: the source goes away part-way (injected). The checkpoint says failed, with why.
     s = worker.settings.replace(job_texts=20)
-    source = write_jsonl(tmp_path / "docs.jsonl", [json.dumps({"id": f"e{i}", "text": f"text {i}"}) for i in range(100)])
-    real = reindex.read_documents
+    source = write_jsonl(tmp_path / "docs.jsonl",
+                         [json.dumps({"id": f"e{i}", "text": f"text {i}"}) for i in range(100)])
+    real = reindex_batches.read_documents
 
     def source_lost_after_60(*args):
         for n, doc in enumerate(real(*args)):
             if n == 60:
                 raise OSError("the source disk went away")
             yield doc
-    monkeypatch.setattr(reindex, "read_documents", source_lost_after_60)
+    monkeypatch.setattr(reindex_batches, "read_documents", source_lost_after_60)
     job_id = f"j{uuid.uuid4().hex[:8]}"
     with pytest.raises(OSError, match="disk went away"):
         reindex.start_reindex(s, str(source), "lost_" + uuid.uuid4().hex[:8], job_id=job_id, progress=False)
@@ -405,6 +411,7 @@ def test_a_job_that_never_started_is_refused_by_resume_with_the_way_out(worker, 
     # A background start whose process died before it created the job leaves it "starting" with no driver.
     s = worker.settings
     job_id = f"j{uuid.uuid4().hex[:8]}"
-    redis_client.hset(reindex.job_key(s, job_id), mapping={"state": "starting", "source": "docs.jsonl", "alias": "docs"})
+    redis_client.hset(reindex.job_key(s, job_id),
+                      mapping={"state": "starting", "source": "docs.jsonl", "alias": "docs"})
     with pytest.raises(ValueError, match=f"{job_id} never started.*start it again with `m3q reindex docs.jsonl docs`"):
         reindex.resume_reindex(s, job_id, progress=False)

@@ -92,7 +92,7 @@ def test_query_completes_before_a_long_document_job(encoder):
 def test_query_runs_inside_one_long_document_step():
     # One document of 3,000 tokens is one step of 3 s on the stand-in; a query sent during it must not
     # wait for the step: it runs between two slices of it (M3Q_PREEMPT_MS).
-    from worker.standin import SleepPerTokenEncoder
+    from worker.testing import SleepPerTokenEncoder
 
     engine = Engine(SleepPerTokenEncoder(1000, Limits(), "cpu"), batch_wait_ms=0, preempt_ms=25)
     document = engine.submit([" ".join(["word"] * 3000)], "documents")

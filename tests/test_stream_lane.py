@@ -17,9 +17,8 @@ import redis as redis_py
 from producer import lane, wire
 from producer.settings import Settings
 from producer.wire import failures_key
-from tests.conftest import TINY, make_settings
-from tests.test_faults import (CRASH_ENV, CRASH_EXIT_CODE, private_redis, wait_for,  # noqa: F401 - fixtures
-                               workers)
+from tests.conftest import TINY, make_settings, wait_for
+from tests.test_faults import CRASH_EXIT_CODE, crash_on
 from worker.encoder import Encoder
 
 TOL = 1e-5
@@ -182,7 +181,7 @@ def test_bad_entries_are_answered_naming_why_and_the_rest_of_the_burst_succeeds(
 def test_queries_held_by_a_dead_worker_are_answered_by_another_within_the_bound(workers):
     s = make_settings(dead_worker_s=6)
     r = client(s)
-    victim = workers(s, env={CRASH_ENV: "crash here"})
+    victim = workers(s, env=crash_on("crash here"))
     victim_name = wire.live_workers(s, r)[0]["hostname"]
     reply_to = new_reply_key(s)
     # The crashing text early in the burst: the victim dies holding the rest of what it read.
@@ -216,7 +215,7 @@ def test_a_poison_query_is_given_up_after_bounded_deliveries(workers):
     s = make_settings(dead_worker_s=6, task_max_retries=1)  # two deliveries allowed
     r = client(s)
     reply_to = new_reply_key(s)
-    crash = {CRASH_ENV: "poison"}
+    crash = crash_on("poison")
     first = workers(s, env=crash)
     send(r, s, reply_to, {"poison-job": {"texts": ["poison"]}})
     assert first.proc.wait(30) == CRASH_EXIT_CODE

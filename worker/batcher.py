@@ -1,11 +1,18 @@
 """Token-budget batching: pure logic, no torch.
 
-Texts are sorted longest first and packed so that ``len(batch) * longest`` (the padded size) stays under
-the budget. A text longer than the budget gets a batch of its own.
+The one budget rule (:func:`fits`): a batch's padded size, ``len(batch) * longest``, stays under the budget.
+Texts are sorted longest first and packed under it; a text longer than the budget gets a batch of its own.
+The encoder plans one call's steps with :func:`plan_batches`; the engine fills its cross-job steps with
+:func:`fits` too.
 """
 from __future__ import annotations
 
 from typing import Sequence
+
+
+def fits(count: int, longest: int, max_batch_tokens: int) -> bool:
+    """Whether ``count`` texts padded to ``longest`` tokens stay within the token budget."""
+    return count * longest <= max_batch_tokens
 
 
 def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
@@ -15,15 +22,10 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int
     current: list[int] = []
     for i in order:
         longest = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) + 1) * longest > max_batch_tokens:
+        if current and not fits(len(current) + 1, longest, max_batch_tokens):
             batches.append(current)
             current = []
         current.append(i)
     if current:
         batches.append(current)
     return batches
-
-
-def padded_tokens(lengths: Sequence[int]) -> int:
-    """Tokens a padded batch of these lengths occupies."""
-    return len(lengths) * max(lengths, default=0)

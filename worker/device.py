@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 import torch
+
 from producer.errors import DeviceError
 
 log = logging.getLogger(__name__)

@@ -8,32 +8,40 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from producer.checks import text_problem
+from producer.errors import ConfigError
+from producer.settings import Settings
 from producer.wire import Embedding, Item, ItemError
 from worker.batcher import plan_batches
 from worker.device import dtype_name, pin, resolve_device, resolve_dtype
 from worker.model import BGEM3Model, resolve_checkpoint
 from worker.slicing import Slicer
 from worker.tokenizer import CheckpointTokenizer
-from producer.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+_DEFAULTS = Settings()  # the limits' defaults are the settings' (M3Q_QUERY_MAX_LENGTH, ...): written once, there
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-text and per-step limits."""
+    """Per-text and per-step limits; each defaults to its setting's default."""
 
-    query_max_length: int = 512
-    document_max_length: int = 8192
-    max_text_chars: int = 1_000_000
-    max_batch_tokens: int = 16384
+    query_max_length: int = _DEFAULTS.query_max_length
+    document_max_length: int = _DEFAULTS.document_max_length
+    max_text_chars: int = _DEFAULTS.max_text_chars
+    max_batch_tokens: int = _DEFAULTS.max_batch_tokens
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> "Limits":
+        """The limits that settings describe."""
+        return cls(s.query_max_length, s.document_max_length, s.max_text_chars, s.max_batch_tokens)
 
     def max_length(self, kind: str) -> int:
         """Token limit of a kind of text."""
@@ -56,7 +64,6 @@ class EncodeResult:
     items: list[Item]
     truncated: int = 0
     tokens: int = 0
-    info: dict = field(default_factory=dict)
 
 
 class Encoder:
@@ -118,7 +125,8 @@ class Encoder:
 
     # ---- pre ------------------------------------------------------------------------------------------
 
-    def prepare(self, texts: Sequence[object], kind: str = "documents", max_length: int | None = None) -> list[Prepared | ItemError]:
+    def prepare(self, texts: Sequence[object], kind: str = "documents",
+                max_length: int | None = None) -> list[Prepared | ItemError]:
         """Validate and tokenize; a bad text becomes an ItemError in its place."""
         limit = max_length or self.limits.max_length(kind)
         if limit < 2:

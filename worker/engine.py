@@ -25,14 +25,17 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from producer.wire import Embedding, Item, ItemError
-from worker.encoder import EncodeResult, Encoder, Prepared
-from worker.slicing import Slicer
 from producer.errors import ConfigError
+from producer.settings import Settings
+from producer.wire import Embedding, Item, ItemError
+from worker.batcher import fits
+from worker.encoder import Encoder, EncodeResult, Prepared
+from worker.slicing import Slicer
 
 log = logging.getLogger(__name__)
 
 QUERIES_ABOUT_S = 2.0  # a query this recent keeps document slices short (worker/slicing.py)
+_DEFAULTS = Settings()  # the engine's defaults are the settings' (M3Q_BATCH_WAIT_MS, ...): written once, there
 
 
 @dataclass
@@ -67,8 +70,9 @@ class StepStats:
 class Engine:
     """Serializes device work across jobs and threads."""
 
-    def __init__(self, encoder: Encoder, batch_wait_ms: float = 2.0, cross_job_batching: bool = True,
-                 on_step: Callable[[StepStats], None] | None = None, preempt_ms: float = 25.0) -> None:
+    def __init__(self, encoder: Encoder, batch_wait_ms: float = _DEFAULTS.batch_wait_ms,
+                 cross_job_batching: bool = _DEFAULTS.cross_job_batching,
+                 on_step: Callable[[StepStats], None] | None = None, preempt_ms: float = _DEFAULTS.preempt_ms) -> None:
         self.encoder = encoder
         self.batch_wait_s = batch_wait_ms / 1000
         self.cross_job = cross_job_batching
@@ -81,6 +85,12 @@ class Engine:
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="m3q-device", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def from_settings(cls, encoder: Encoder, s: Settings,
+                      on_step: Callable[[StepStats], None] | None = None) -> "Engine":
+        """The engine that settings describe (M3Q_BATCH_WAIT_MS, M3Q_CROSS_JOB_BATCHING, M3Q_PREEMPT_MS)."""
+        return cls(encoder, s.batch_wait_ms, s.cross_job_batching, on_step, s.preempt_ms)
 
     def submit(self, texts: Sequence[object], kind: str = "documents", *, dense: bool = True, sparse: bool = True,
                colbert: bool = False, max_length: int | None = None) -> Future:
@@ -182,7 +192,7 @@ class Engine:
             job = queue[0]
             while job.pending:
                 n = len(job.pending[0].ids)
-                if step and (len(step) + 1) * max(longest, n) > budget:
+                if step and not fits(len(step) + 1, max(longest, n), budget):
                     return step
                 longest = max(longest, n)
                 step.append((job, job.pending.popleft()))

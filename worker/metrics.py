@@ -22,10 +22,13 @@ class Metrics:
         self.padded = Counter("m3q_padded_tokens", "Tokens of the padded batches, by kind", ["kind"], registry=r)
         self.errors = Counter("m3q_errors", "Rejected texts and failed jobs, by kind of error", ["kind"], registry=r)
         self.batch_texts = Histogram("m3q_batch_texts", "Texts per forward pass", ["kind"], buckets=_SIZES, registry=r)
-        self.batch_jobs = Histogram("m3q_batch_jobs", "Jobs merged into one forward pass", ["kind"], buckets=_SIZES, registry=r)
+        self.batch_jobs = Histogram("m3q_batch_jobs", "Jobs merged into one forward pass", ["kind"],
+                                    buckets=_SIZES, registry=r)
         self.encode_s = Histogram("m3q_encode_seconds", "Forward pass time", ["kind"], buckets=_SECONDS, registry=r)
-        self.queue_wait_s = Histogram("m3q_queue_wait_seconds", "Time from send to start, by task", ["task"], buckets=_SECONDS, registry=r)
-        self.job_s = Histogram("m3q_job_seconds", "Time a job spends in the worker, by task", ["task"], buckets=_SECONDS, registry=r)
+        self.queue_wait_s = Histogram("m3q_queue_wait_seconds", "Time from send to start, by task", ["task"],
+                                      buckets=_SECONDS, registry=r)
+        self.job_s = Histogram("m3q_job_seconds", "Time a job spends in the worker, by task", ["task"],
+                               buckets=_SECONDS, registry=r)
         if port:
             start_http_server(port, registry=r)
             log.info("Prometheus metrics on :%d/metrics", port)

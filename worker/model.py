@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from worker.slicing import Slicer
 from producer.errors import ModelLoadError
-
-log = logging.getLogger(__name__)
+from worker.slicing import Slicer
 
 HEADS = ("colbert_linear.pt", "sparse_linear.pt")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -373,10 +370,12 @@ class BGEM3Model(nn.Module):
         self.transformer = transformer
         self.colbert_head = colbert
         self.sparse_head = sparse
-        self.register_buffer("unused_ids", torch.tensor(sorted(set(unused_token_ids)), dtype=torch.long), persistent=False)
+        self.register_buffer("unused_ids", torch.tensor(sorted(set(unused_token_ids)), dtype=torch.long),
+                             persistent=False)
 
     @classmethod
-    def load(cls, folder: Path, device: torch.device, dtype: torch.dtype, unused_token_ids: Sequence[int]) -> "BGEM3Model":
+    def load(cls, folder: Path, device: torch.device, dtype: torch.dtype,
+             unused_token_ids: Sequence[int]) -> "BGEM3Model":
         """Load weights and heads onto ``device``; the transformer in ``dtype``, the heads in float32."""
         c = Config.read(folder)
         transformer = Transformer(c)
@@ -414,7 +413,8 @@ class BGEM3Model(nn.Module):
     def _sparse(self, hidden, ids, lengths) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # relu(sparse_linear) per token, special tokens and non-positive weights dropped, max per token id.
         weights = torch.relu(self.sparse_head(hidden)).squeeze(-1)
-        rows = torch.repeat_interleave(torch.arange(len(lengths), device=ids.device), torch.tensor(lengths, device=ids.device))
+        rows = torch.repeat_interleave(torch.arange(len(lengths), device=ids.device),
+                                       torch.tensor(lengths, device=ids.device))
         keep = (weights > 0) & ~torch.isin(ids, self.unused_ids)
         keys = rows[keep] * self.config.vocab_size + ids[keep]
         unique, inverse = torch.unique(keys, return_inverse=True)

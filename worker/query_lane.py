@@ -10,7 +10,6 @@ only after that (at least once, like every other job).
 from __future__ import annotations
 
 import logging
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from celery import bootsteps, states
@@ -18,8 +17,8 @@ from kombu import Consumer
 
 from producer import wire
 from worker import runtime
-from worker.tasks import (check_deliveries, count_failure, count_ok, crash_if_asked, encode_options, encode_result,
-                          info_answer)
+from worker.jobs import Job, info_answer
+from worker.tasks import encode_options, encode_result
 
 log = logging.getLogger(__name__)
 
@@ -50,49 +49,45 @@ class QueryLane(bootsteps.ConsumerStep):
         task_id = message.headers.get("id") or "?"
         name = message.headers.get("task")
         rt = runtime.current()
+        info = name == wire.TASK_INFO  # answered at once, and not counted as a job
+        job = Job.start(rt, wire.TASK_ENCODE_QUERIES, task_id, None if info else message.headers.get("m3q_sent"))
         try:
-            if name == wire.TASK_INFO:
+            if info:
                 self._finish_now(task_id, message, info_answer(rt))
                 return
             if name != wire.TASK_ENCODE_QUERIES:
                 raise wire.PayloadError(f"task {name!r} does not belong on the query lane")
             if message.headers.get("redelivered"):
                 # Only redeliveries are counted: no Redis round trip on the common path.
-                check_deliveries(rt, task_id, rt.settings.task_max_retries + 1, uncounted=1)
+                job.check_deliveries(rt.settings.task_max_retries + 1, uncounted=1)
             payload, options = encode_options(rt, body[0][0] if body and body[0] else None)
-            crash_if_asked(payload)
+            job.check_payload(payload)
             future = rt.engine.submit(payload["texts"], "queries", **options)
         except Exception as e:  # noqa: BLE001 - a bad job is answered, never dropped
-            self._fail(task_id, message, e)
+            self._fail(job, message, e)
             return
-        sent = message.headers.get("m3q_sent")
-        if sent:
-            rt.metrics.queue_wait_s.labels(name).observe(max(0.0, time.time() - float(sent)))
-        started = time.monotonic()
-        future.add_done_callback(lambda f: self.finisher.submit(self._finish, task_id, message, f, started))
+        future.add_done_callback(lambda f: self.finisher.submit(self._finish, job, message, f))
 
-    def _finish(self, task_id: str, message, future: Future, started: float) -> None:
-        rt = runtime.current()
+    def _finish(self, job: Job, message, future: Future) -> None:
         try:
             result = future.result()
         except Exception as e:  # noqa: BLE001 - the step failed: this job fails, the lane goes on
-            self._fail(task_id, message, e)
+            self._fail(job, message, e)
             return
-        self._finish_now(task_id, message, encode_result(rt, result))
-        count_ok(rt, wire.TASK_ENCODE_QUERIES, started)
+        self._finish_now(job.job_id, message, encode_result(job.rt, result))
+        job.ok()
 
     def _finish_now(self, task_id: str, message, result: dict) -> None:
         self.app.backend.store_result(task_id, result, states.SUCCESS)
         message.ack()
 
-    def _fail(self, task_id: str, message, error: Exception) -> None:
-        rt = runtime.current()
-        log.warning("query job %s failed: %s: %s", task_id, type(error).__name__, error)
-        count_failure(rt, wire.TASK_ENCODE_QUERIES, task_id, error)
+    def _fail(self, job: Job, message, error: Exception) -> None:
+        log.warning("query job %s failed: %s: %s", job.job_id, type(error).__name__, error)
+        job.failed(error)
         try:
-            self.app.backend.mark_as_failure(task_id, error)
+            self.app.backend.mark_as_failure(job.job_id, error)
         except Exception as why:  # noqa: BLE001 - best effort, like the document lane's record
-            log.warning("could not record the failure of query job %s: %s", task_id, why)
+            log.warning("could not record the failure of query job %s: %s", job.job_id, why)
         finally:
             message.ack()
 

@@ -15,24 +15,18 @@ from typing import Callable
 
 from producer import wire
 from producer.settings import Settings
+from worker import testing
 from worker.encoder import Encoder, Limits
 from worker.engine import Engine, StepStats
 
 log = logging.getLogger(__name__)
 
 
-def limits_of(s: Settings) -> Limits:
-    """The encoder limits in settings."""
-    return Limits(s.query_max_length, s.document_max_length, s.max_text_chars, s.max_batch_tokens)
-
-
 def load_encoder(s: Settings) -> Encoder:
-    """The encoder that settings describe (the test-only stand-in only when M3Q_MODEL names it)."""
-    from worker import standin
-
-    if s.model.startswith(standin.PREFIX):
-        return standin.load(s.model, limits_of(s), s.device)
-    encoder = Encoder.load(s.model, s.device, s.dtype, limits_of(s))
+    """The encoder that settings describe (the test-only stand-in only under M3Q_TESTING=1, see worker.testing)."""
+    if testing.is_standin(s.model):
+        return testing.load_standin(s.model, Limits.from_settings(s), s.device)
+    encoder = Encoder.load(s.model, s.device, s.dtype, Limits.from_settings(s))
     log.info("warm-up pass on %s took %.2f s", s.device, encoder.warm_up())
     return encoder
 
@@ -68,8 +62,8 @@ class Runtime:
         self.hostname = hostname or f"m3q@{socket.gethostname()}:{os.getpid()}"
         self.counters = Counters()
         self.metrics = metrics.Metrics(settings.metrics_port)
-        self.engine = Engine(encoder, settings.batch_wait_ms, settings.cross_job_batching, self._on_step,
-                             settings.preempt_ms)
+        self.engine = Engine.from_settings(encoder, settings, self._on_step)
+        self.crash_hook = testing.crash_hook()  # None unless M3Q_TESTING=1 arms it: read once, here
         self._milvus = None
         self._redis = None
         self.held: Callable[[], dict[str, list[str]]] = dict  # jobs held now (set by worker.reclaim.HeldJobs)
@@ -121,7 +115,7 @@ class Runtime:
 
     # ---- status heartbeat in Redis (read by `m3q status`) ----------------------------------------------
 
-    def status(self) -> dict:
+    def status(self) -> wire.Heartbeat:
         """This worker as `m3q status` shows it."""
         return {**self.encoder.info(), "hostname": self.hostname, "pid": os.getpid(), "jobs": self.counters.jobs,
                 "texts": self.counters.texts, "tokens": self.counters.tokens, "errors": self.counters.errors,

@@ -29,7 +29,8 @@ from celery.worker import state as worker_state
 from producer import lane, wire
 from producer.wire import PayloadError
 from worker import runtime
-from worker.tasks import PoisonJob, count_failure, count_ok, crash_if_asked, encode_options, encode_result
+from worker.jobs import Job, poison
+from worker.tasks import encode_options, encode_result
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,12 @@ RETRY_S = 1.0
 
 @dataclass
 class Done:
-    """A job ready to be answered: its entry, and its result or why it failed."""
+    """A job ready to be answered: its entry, its life cycle, and its result or why it failed."""
 
     request: lane.Request
+    job: Job
     result: dict | None = None
     error: Exception | None = None
-    started: float = 0.0
 
 
 class LaneStats:
@@ -252,21 +253,19 @@ class Lane:
         request = lane.read_request(entry_id, fields or {})
         with self._cond:
             self._held[entry_id] = time.monotonic()
+        job = Job.start(self.rt, TASK, request.job_id, request.sent)
         if request.error:
-            self._done.put(Done(request, error=PayloadError(request.error)))
+            self._done.put(Done(request, job, error=PayloadError(request.error)))
             return
         try:
             payload, options = encode_options(self.rt, request.payload)
-            crash_if_asked(payload)
+            job.check_payload(payload)
             future = self.rt.engine.submit(payload["texts"], "queries", **options)
         except Exception as e:  # noqa: BLE001 - a bad job is answered, never dropped
-            self._done.put(Done(request, error=e))
+            self._done.put(Done(request, job, error=e))
             return
-        if request.sent:
-            self.rt.metrics.queue_wait_s.labels(TASK).observe(max(0.0, time.time() - request.sent))
-        started = time.monotonic()
         # Runs on the device thread: only a queue put there; results are serialized by the writer.
-        future.add_done_callback(lambda f: self._done.put((request, f, started)))
+        future.add_done_callback(lambda f: self._done.put((request, job, f)))
 
     # ---- dead workers --------------------------------------------------------------------------------------
 
@@ -317,9 +316,8 @@ class Lane:
         request = lane.read_request(entry_id, fields or {})
         with self._cond:
             self._held[entry_id] = time.monotonic()
-        error = PoisonJob(f"job {request.job_id} was delivered {deliveries} times without finishing "
-                          f"(M3Q_TASK_MAX_RETRIES={self.s.task_max_retries}); giving up")
-        self._done.put(Done(request, error=error))
+        self._done.put(Done(request, Job.start(self.rt, TASK, request.job_id),
+                            error=poison(self.rt, request.job_id, deliveries)))
 
     def _forget_consumers(self, ttl_ms: int, live: set[str] | None) -> None:
         # A dead worker's consumer with nothing pending is deleted, so the group does not grow without bound.
@@ -353,14 +351,14 @@ class Lane:
             except Exception:  # noqa: BLE001 - a bug must not end the lane; the entries stay pending
                 log.exception("stream lane writer failed on %d job(s)", len(batch))
 
-    def _settle(self, item: Done | tuple[lane.Request, Future, float]) -> Done:
+    def _settle(self, item: Done | tuple[lane.Request, Job, Future]) -> Done:
         if isinstance(item, Done):
             return item
-        request, future, started = item
+        request, job, future = item
         try:
-            return Done(request, encode_result(self.rt, future.result()), started=started)
+            return Done(request, job, encode_result(self.rt, future.result()))
         except Exception as e:  # noqa: BLE001 - the step failed: this job fails, the lane goes on
-            return Done(request, error=e)
+            return Done(request, job, error=e)
 
     def _answer(self, batch: list[Done]) -> None:
         """Replies, then acknowledgements, in one round trip; then the accounting."""
@@ -410,10 +408,10 @@ class Lane:
 
     def _account(self, done: Done) -> None:
         if done.error is None:
-            count_ok(self.rt, TASK, done.started)
+            done.job.ok()
             return
         log.warning("query job %s failed: %s: %s", done.request.job_id, type(done.error).__name__, done.error)
-        count_failure(self.rt, TASK, done.request.job_id, done.error)
+        done.job.failed(done.error)
 
 
 def _reply(done: Done) -> bytes:

@@ -1,29 +1,26 @@
-"""The Celery tasks, kept thin: check the payload, encode through the device loop, hand results back or sink them.
+"""The Celery tasks and the job bodies: check the payload, encode through the device loop, hand results back
+or sink them (:mod:`worker.sink`).
 
 A bad text is an item error in the result; a bad payload (unknown option, too big, too many texts) fails
-the whole job with a :class:`~producer.wire.PayloadError` before anything is encoded.
+the whole job with a :class:`~producer.wire.PayloadError` before anything is encoded. The life cycle around
+a job (deliveries, metrics, failure records) is :mod:`worker.jobs`; the query lanes run the same encode
+body (:func:`encode_options`, then the device loop, then :func:`encode_result`).
 """
 from __future__ import annotations
 
 import logging
-import os
-import time
 from typing import Any
 
 import msgpack
 from celery import Celery, Task
 
 from producer import checks, wire
-from worker.records import record_failure
+from producer.errors import MilvusError, MilvusRejected, SchemaMismatch
 from producer.wire import ItemError, PayloadError, check_options, encode_item
+from worker.jobs import Job, info_answer, model_identity
 from worker.runtime import Runtime, current
-from producer.errors import PoisonJob
 
 log = logging.getLogger(__name__)
-
-TEST_CRASH_ENV = "M3Q_TEST_CRASH_ON_TEXT"
-"""Test only: a worker whose environment sets this exits at once (os._exit(86)) on a job holding that text."""
-TEST_CRASH_EXIT_CODE = 86
 
 
 def register(app: Celery) -> None:
@@ -45,82 +42,27 @@ def register(app: Celery) -> None:
         return info_answer(current())
 
 
-def info_answer(rt: Runtime) -> dict:
-    """What a worker answers to ``m3q.info``, on either lane: the encoder, its host, the model's identity."""
-    return {**rt.encoder.info(), "hostname": rt.hostname, "model_identity": model_identity(rt.encoder.name)}
-
-
 def _guarded(task: Task, payload: Any, run) -> dict:
-    """Run a job, counting deliveries (a job that keeps crashing workers stops) and recording failures."""
+    """Run a Celery job through its life cycle (:mod:`worker.jobs`): deliveries counted, outcome recorded."""
     rt = current()
-    started = time.monotonic()
-    sent = (task.request.headers or {}).get("m3q_sent") if task.request.headers else None
-    if sent:
-        rt.metrics.queue_wait_s.labels(task.name).observe(max(0.0, time.time() - float(sent)))
+    job = Job.start(rt, task.name, task.request.id, (task.request.headers or {}).get("m3q_sent"))
     try:
         # Inside the try: a poison job is recorded like any failure.
-        check_deliveries(rt, task.request.id, rt.settings.task_max_retries + 1 + (task.request.retries or 0))
-        crash_if_asked(payload)
+        job.check_deliveries(rt.settings.task_max_retries + 1 + (task.request.retries or 0))
+        job.check_payload(payload)
         result = run(rt)
     except Exception as e:
         if not _is_retry(e):
-            count_failure(rt, task.name, task.request.id, e)
+            job.failed(e)
         raise
-    count_ok(rt, task.name, started)
+    job.ok()
     return result
-
-
-def count_ok(rt: Runtime, task: str, started: float) -> None:
-    """Count a job that finished (``started``: its ``time.monotonic()`` at start), on any lane."""
-    rt.counters.jobs += 1
-    rt.metrics.jobs.labels(task, "ok").inc()
-    rt.metrics.job_s.labels(task).observe(time.monotonic() - started)
-
-
-def count_failure(rt: Runtime, task: str, job_id: str | None, error: Exception) -> None:
-    """Count a job that failed for good, on any lane, and record it for `m3q status`."""
-    rt.counters.errors += 1
-    rt.metrics.jobs.labels(task, "failed").inc()
-    rt.metrics.errors.labels(type(error).__name__).inc()
-    # Best effort: with Redis down the failure cannot be recorded, and that must not hide the job's own error.
-    try:
-        record_failure(rt.settings, rt.redis(), task, job_id or "?", f"{type(error).__name__}: {error}")
-    except Exception as why:  # noqa: BLE001
-        log.warning("could not record the failure of job %s in Redis: %s", job_id, why)
-
-
-def crash_if_asked(payload: Any) -> None:
-    # Test only (TEST_CRASH_ENV): a real process death mid-job, for the redelivery and poison-job tests.
-    text = os.environ.get(TEST_CRASH_ENV)
-    if text and isinstance(payload, dict) and text in (payload.get("texts") or []):
-        log.error("%s matched a text of this job: exiting at once (test hook)", TEST_CRASH_ENV)
-        logging.shutdown()
-        os._exit(TEST_CRASH_EXIT_CODE)
 
 
 def _is_retry(e: Exception) -> bool:
     from celery.exceptions import Retry
 
     return isinstance(e, Retry)
-
-
-def check_deliveries(rt: Runtime, job_id: str, allowed: int, uncounted: int = 0) -> None:
-    """Count one more delivery of a job; past ``allowed`` deliveries it is a :class:`PoisonJob`.
-
-    Acks are late, so a job that kills its worker comes back; this stops it looping. ``uncounted``:
-    earlier deliveries that were not counted in Redis (the query lane counts redeliveries only).
-    """
-    key = f"{rt.settings.queue_prefix}:deliveries:{job_id}"
-    try:
-        pipe = rt.redis().pipeline(transaction=False)
-        counted, _ = pipe.incr(key).expire(key, rt.settings.result_expires_s).execute()
-    except Exception as e:  # noqa: BLE001 - Redis restarting: run the job uncounted rather than fail it
-        log.warning("could not count the deliveries of job %s (%s); running it anyway", job_id, e)
-        return
-    deliveries = counted + uncounted
-    if deliveries > allowed:
-        raise PoisonJob(f"job {job_id} was delivered {deliveries} times without finishing "
-                        f"(M3Q_TASK_MAX_RETRIES={rt.settings.task_max_retries}); giving up")
 
 
 def check_size(rt: Runtime, payload: dict) -> None:
@@ -149,25 +91,26 @@ def encode_options(rt: Runtime, payload: Any) -> tuple[dict, dict]:
     check_size(rt, payload)
     max_length = payload.get("max_length")
     if max_length is not None and (not isinstance(max_length, int) or not 2 <= max_length <= rt.encoder.max_positions):
-        raise PayloadError(f"option 'max_length' must be an integer from 2 to {rt.encoder.max_positions}, got {max_length!r}")
+        raise PayloadError(f"option 'max_length' must be an integer from 2 to {rt.encoder.max_positions}, "
+                           f"got {max_length!r}")
     options = {"dense": _flag(payload, "dense", True), "sparse": _flag(payload, "sparse", True),
                "colbert": _flag(payload, "colbert", False), "max_length": max_length}
     return payload, options
 
 
-def encode_job(rt: Runtime, payload: Any, kind: str) -> dict:
+def encode_job(rt: Runtime, payload: Any, kind: str) -> wire.EncodeAnswer:
     """Encode a job's texts; vectors come back as bytes, bad texts as item errors."""
     payload, options = encode_options(rt, payload)
     return encode_result(rt, rt.engine.encode(payload["texts"], kind, **options))
 
 
-def encode_result(rt: Runtime, result) -> dict:
+def encode_result(rt: Runtime, result) -> wire.EncodeAnswer:
     """An encode job's answer, on any lane: items (vectors as bytes, bad texts as errors), counts, the stamp."""
     return {"items": [encode_item(i) for i in result.items], "truncated": result.truncated,
             "tokens": result.tokens, **stamp(rt)}
 
 
-def stamp(rt: Runtime) -> dict:
+def stamp(rt: Runtime) -> wire.Stamp:
     """Which worker, device, model and dtype produced a result."""
     info = rt.encoder.info()
     return {"worker": rt.hostname, "device": info["device"], "model": info["model"], "dtype": info["dtype"]}
@@ -175,7 +118,7 @@ def stamp(rt: Runtime) -> dict:
 
 # ---- indexing ----------------------------------------------------------------------------------------
 
-def index_job(task: Task, rt: Runtime, payload: Any) -> dict:
+def index_job(task: Task, rt: Runtime, payload: Any) -> wire.IndexAnswer:
     """Encode documents and upsert them into Milvus; item errors for bad texts, ids or metadata."""
     payload = check_options(payload, wire.INDEX_OPTIONS)
     check_size(rt, payload)
@@ -204,7 +147,7 @@ def _name(raw_id: Any, limit: int = 80) -> str:
 
 def _rows(ids: list, texts: list, metadata: list, good: list[int], items: list, errors: dict[int, str]) -> list[dict]:
     """Milvus rows of the encoded items; an item Milvus would refuse becomes an error, not a failed batch."""
-    from producer.milvus import row_problem
+    from worker.sink import row_problem
 
     rows = []
     for i, item in zip(good, items):
@@ -238,32 +181,21 @@ def _check_rows(rt: Runtime, ids: list, metadata: list | None, n: int) -> dict[i
     return errors
 
 
-def model_identity(model: str) -> str:
-    """The model name recorded on a collection: a hub id as is, a local checkpoint by its folder name.
-
-    Workers on different machines keep the same checkpoint under different paths; the folder name (e.g.
-    ``bge-m3``) is what they share.
-    """
-    from pathlib import Path
-
-    return Path(model).name if Path(model).expanduser().is_dir() else model
-
-
 def _upsert(task: Task, rt: Runtime, collection: str, rows: list[dict]) -> int:
-    from producer import milvus
+    from worker import sink
 
     try:
         client = rt.milvus()
-        milvus.ensure_collection(client, collection, int(rows[0]["dense"].shape[0]), model_identity(rt.encoder.name))
-        return milvus.upsert(client, collection, rows)
-    except (milvus.SchemaMismatch, milvus.MilvusRejected) as e:
+        sink.ensure_collection(client, collection, int(rows[0]["dense"].shape[0]), model_identity(rt.encoder.name))
+        return sink.upsert(client, collection, rows)
+    except (SchemaMismatch, MilvusRejected) as e:
         raise PayloadError(str(e)) from None
-    except milvus.MilvusError as e:
+    except MilvusError as e:
         rt.reset_milvus()
         retries = task.request.retries or 0
         if retries >= rt.settings.index_retries:
-            raise milvus.MilvusError(f"index batch {task.request.id} ({len(rows)} documents) not stored after "
-                                     f"{retries + 1} tries: {e}") from None
+            raise MilvusError(f"index batch {task.request.id} ({len(rows)} documents) not stored after "
+                              f"{retries + 1} tries: {e}") from None
         delay = rt.settings.index_retry_backoff_s * 2 ** retries
         log.warning("Milvus failed on batch %s (%s); retry %d in %.1fs", task.request.id, e, retries + 1, delay)
         raise task.retry(countdown=delay, max_retries=rt.settings.index_retries, exc=e)

@@ -8,8 +8,8 @@ tokenizer.  The weights are random, so the embeddings mean nothing; replicas
 exist so tests and capacity planning can run the real loading and inference
 code without the Hugging Face hub.
 
-The tokenizer is built offline by ``worker.replica_tokenizer`` from
-``replica_corpus.txt`` (text written for this project), so no vocabulary is
+The tokenizer is built offline by ``worker.replica.tokenizer`` from
+``corpus.txt`` (text written for this project), so no vocabulary is
 downloaded either.
 
 Usage::
@@ -31,8 +31,8 @@ import torch
 from tokenizers import Tokenizer
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
-from worker.replica_tokenizer import MODEL_MAX_LENGTH, build_tokenizer, corpus_text, save_tokenizer
 from producer.errors import ConfigError
+from worker.replica.tokenizer import MODEL_MAX_LENGTH, build_tokenizer, corpus_text, save_tokenizer
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,8 @@ def write_replica(path: str | os.PathLike, size: str = "small", seed: int = 0) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point: ``python -m worker.replica DIR --size S [--seed N]``."""
-    parser = argparse.ArgumentParser(description="Write a random-weight BGE-M3 replica checkpoint.")
+    parser = argparse.ArgumentParser(prog="python -m worker.replica",
+                                     description="Write a random-weight BGE-M3 replica checkpoint.")
     parser.add_argument("directory", help="output directory")
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--seed", type=int, default=0)
@@ -275,6 +276,3 @@ def _write_marker(out: Path, size: str, seed: int) -> None:
     marker = {"m3q_replica": True, "size": size, "seed": seed, "random_weights": True}
     (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

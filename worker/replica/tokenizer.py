@@ -2,7 +2,7 @@
 
 ``build_tokenizer`` makes a tokenizer with BGE-M3's special-token layout and
 any vocabulary size: pieces a Unigram trainer learns from
-``replica_corpus.txt`` (text written for this project), then whole corpus
+``corpus.txt`` (text written for this project), then whole corpus
 words, n-gram and ideograph coverage pieces and fillers.  ``save_tokenizer``
 writes it the way XLM-R checkpoints store theirs.  Nothing is downloaded.
 """
@@ -28,7 +28,7 @@ MASK_TOKEN = "<mask>"  # always the last id
 UNK_ID = 3
 METASPACE = "\u2581"
 
-CORPUS_PATH = Path(__file__).with_name("replica_corpus.txt")
+CORPUS_PATH = Path(__file__).with_name("corpus.txt")
 
 # Unigram log-probability scores for pieces that were not learned by the
 # trainer.  Learned pieces score roughly -3..-10; whole corpus words sit in

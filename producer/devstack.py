@@ -1,0 +1,182 @@
+"""A local stack of real processes: a private redis-server and `m3q worker` processes, each with its log.
+
+One helper for everything that starts them: `m3q demo`, the benchmarks under ``bench/`` and the tests.
+Milvus Lite is started by :mod:`producer.milvus_lite`. Nothing here imports the worker: a worker is a
+child process, handed its settings through the environment (:func:`settings_env`).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from producer.errors import InfraError
+from producer.settings import ENV_PREFIX, Settings
+
+READY_MARK = " ready."
+"""What a Celery worker logs once it consumes (after the model has loaded)."""
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def settings_env(s: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment that hands ``s`` to a child process: this one's, less its own ``M3Q_*`` variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update({ENV_PREFIX + name.upper(): str(value) for name, value in vars(s).items()})
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def wait_until(check: Callable[[], Any], timeout_s: float, what: str, proc: subprocess.Popen | None = None,
+               interval_s: float = 0.1) -> Any:
+    """Poll ``check`` until it returns something truthy (exceptions count as not yet); InfraError naming
+    ``what`` after ``timeout_s``, or as soon as ``proc`` exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise InfraError(f"{what}: the process exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise InfraError(f"{what}: not after {timeout_s:.0f} s")
+        time.sleep(interval_s)
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 30, sig: int = signal.SIGTERM) -> None:
+    """Ask ``proc`` to stop (``sig``), wait up to ``timeout_s``, then kill it and its process group."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session (start_new_session): nothing else is in it
+        except (PermissionError, ProcessLookupError):
+            proc.kill()
+        proc.wait()
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM unwind the main thread (``finally`` blocks and ExitStack callbacks run), so a command
+    stops what it started either way; it exits 143. A no-op off the main thread."""
+    _on_sigterm(lambda signum: SystemExit(128 + signum))
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM stop the main thread as Ctrl-C does (a KeyboardInterrupt), so a long command prints the
+    same summary of what it did and how to go on. A no-op off the main thread."""
+    _on_sigterm(lambda _signum: KeyboardInterrupt())
+
+
+def _on_sigterm(error: Callable[[int], BaseException]) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise error(signum)
+    signal.signal(signal.SIGTERM, stop)
+
+
+class WorkerProcess:
+    """A real `m3q worker` process in its own session, its output in a log file."""
+
+    def __init__(self, s: Settings, log_path: Path | None = None, device: str | None = None,
+                 extra_args: list[str] | None = None, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.settings = s.replace(device=device or s.device)
+        if log_path is None:
+            with tempfile.NamedTemporaryFile(prefix="m3q-worker-", suffix=".log", delete=False) as f:
+                log_path = Path(f.name)
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        cmd = [sys.executable, "-m", "producer.cli", "worker", "--device", self.settings.device, *(extra_args or [])]
+        self.proc = subprocess.Popen(cmd, env=settings_env(self.settings, env), stdout=self.log,
+                                     stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        """The worker's log so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout_s: float = 300) -> "WorkerProcess":
+        """Until the worker logs that it consumes; InfraError with the log's end if it exits or takes too long."""
+        deadline = time.monotonic() + timeout_s
+        while READY_MARK not in self.output():
+            if self.proc.poll() is not None:
+                raise InfraError(f"the worker exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise InfraError(f"the worker was not ready after {timeout_s:.0f} s:\n{self.output()[-3000:]}")
+            time.sleep(0.2)
+        return self
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout_s: float = 30) -> None:
+        """SIGTERM (Celery's warm shutdown: the jobs in hand finish), then SIGKILL after ``timeout_s``."""
+        stop_process(self.proc, timeout_s)
+        self.log.close()
+
+    def remove_log(self) -> None:
+        self.log.close()
+        self.log_path.unlink(missing_ok=True)
+
+
+class RedisServer:
+    """A private redis-server on loopback, with its own port and data folder; stop() and start() keep both."""
+
+    def __init__(self, folder: Path, args: tuple[str, ...] = (), tls: tuple[Path, Path, Path] | None = None,
+                 port: int | None = None) -> None:
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.args, self.tls = args, tls
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def url(self, password: str | None = None, db: int = 0) -> str:
+        auth = f":{password}@" if password else ""
+        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/{db}"
+
+    def start(self, timeout_s: float = 20) -> "RedisServer":
+        """Start it and wait until it accepts connections (its log says so)."""
+        ports = ["--port", str(self.port)]
+        if self.tls:
+            cert, key, ca = self.tls
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                     "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+        self.starts += 1
+        log_path = self.folder / f"redis{self.starts}.log"
+        self.proc = subprocess.Popen(["redis-server", *ports, "--bind", "127.0.0.1", "--dir", str(self.folder),
+                                      "--save", "", "--logfile", str(log_path), *self.args],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_until(lambda: "Ready to accept connections" in log_path.read_text(errors="replace"), timeout_s,
+                   f"redis-server on port {self.port} (log {log_path})", self.proc)
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM: Redis' own clean shutdown (an append-only file is flushed first)."""
+        if self.proc is not None:
+            stop_process(self.proc, 20)

@@ -1,0 +1,207 @@
+"""Encoding over HTTP: OpenAI's ``/v1/embeddings``, TEI's ``/embed``, ``/embed_sparse`` and ``/info``, and
+m3-queue's own ``/v1/encode``.
+
+OpenAI's and TEI's routes encode as queries, on the query lane (a Redis stream, awaited natively by the
+client: no thread): their vectors are ``Client.encode_queries``' bit for bit, and their token limit is
+``M3Q_QUERY_MAX_LENGTH``. Longer texts go through ``/v1/encode`` with ``"kind": "documents"`` (up to
+``M3Q_DOCUMENT_MAX_LENGTH`` tokens, on the document lane) or ``/v1/index``.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import Response
+
+from producer.gateway import http
+from producer.gateway.http import ApiError, invalid
+from producer.wire import Embedding, ItemError
+
+TEI_VERSION = "1.8.0"
+"""The TEI API version whose shapes these routes follow (reported by /info)."""
+
+
+def model_name(model: str) -> str:
+    """What responses call the model: a hub id as it is, a local checkpoint by its folder's name (not its path)."""
+    local = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.path.isdir(model)
+    return os.path.basename(model.rstrip("/")) if local else model
+
+
+def texts_of(value: Any, field: str, max_texts: int, max_chars: int) -> list[str]:
+    """The texts of an OpenAI ``input`` or a TEI ``inputs``: a string or a non-empty list of strings. Token
+    arrays are refused (the workers tokenize with the checkpoint's own tokenizer); over the limits is 413."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise invalid(field, "must be a string or a non-empty list of strings")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in value) or \
+            any(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value):
+        raise invalid(field, "token arrays are not supported: send the texts (the workers tokenize them with "
+                             "the checkpoint's own tokenizer)")
+    if len(value) > max_texts:
+        raise ApiError(413, f"{field} has {len(value):,} texts, over the limit of {max_texts:,} "
+                            "(M3Q_MAX_JOB_TEXTS); send them in several requests", param=field, code="too_large")
+    for i, text in enumerate(value):
+        if not isinstance(text, str):
+            raise invalid(f"{field}[{i}]", f"must be a string, got {http.describe(text)}")
+        if len(text) > max_chars:
+            raise ApiError(413, f"{field}[{i}] is {len(text):,} characters, over the limit of {max_chars:,} "
+                                "(M3Q_MAX_TEXT_CHARS)", param=f"{field}[{i}]", code="too_large")
+    return value
+
+
+def checked(items: list, field: str, truncate: bool, limit: int) -> list[Embedding]:
+    """The items when each one is a vector; 422 naming the rejected ones, or 413 naming the ones cut at the
+    token limit when the caller asked not to truncate."""
+    rejected = [{"index": i, "reason": item.reason} for i, item in enumerate(items) if isinstance(item, ItemError)]
+    if rejected:
+        raise http.refuse_items(422, field, rejected, len(items), "inputs were rejected")
+    if not truncate:
+        cut = [{"index": i, "reason": f"over the limit of {limit} tokens (M3Q_QUERY_MAX_LENGTH); send "
+                                      '"truncate": true to keep its first tokens'}
+               for i, item in enumerate(items) if item.truncated]
+        if cut:
+            raise http.refuse_items(413, field, cut, len(items), "inputs are too long")
+    return items
+
+
+def add_routes(app: FastAPI, gw: Any) -> None:
+    """Add the encoding routes of gateway ``gw`` (a ``producer.gateway.app.Gateway``)."""
+    s = gw.settings
+    limit = s.gateway_max_body_bytes
+
+    async def dense(texts: list[str], field: str, truncate: bool) -> list[Embedding]:
+        items = await gw.client.aencode_queries(texts, dense=True, sparse=False)
+        return checked(items, field, truncate, s.query_max_length)
+
+    @http.route(app, "POST", "/v1/embeddings")
+    async def openai_embeddings(request: Request) -> Response:
+        """OpenAI's embeddings API (also the default ``openai`` client, which asks for base64)."""
+        body = await http.read_object(request, limit)
+        texts = texts_of(http.required(body, "input"), "input", s.max_job_texts, s.max_text_chars)
+        http.get_str(body, "model")
+        http.get_str(body, "user")
+        encoding = http.get_choice(body, "encoding_format", ("float", "base64"), "float")
+        dimensions = http.get_int(body, "dimensions", None, 1, 1 << 20)
+        items = await dense(texts, "input", http.get_bool(body, "truncate", True))
+        size = len(items[0].dense)
+        if dimensions is not None and dimensions != size:
+            raise invalid("dimensions", f"this model gives {size}-dimensional vectors, not {dimensions}; "
+                                        "omit dimensions (BGE-M3 vectors cannot be shortened)")
+        if encoding == "base64":  # OpenAI's base64: the little-endian float32 bytes of each vector
+            vectors = [base64.b64encode(np.ascontiguousarray(item.dense, dtype="<f4").tobytes()).decode()
+                       for item in items]
+        else:
+            vectors = [item.dense for item in items]
+        tokens = sum(item.n_tokens for item in items)
+        return http.json_response({
+            "object": "list", "model": gw.model,
+            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    def tei_options(body: dict[str, Any]) -> bool:
+        """TEI's options this model can honour (``truncate``); 422 for the ones it cannot."""
+        if body.get("truncation_direction") is not None and str(body["truncation_direction"]).lower() != "right":
+            raise invalid("truncation_direction", "only 'Right' is supported: the workers keep a text's first tokens")
+        if not http.get_bool(body, "normalize", True):
+            raise invalid("normalize", "false is not supported: BGE-M3's dense vectors are always L2-normalized")
+        for name in ("prompt_name", "dimensions"):
+            if body.get(name) is not None:
+                raise invalid(name, "is not supported by BGE-M3 (no prompts, no shortened vectors); omit it")
+        return http.get_bool(body, "truncate", False)
+
+    @http.route(app, "POST", "/embed")
+    async def tei_embed(request: Request) -> Response:
+        """TEI's /embed: one dense vector per input (what Milvus' TEI text-embedding function calls)."""
+        body = await http.read_object(request, limit)
+        truncate = tei_options(body)
+        texts = texts_of(http.required(body, "inputs"), "inputs", s.max_job_texts, s.max_text_chars)
+        items = await dense(texts, "inputs", truncate)
+        return http.json_response([item.dense for item in items])
+
+    @http.route(app, "POST", "/embed_sparse")
+    async def tei_embed_sparse(request: Request) -> Response:
+        """TEI's /embed_sparse: ``[{"index": token id, "value": weight}, ...]`` per input, by token id."""
+        body = await http.read_object(request, limit)
+        truncate = tei_options(body)
+        texts = texts_of(http.required(body, "inputs"), "inputs", s.max_job_texts, s.max_text_chars)
+        items = checked(await gw.client.aencode_queries(texts, dense=False, sparse=True), "inputs", truncate,
+                        s.query_max_length)
+        return http.json_response([sparse_values(item) for item in items])
+
+    @http.route(app, "GET", "/info")
+    async def tei_info(request: Request) -> Response:
+        """TEI's /info, from the settings and the first live worker's heartbeat."""
+        workers = await asyncio.to_thread(gw.client.workers)
+        worker = workers[0] if workers else {}
+        return http.json_response({
+            "model_id": gw.model, "model_sha": None, "model_dtype": worker.get("dtype", s.dtype),
+            "model_type": {"embedding": {"pooling": "cls"}},
+            "max_concurrent_requests": s.gateway_max_in_flight, "max_input_length": s.query_max_length,
+            "max_batch_tokens": s.max_batch_tokens, "max_batch_requests": None,
+            "max_client_batch_size": s.max_job_texts, "auto_truncate": False, "tokenization_workers": len(workers),
+            "version": TEI_VERSION, "sha": None, "docker_label": None,
+            "m3q": {"workers": len(workers), "dims": worker.get("dims"), "device": worker.get("device")}})
+
+    @http.route(app, "POST", "/v1/encode")
+    async def encode(request: Request) -> Response:
+        """m3-queue's own: queries or documents; dense, sparse, ColBERT; JSON or msgpack (``Accept``)."""
+        body = await http.read_object(request, limit)
+        texts = http.required(body, "texts")
+        if not isinstance(texts, list) or not texts:
+            raise invalid("texts", "must be a non-empty list of strings")
+        if len(texts) > s.max_job_texts:
+            raise ApiError(413, f"texts has {len(texts):,} items, over the limit of {s.max_job_texts:,} "
+                                "(M3Q_MAX_JOB_TEXTS)", param="texts", code="too_large")
+        kind = http.get_choice(body, "kind", ("queries", "documents"), "queries")
+        options = {"dense": http.get_bool(body, "dense", True), "sparse": http.get_bool(body, "sparse", True),
+                   "colbert": http.get_bool(body, "colbert", False),
+                   "max_length": http.get_int(body, "max_length", None, 2, 8192)}
+        if not (options["dense"] or options["sparse"] or options["colbert"]):
+            raise invalid("dense", "ask for at least one of dense, sparse and colbert")
+        run = gw.client.aencode_queries if kind == "queries" else gw.client.aencode_documents
+        items = await run(texts, **options)
+        binary = http.wants_msgpack(request)
+        tokens = sum(item.n_tokens for item in items if isinstance(item, Embedding))
+        out = {"model": gw.model, "kind": kind, "items": [encoded(i, item, binary) for i, item in enumerate(items)],
+               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return http.msgpack_response(out) if binary else http.json_response(out)
+
+
+
+def sparse_values(item: Embedding) -> list[dict[str, Any]]:
+    """TEI's sparse shape, by ascending token id."""
+    if item.sparse_ids is None:
+        return []
+    order = np.argsort(item.sparse_ids, kind="stable")
+    ids, weights = item.sparse_ids[order].tolist(), item.sparse_weights[order].tolist()
+    return [{"index": i, "value": w} for i, w in zip(ids, weights)]
+
+
+def encoded(index: int, item: Any, binary: bool) -> dict[str, Any]:
+    """One item of /v1/encode: vectors as JSON numbers, or (msgpack) as little-endian float32/int32 bytes."""
+    if isinstance(item, ItemError):
+        return {"index": index, "error": item.reason}
+    out: dict[str, Any] = {"index": index, "tokens": item.n_tokens, "truncated": item.truncated}
+    if binary:
+        if item.dense is not None:
+            out["dense"] = np.ascontiguousarray(item.dense, dtype="<f4").tobytes()
+        if item.sparse_ids is not None:
+            out["sparse_ids"] = np.ascontiguousarray(item.sparse_ids, dtype="<i4").tobytes()
+            out["sparse_weights"] = np.ascontiguousarray(item.sparse_weights, dtype="<f4").tobytes()
+        if item.colbert is not None:
+            out["colbert"] = np.ascontiguousarray(item.colbert, dtype="<f4").tobytes()
+            out["colbert_rows"] = int(item.colbert.shape[0])
+        return out
+    if item.dense is not None:
+        out["dense"] = item.dense
+    if item.sparse_ids is not None:
+        out["sparse"] = {str(k): v for k, v in item.sparse_dict().items()}
+    if item.colbert is not None:
+        out["colbert"] = item.colbert
+    return out

@@ -1,0 +1,95 @@
+"""One job's life cycle in a worker, the same on every lane: the Celery tasks (:mod:`worker.tasks`), the
+query lane (:mod:`worker.query_lane`) and the stream lane (:mod:`worker.stream_lane`).
+
+A lane makes a :class:`Job` when it takes a job (the queue wait is observed from the ``m3q_sent`` header),
+lets it count its delivery (a job that keeps killing its worker becomes a :class:`PoisonJob`) and pass the
+test crash hook, then ends it once: :meth:`Job.ok` or :meth:`Job.failed` (counters, metrics and, for a
+failure, the record `m3q status` shows). The ``m3q.info`` answer is here too: every lane gives the same.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from producer.errors import PoisonJob
+from worker.records import count_delivery, record_failure
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One job in this worker, from the moment a lane takes it to its outcome."""
+
+    rt: Runtime
+    task: str
+    job_id: str
+    started: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def start(cls, rt: Runtime, task: str, job_id: str | None, sent: Any = None) -> "Job":
+        """A job just taken; ``sent``: its ``m3q_sent`` header (epoch seconds), for the queue-wait metric."""
+        if sent:
+            rt.metrics.queue_wait_s.labels(task).observe(max(0.0, time.time() - float(sent)))
+        return cls(rt, task, job_id or "?")
+
+    def check_deliveries(self, allowed: int, uncounted: int = 0) -> None:
+        """Count one more delivery; past ``allowed`` deliveries the job is a :class:`PoisonJob`.
+
+        Acks are late, so a job that kills its worker comes back; this stops it looping. ``uncounted``:
+        earlier deliveries that were not counted in Redis (the query lane counts redeliveries only).
+        """
+        try:
+            counted = count_delivery(self.rt.settings, self.rt.redis(), self.job_id)
+        except Exception as e:  # noqa: BLE001 - Redis restarting: run the job uncounted rather than fail it
+            log.warning("could not count the deliveries of job %s (%s); running it anyway", self.job_id, e)
+            return
+        if counted + uncounted > allowed:
+            raise poison(self.rt, self.job_id, counted + uncounted)
+
+    def check_payload(self, payload: Any) -> None:
+        """The test crash hook (:mod:`worker.testing`), armed only under ``M3Q_TESTING=1``."""
+        if self.rt.crash_hook is not None:
+            self.rt.crash_hook(payload)
+
+    def ok(self) -> None:
+        """The job finished: count it and its time in the worker."""
+        self.rt.counters.jobs += 1
+        self.rt.metrics.jobs.labels(self.task, "ok").inc()
+        self.rt.metrics.job_s.labels(self.task).observe(time.monotonic() - self.started)
+
+    def failed(self, error: Exception) -> None:
+        """The job failed for good: count it and record it for `m3q status` (best effort)."""
+        rt = self.rt
+        rt.counters.errors += 1
+        rt.metrics.jobs.labels(self.task, "failed").inc()
+        rt.metrics.errors.labels(type(error).__name__).inc()
+        # Best effort: with Redis down the failure cannot be recorded, and that must not hide the job's own error.
+        try:
+            record_failure(rt.settings, rt.redis(), self.task, self.job_id, f"{type(error).__name__}: {error}")
+        except Exception as why:  # noqa: BLE001
+            log.warning("could not record the failure of job %s in Redis: %s", self.job_id, why)
+
+
+def poison(rt: Runtime, job_id: str, deliveries: int) -> PoisonJob:
+    """The error of a job delivered ``deliveries`` times without finishing, past the bound."""
+    return PoisonJob(f"job {job_id} was delivered {deliveries} times without finishing "
+                     f"(M3Q_TASK_MAX_RETRIES={rt.settings.task_max_retries}); giving up")
+
+
+def info_answer(rt: Runtime) -> dict:
+    """What a worker answers to ``m3q.info``, on every lane: the encoder, its host, the model's identity."""
+    return {**rt.encoder.info(), "hostname": rt.hostname, "model_identity": model_identity(rt.encoder.name)}
+
+
+def model_identity(model: str) -> str:
+    """The model name recorded on a collection: a hub id as is, a local checkpoint by its folder name.
+
+    Workers on different machines keep the same checkpoint under different paths; the folder name (e.g.
+    ``bge-m3``) is what they share.
+    """
+    return Path(model).name if Path(model).expanduser().is_dir() else model
