@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from producer.gateway import http
 from producer.gateway.http import ApiError, invalid
-from producer.wire import Embedding, ItemError
+from producer.wire import Embedding, ItemError, encode_item
 
 TEI_VERSION = "1.8.0"
 """The TEI API version whose shapes these routes follow (reported by /info)."""
@@ -187,17 +187,9 @@ def encoded(index: int, item: Any, binary: bool) -> dict[str, Any]:
     """One item of /v1/encode: vectors as JSON numbers, or (msgpack) as little-endian float32/int32 bytes."""
     if isinstance(item, ItemError):
         return {"index": index, "error": item.reason}
+    if binary:  # the workers' own compact form (producer.wire.encode_item), with the item's place
+        return {"index": index, **encode_item(item)}
     out: dict[str, Any] = {"index": index, "tokens": item.n_tokens, "truncated": item.truncated}
-    if binary:
-        if item.dense is not None:
-            out["dense"] = np.ascontiguousarray(item.dense, dtype="<f4").tobytes()
-        if item.sparse_ids is not None:
-            out["sparse_ids"] = np.ascontiguousarray(item.sparse_ids, dtype="<i4").tobytes()
-            out["sparse_weights"] = np.ascontiguousarray(item.sparse_weights, dtype="<f4").tobytes()
-        if item.colbert is not None:
-            out["colbert"] = np.ascontiguousarray(item.colbert, dtype="<f4").tobytes()
-            out["colbert_rows"] = int(item.colbert.shape[0])
-        return out
     if item.dense is not None:
         out["dense"] = item.dense
     if item.sparse_ids is not None:
