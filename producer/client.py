@@ -436,6 +436,21 @@ class Client:
                             "`m3q status` shows workers and queues)", queue, waited_s)
         return watch
 
+    def close(self) -> None:
+        """Close this client's connections (its Celery app's pools, its status Redis client). The reply
+        reader thread of the process stays: other clients of the process share it, and it stops when idle."""
+        self.app.close()
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+
+    async def aclose(self) -> None:
+        """:meth:`close`, plus this event loop's query-lane reader and Celery-result listener (a web app's
+        shutdown hook); awaits still pending are cancelled."""
+        await AsyncLane.close_loop(self.settings)
+        await AsyncResults.close_loop(self.settings)
+        self.close()
+
     def _status_redis(self) -> redis.Redis:
         if self._redis is None:
             self._redis = wire.redis_client(self.settings)

@@ -165,6 +165,30 @@ class _PerLoop:
             mine[key] = cls(s, *args)
         return mine[key]
 
+    @classmethod
+    async def close_loop(cls, s: Settings) -> None:
+        """Stop this event loop's instance for ``s`` (if any) and close its connections."""
+        mine = cls._instances.get(asyncio.get_running_loop(), {})
+        instance = mine.pop((*_settings_key(s), s.backend_url), None)
+        if instance is not None:
+            await instance.aclose()
+
+    async def aclose(self) -> None:
+        """Cancel this instance's tasks and close its Redis connections; waiters still pending are cancelled."""
+        for task in self._tasks():
+            if task is not None and not task.done():
+                task.cancel()
+        for future in self._futures():
+            if not future.done():
+                future.cancel()
+        await self._redis.aclose()
+
+    def _tasks(self) -> list[asyncio.Task | None]:
+        return [self._reader]
+
+    def _futures(self) -> list[asyncio.Future]:
+        return []
+
 
 class AsyncLane(_PerLoop):
     """This event loop's reply list and reader task, and its batched ``XADD``s to the query stream."""
@@ -192,6 +216,12 @@ class AsyncLane(_PerLoop):
     def forget(self, job_id: str) -> None:
         """Stop waiting for ``job_id``: a late reply is dropped."""
         self._waiters.pop(job_id, None)
+
+    def _tasks(self) -> list[asyncio.Task | None]:
+        return [self._reader, self._flusher]
+
+    def _futures(self) -> list[asyncio.Future]:
+        return [*self._waiters.values(), *(f for _, f in self._outbox)]
 
     async def send(self, fields: dict[bytes, bytes]) -> None:
         """``XADD`` one entry; the entries of concurrent sends share one pipeline (one round trip)."""
@@ -285,6 +315,13 @@ class AsyncResults(_PerLoop):
         finally:
             self._pending.pop(key, None)
             await self._unwatch(key)
+
+    def _futures(self) -> list[asyncio.Future]:
+        return list(self._pending.values())
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self._pubsub.aclose()
 
     async def _watch(self, key: bytes) -> None:
         try:

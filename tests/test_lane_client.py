@@ -123,6 +123,31 @@ def test_two_hundred_concurrent_document_awaits_and_await_handle(client, encoder
     assert watch.most <= min(8, before_threads + 2), (before_threads, watch.most)
 
 
+def test_aclose_stops_the_loops_reader_and_listener_and_the_client_works_after(shared_worker, encoder):
+    client = Client(shared_worker.settings)
+
+    def ours() -> set[str]:
+        return {t.get_name() for t in asyncio.all_tasks() if t.get_name() in ("m3q-replies", "m3q-results")}
+
+    async def run():
+        (query,), (document,) = await asyncio.gather(client.aencode_queries(["close me"]),
+                                                     client.aencode_documents(["close me too"]))
+        running = ours()
+        await client.aclose()
+        await asyncio.sleep(0)  # let the cancelled tasks finish
+        left = ours()
+        (again,) = await client.aencode_queries(["close me"])  # a closed client opens what it needs again
+        await client.aclose()
+        return query, document, running, left, again
+
+    query, document, running, left, again = asyncio.run(run())
+    # The reply reader idles for a while before it stops; the result listener may already have stopped.
+    assert "m3q-replies" in running and left == set()
+    (expected_query,), (expected_document,) = encoder.encode(["close me"], "queries").items, \
+        encoder.encode(["close me too"], "documents").items
+    _close(query, expected_query), _close(again, expected_query), _close(document, expected_document)
+
+
 def test_bad_inputs_on_the_lane_are_answered_per_item(client, redis_client):
     s = client.settings
     texts = ["fine", "", None, "x" * (s.max_text_chars + 1), "lone \ud800", "fine too"]

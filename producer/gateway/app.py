@@ -62,11 +62,7 @@ class Gateway:
         close = getattr(self.searcher, "close", None)
         if close is not None:
             await asyncio.to_thread(close)
-        aclose = getattr(self.client, "aclose", None)
-        if aclose is not None:
-            await aclose()
-        else:  # the Celery app holds the broker's and the result backend's connection pools
-            self.client.app.close()
+        await self.client.aclose()  # this loop's reply reader and result listener, the Celery app's pools
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
