@@ -50,9 +50,16 @@ def m3q(s, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=TIMEOUT_S, input=stdin)
 
 
+def _as_from_a_terminal() -> None:
+    # A suite run as a background job (`cmd &` without job control) inherits an ignored SIGINT, and a Python
+    # that starts with SIGINT ignored never turns it into KeyboardInterrupt: give the command a terminal's.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(s, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "producer.cli", *args], env=settings_env(s), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_from_a_terminal)
 
 
 def one_line_error(done: subprocess.CompletedProcess, *needles: str) -> str:
@@ -208,7 +215,14 @@ def test_ctrl_c_in_index_prints_what_was_stored_and_nothing_is_lost(worker, mc, 
     source = docs_file(tmp_path / "big.jsonl", n)
     slow = worker.settings.replace(job_texts=8, max_in_flight=1)
     proc = spawn(slow, "index", str(source), "--collection", collection)
-    wait_until(lambda: mc.has_collection(collection) and milvus.count(mc, collection) > 0, 60, "first batch stored")
+    # Over one job stored: with one job in flight the second is sent only once the first one's result is
+    # back, so the summary's count (results received, not rows in Milvus) is above zero.
+    try:
+        wait_until(lambda: mc.has_collection(collection) and milvus.count(mc, collection) > slow.job_texts, 120,
+                   "two batches stored")
+    except AssertionError as e:
+        proc.kill()
+        raise AssertionError(f"{e}; m3q index said: {proc.communicate()[1][-3000:]}") from None
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, out + err
