@@ -147,7 +147,8 @@ class Handle:
         timeout_s = timeout_s or self.timeout_s
         results = AsyncResults.for_loop(self.settings, self.async_result.backend)
         try:
-            meta = await asyncio.wait_for(results.wait(self.id), timeout_s)
+            # With the blocking wait's checks (no worker alive, a job a worker lost as it took it), off the loop.
+            meta = await asyncio.wait_for(results.wait(self.id, self.watch), timeout_s)
         except asyncio.TimeoutError:
             raise JobTimeout(_timeout_message(self.id, self.task, self.size, timeout_s)) from None
         finally:

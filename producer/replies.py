@@ -299,25 +299,37 @@ class AsyncResults(_PerLoop):
         self._redis = async_redis(s, s.backend_url)
         self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         self._pending: dict[bytes, asyncio.Future] = {}
+        self._watches: dict[bytes, tuple[Callable[[float], None], float]] = {}  # key -> (watch, started)
         self._reader: asyncio.Task | None = None
+        self._watching: asyncio.Task | None = None
         # redis-py's PubSub opens its connection on the first command: concurrent first subscribes would
         # each open one, and all but the last would be lost.
         self._subscribing = asyncio.Lock()
 
-    async def wait(self, task_id: str) -> dict[str, Any]:
-        """The task's final meta (status, result), decoded by the backend; cancel to stop waiting."""
+    async def wait(self, task_id: str, watch: Callable[[float], None] | None = None) -> dict[str, Any]:
+        """The task's final meta (status, result), decoded by the backend; cancel to stop waiting.
+
+        ``watch(waited_s)``, if given, is called with the other waits' every :data:`SWEEP_S` while this one
+        lasts, all in one worker thread (it may block on Redis): the client's check for a job a worker lost.
+        """
         key = _as_bytes(self.backend.get_key_for_task(task_id))
         future = asyncio.get_running_loop().create_future()
         self._pending[key] = future
+        if watch is not None:
+            self._watches[key] = (watch, time.monotonic())
         try:
             await self._watch(key)
             return await future
         finally:
             self._pending.pop(key, None)
+            self._watches.pop(key, None)
             await self._unwatch(key)
 
     def _futures(self) -> list[asyncio.Future]:
         return list(self._pending.values())
+
+    def _tasks(self) -> list[asyncio.Task | None]:
+        return [self._reader, self._watching]
 
     async def aclose(self) -> None:
         await super().aclose()
@@ -369,8 +381,20 @@ class AsyncResults(_PerLoop):
                 if time.monotonic() - swept >= SWEEP_S:
                     swept = time.monotonic()
                     await self._sweep()
+                    if self._watches and (self._watching is None or self._watching.done()):
+                        # A task of its own: the listener goes on while the checks wait on Redis.
+                        self._watching = asyncio.get_running_loop().create_task(
+                            asyncio.to_thread(self._run_watches, list(self._watches.values())))
         finally:
             self._reader = None
+
+    @staticmethod
+    def _run_watches(watches: list[tuple[Callable[[float], None], float]]) -> None:
+        for watch, started in watches:
+            try:
+                watch(time.monotonic() - started)
+            except Exception as e:  # noqa: BLE001 - a check that fails (Redis down) is tried at the next sweep
+                log.debug("watching a pending result: %s", e)
 
     async def _listen(self) -> None:
         message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=BLOCK_S)
