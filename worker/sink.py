@@ -44,11 +44,21 @@ def ensure_collection(client: MilvusClient, name: str, dense_dim: int, model: st
 
     ``model`` is compared as given, so pass a stable identity (a hub id), not a machine-specific path.
     """
-    if not _call(f"has_collection {name!r}", client.has_collection, name):
-        _create_or_join(client, name, dense_dim, model)
-    check_collection(client, name, dense_dim, model)
-    _ensure_indexes(client, name)
-    _call(f"load collection {name!r}", client.load_collection, name)
+    deadline = time.monotonic() + CREATE_RACE_WAIT_S
+    while True:
+        try:
+            if not _call(f"has_collection {name!r}", client.has_collection, name):
+                _create_or_join(client, name, dense_dim, model)
+            check_collection(client, name, dense_dim, model)
+            _ensure_indexes(client, name)
+            _call(f"load collection {name!r}", client.load_collection, name)
+            return
+        except MilvusRejected:
+            # Milvus Lite makes a collection in steps: another process's new one can be listed and not yet
+            # described ("does not exist", seen with three jobs of a re-index at once under load). Look again.
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(CREATE_RACE_SETTLE_S)
 
 
 def _create_or_join(client: MilvusClient, name: str, dense_dim: int, model: str) -> None:
