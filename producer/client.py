@@ -300,14 +300,16 @@ class Client:
         return Handle(result, task, len(payload.get("texts", [])), self.settings.job_timeout_s, first_index,
                       watch=self._watch(queue, LostJob(result.id, queue, resend)), settings=self.settings)
 
-    def _check_size(self, payload: dict) -> None:
+    def _check_size(self, payload: dict) -> bytes:
+        """``payload`` packed as msgpack (the query lane sends these bytes), refused if too big."""
         try:
-            size = len(msgpack.packb(payload))
+            body = msgpack.packb(payload)
         except (TypeError, ValueError) as e:
             raise PayloadError(f"payload cannot be sent as msgpack: {e}") from None
-        if size > self.settings.max_payload_bytes:
-            raise PayloadError(f"job payload is {size:,} bytes, over the limit of "
+        if len(body) > self.settings.max_payload_bytes:
+            raise PayloadError(f"job payload is {len(body):,} bytes, over the limit of "
                                f"{self.settings.max_payload_bytes:,} (M3Q_MAX_PAYLOAD_BYTES); send smaller jobs")
+        return body
 
     def _send(self, task: str, payload: dict, queue: str, task_id: str | None = None) -> AsyncResult:
         """Publish a job; while Redis is unreachable (restarting), retry with backoff up to M3Q_JOB_TIMEOUT_S."""
@@ -345,12 +347,12 @@ class Client:
         """Send one query job on the query lane (a Redis stream all workers read); its reply comes back on
         this process's reply list. ``Client.encode(..., "queries")`` sends its jobs so."""
         payload = wire.encode_payload(texts, **options)
-        self._check_size(payload)
+        body = self._check_size(payload)
         self._check_redis()
         reader = reply_reader(self.settings)
         job_id = str(uuid.uuid4())
         reply = reader.expect(job_id)  # before the send: a fast worker's reply must find its waiter
-        fields = lane.request_fields(job_id, reader.key, payload)
+        fields = lane.request_fields(job_id, reader.key, payload, body)
         s = self.settings
         try:
             self._retrying(job_id, wire.TASK_ENCODE_QUERIES, lambda: self._status_redis().xadd(
@@ -533,12 +535,12 @@ class Client:
     async def _aquery(self, texts: list[object], first_index: int, options: dict[str, Any]) -> list[Item]:
         """One query job on the query lane, awaited on this event loop's reader."""
         payload = wire.encode_payload(texts, **options)
-        self._check_size(payload)
+        body = self._check_size(payload)
         replies = AsyncLane.for_loop(self.settings)
         job_id = str(uuid.uuid4())
         reply = replies.expect(job_id)
         try:
-            await self._asend(replies, lane.request_fields(job_id, replies.key, payload), job_id)
+            await self._asend(replies, lane.request_fields(job_id, replies.key, payload, body), job_id)
             done = await asyncio.wait_for(reply, self.settings.job_timeout_s)
         except asyncio.TimeoutError:
             raise JobTimeout(_timeout_message(job_id, wire.TASK_ENCODE_QUERIES, len(texts),

@@ -49,9 +49,10 @@ def new_client_id() -> str:
     return uuid.uuid4().hex
 
 
-def request_fields(job_id: str, reply_to: str, payload: dict[str, Any]) -> dict[bytes, bytes]:
-    """The fields of the stream entry for one query job."""
-    return {F_ID: job_id.encode(), F_REPLY: reply_to.encode(), F_BODY: msgpack.packb(payload),
+def request_fields(job_id: str, reply_to: str, payload: dict[str, Any],
+                   body: bytes | None = None) -> dict[bytes, bytes]:
+    """The fields of the stream entry for one query job (``body``: ``payload`` already packed, if it is)."""
+    return {F_ID: job_id.encode(), F_REPLY: reply_to.encode(), F_BODY: body or msgpack.packb(payload),
             F_SENT: repr(time.time()).encode()}
 
 
