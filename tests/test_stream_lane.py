@@ -243,7 +243,7 @@ def test_sigterm_answers_what_the_worker_took_and_leaves_nothing_lost(workers):
     r = client(s)
     first = workers(s)
     reply_to = new_reply_key(s)
-    jobs = {f"q{i}": {"texts": [f"query {i} about things"]} for i in range(2000)}
+    jobs = {f"q{i}": {"texts": [f"query {i} about things"]} for i in range(5000)}  # seconds of work, at least
     send(r, s, reply_to, jobs)
     wait_for(lambda: r.llen(reply_to) > 0, 30, "the first replies")
     first.stop()

@@ -187,14 +187,14 @@ class Lane:
     def _read_loop(self) -> None:
         next_sweep = 0.0
         failing = False
-        while not self._stopping.is_set():
+        while self._taking():
             try:
                 self._ensure_group()
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + wire.heartbeat_s(self.s)
                     self._sweep()
                 free = self._wait_capacity(next_sweep)
-                if free and not self._stopping.is_set():
+                if free and self._taking():
                     self._read(free)
                 failing = False
             except redis.ResponseError as e:
@@ -208,6 +208,12 @@ class Lane:
             except Exception:  # noqa: BLE001 - a bug must not silently end the lane
                 log.exception("stream lane reader failed; going on")
                 self._stopping.wait(RETRY_S)
+
+    def _taking(self) -> bool:
+        # A warm or cold shutdown stops the reads at once: Celery stops this step only after its own pool,
+        # and a worker asked to stop must not keep taking queries meanwhile.
+        return not self._stopping.is_set() and worker_state.should_stop is None \
+            and worker_state.should_terminate is None
 
     def _pause(self, error: Exception, failing: bool) -> bool:
         # One warning per outage, not one a second.
