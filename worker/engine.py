@@ -5,7 +5,8 @@ tokenized in the caller's thread, so tokenizing the next job overlaps the device
 then picks the next step:
 
 * waiting query texts, from as many jobs as fit the token budget, after waiting at most
-  ``batch_wait_ms`` for more to arrive (cross-job batching);
+  ``batch_wait_ms`` for more to arrive (cross-job batching) when queries come concurrently: a lone query
+  after a step of one query job runs at once, since on an idle device waiting only adds latency;
 * otherwise one step of document texts, again across jobs, longest first.
 
 A document step runs in slices of about ``preempt_ms`` of device work while queries are arriving (longer
@@ -80,6 +81,7 @@ class Engine:
         self._slicer = Slicer(self._serve_queries, preempt_ms / 1000, encoder.model.device,
                               self._queries_about) if preempt_ms > 0 else None
         self._last_query = float("-inf")
+        self._last_query_jobs = 0  # jobs in the last query step: more than one means queries come concurrently
         self._queues: dict[str, deque[Job]] = {"queries": deque(), "documents": deque()}
         self._cond = threading.Condition()
         self._stopped = False
@@ -173,8 +175,9 @@ class Engine:
             return "documents", self._take(self._queues["documents"])
 
     def _gather_queries(self) -> None:
-        # Wait a moment for more queries, unless a full step is already waiting.
-        if not self.cross_job:
+        # Wait a moment for more queries, unless a full step is already waiting or the query comes alone: one
+        # job waiting and the last query step had one too (an idle device, or a single caller).
+        if not self.cross_job or (len(self._queues["queries"]) == 1 and self._last_query_jobs <= 1):
             return
         deadline = self._queues["queries"][0].submitted + self.batch_wait_s
         while time.monotonic() < deadline and self._waiting_tokens("queries") < self.encoder.limits.max_batch_tokens:
@@ -208,6 +211,8 @@ class Engine:
         items = self.encoder.run([p for _, p in step], *want, slicer=slicer)
         lengths = [len(p.ids) for _, p in step]
         jobs = {id(j): j for j, _ in step}
+        if kind == "queries":
+            self._last_query_jobs = len(jobs)
         if self.on_step:
             seconds = time.perf_counter() - started - ((slicer.paused_s - paused) if slicer else 0.0)
             self.on_step(StepStats(kind, len(step), sum(lengths), len(step) * max(lengths), seconds, len(jobs)))
