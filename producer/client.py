@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import threading
 import time
 import uuid
 import weakref
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable, Iterator, Sequence
@@ -227,6 +228,13 @@ def lane_outcome(job_id: str, size: int, first_index: int, reply: tuple[dict | N
                     f"failed: {error}")
 
 
+def _device_of(worker: dict, s: Settings) -> str:
+    """The device queue(s) a worker reads, as ``--device`` names them (its device, for an older heartbeat)."""
+    prefix = wire.device_queue(s, "")
+    devices = [q[len(prefix):] for q in worker.get("queues") or () if q.startswith(prefix)]
+    return ", ".join(devices) if devices else str(worker.get("device"))
+
+
 def _timeout_message(job_id: str, task: str, size: int, timeout_s: float) -> str:
     return (f"job {job_id} ({task}, {size} texts) had no result after {timeout_s:.0f}s: is a worker running? "
             "(`m3q worker` starts one, `m3q status` shows them)")
@@ -286,6 +294,8 @@ class Client:
         self._served_at: dict[str, float] = {}  # queue -> when a live worker serving it was last seen
         self._next_notice = 0.0
         self._checks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> {queue: shared check}
+        self._publisher: ThreadPoolExecutor | None = None  # asyncio's Celery publishes, one thread in all
+        self._publisher_lock = threading.Lock()
 
     # ---- single jobs -------------------------------------------------------------------------------------
 
@@ -415,7 +425,7 @@ class Client:
 
     def _no_worker_message(self, queue: str, device: str | None, grace_s: float, others: list[dict]) -> str:
         where = f"device {device} (queue {queue})" if device else queue
-        seen = f"; the live workers serve {', '.join(sorted({str(w.get('device')) for w in others}))} only" \
+        seen = f"; the live workers serve {', '.join(sorted({_device_of(w, self.settings) for w in others}))} only" \
             if others else ""
         return (f"no worker is consuming {where}: no heartbeat within {grace_s:.0f}s (M3Q_NO_WORKER_GRACE_S) in "
                 f"Redis at {maybe_sanitize_url(self.settings.broker_url)}{seen}. Start one with "
@@ -442,6 +452,10 @@ class Client:
     def close(self) -> None:
         """Close this client's connections (its Celery app's pools, its status Redis client). The reply
         reader thread of the process stays: other clients of the process share it, and it stops when idle."""
+        with self._publisher_lock:
+            if self._publisher is not None:
+                self._publisher.shutdown(wait=True)
+                self._publisher = None
         self.app.close()
         if self._redis is not None:
             self._redis.close()
@@ -509,16 +523,16 @@ class Client:
     async def aencode(self, texts: Sequence[object], kind: str = "documents", *, job_texts: int | None = None,
                       device: str | None = None, **options: Any) -> list[Item]:
         """:meth:`encode` for asyncio handlers, without a thread per await: queries go on the query lane
-        (replies read by one task per event loop), documents are Celery tasks whose results one pub/sub
-        connection per event loop listens for. At most ``M3Q_MAX_IN_FLIGHT`` jobs of a call are in flight."""
+        (replies read by one task per event loop), documents are Celery tasks, published on one thread of the
+        client's and awaited through one pub/sub connection per event loop. At most ``M3Q_MAX_IN_FLIGHT`` jobs
+        of a call are in flight."""
         out, chunks = self._split(texts, kind, job_texts)
         if chunks:
             await self._aensure_worker(self._queue_of(kind, device), device)
         if kind == "queries" and not device:
             run = lambda chunk: self._aquery([texts[i] for i in chunk], chunk[0], options)
         else:
-            run = lambda chunk: self.submit_encode([texts[i] for i in chunk], kind, device=device,
-                                                   first_index=chunk[0], **options).aresult()
+            run = lambda chunk: self._ajob([texts[i] for i in chunk], kind, device, chunk[0], options)
         for chunk, items in zip(chunks, await self._apipelined(chunks, run)):
             for i, item in zip(chunk, items):
                 out[i] = item
@@ -548,6 +562,19 @@ class Client:
         finally:
             replies.forget(job_id)
         return [decode_item(d) for d in lane_outcome(job_id, len(texts), first_index, done)["items"]]
+
+    async def _ajob(self, texts: list[object], kind: str, device: str | None, first_index: int,
+                    options: dict[str, Any]) -> list[Item]:
+        """One Celery job, sent off the event loop and awaited on this loop's result listener. Celery's publish
+        blocks (and retries with backoff while Redis restarts), so it runs on this client's one publishing
+        thread, which every loop and await of the client shares: the loop keeps serving the rest meanwhile."""
+        with self._publisher_lock:
+            if self._publisher is None:
+                self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3q-publish")
+            publisher = self._publisher
+        handle = await asyncio.get_running_loop().run_in_executor(
+            publisher, lambda: self.submit_encode(texts, kind, device=device, first_index=first_index, **options))
+        return await handle.aresult()
 
     async def _asend(self, replies: AsyncLane, fields: dict[bytes, bytes], job_id: str) -> None:
         """``XADD`` through this loop's lane, retried with backoff while Redis is unreachable."""

@@ -16,8 +16,9 @@ import time
 
 import numpy as np
 import pytest
+from celery.signals import before_task_publish
 
-from producer import lane
+from producer import lane, wire
 from producer.client import Client, JobTimeout
 from producer.wire import Embedding, ItemError, PayloadError
 from tests.conftest import ROOT, TINY, make_settings, settings_env
@@ -108,13 +109,27 @@ def test_two_hundred_concurrent_document_awaits_and_await_handle(client, encoder
     texts = [f"document {i}: the queue keeps {i % 13} promises about documents" for i in range(200)]
     watch = ThreadWatch()
     before_threads = threading.active_count()
+    published_on: list[str] = []  # the thread of each Celery publish, from Celery's own signal
+
+    def on_publish(sender=None, **_):
+        if sender == wire.TASK_ENCODE_DOCUMENTS:
+            published_on.append(threading.current_thread().name)
 
     async def run():
-        handle = client.submit_encode(["awaited handle", "second text"], "documents")
+        handle = client.submit_encode(["awaited handle", "second text"], "documents")  # a blocking send, on purpose
         docs = await watch.during(asyncio.gather(*(client.aencode_documents([t]) for t in texts)))
         return docs, await handle
 
-    docs, awaited = asyncio.run(run())
+    before_task_publish.connect(on_publish, weak=False)
+    try:
+        docs, awaited = asyncio.run(run())
+    finally:
+        before_task_publish.disconnect(on_publish)
+    # The loop never blocked on a publish: every aencode_documents job left from the client's one publisher.
+    # (A job a worker lost as it took it is sent again from the wait's checks: counted, not on the loop either.)
+    loop_thread = threading.current_thread().name
+    assert published_on[0] == loop_thread and loop_thread not in published_on[1:], set(published_on)
+    assert published_on.count("m3q-publish_0") == len(texts), set(published_on)
     local = encoder.encode(texts, "documents").items
     for (item,), expected in zip(docs, local):
         _close(item, expected)
