@@ -189,6 +189,7 @@ class Heartbeat(TypedDict, total=False):
     lane: dict[str, Any]
     """The stream lane's figures (consumer name, prefetch, replies per second)."""
     queues: list[str]
+    """The queues it consumes (Celery's and the query queue; not the query stream, which every worker reads)."""
     time: float
 
 
@@ -250,7 +251,7 @@ def unheld_jobs(s: Settings, r, older_than_s: float, workers: list[dict[str, Any
 
 def serves(worker: dict[str, Any], s: Settings, queue: str) -> bool:
     """Whether ``worker`` consumes ``queue`` (a lane, or a device's own queue), judged by its heartbeat."""
-    if "queues" in worker:
+    if worker.get("queues"):
         return queue in worker["queues"]
     device_prefix = device_queue(s, "")
     if not queue.startswith(device_prefix):

@@ -77,6 +77,9 @@ def test_a_device_nobody_serves_is_named_with_the_devices_that_are(cpu_worker):
 
     client = Client(s)
     assert [w["device"] for w in client.workers()] == ["cpu"]
+    # Judged by the queues the worker's heartbeat says it reads, not by its device's name.
+    assert set(client.workers()[0]["queues"]) == {wire.query_queue(s), wire.document_queue(s),
+                                                  wire.device_queue(s, "cpu")}
     assert client.workers("cpu") and client.workers("cuda:7") == []
     with pytest.raises(NoWorker, match="cuda:7") as raised:
         client.encode(["x"], device="cuda:7")

@@ -48,6 +48,13 @@ def _items(delivered: dict) -> list[tuple]:
     return list(delivered.copy().items())
 
 
+def consumed(consumer, s: Settings) -> list[str]:
+    """The queues this worker consumes: Celery's own (``task_queues``, or ``-Q``) and the query queue, which
+    the query lane step (worker/query_lane.py) reads in every worker. The heartbeat lists them, so a producer
+    judges by what a worker reads, not by its device's name."""
+    return sorted({*(consumer.app.amqp.queues.consume_from or ()), wire.query_queue(s)})
+
+
 class HeldJobs(bootsteps.StartStopStep):
     """A consumer step that lets the runtime's heartbeat list the jobs this worker holds."""
 
@@ -56,7 +63,9 @@ class HeldJobs(bootsteps.StartStopStep):
     def start(self, c) -> None:
         from worker import runtime
 
-        runtime.current().held = lambda: held(c)
+        rt = runtime.current()
+        rt.held = lambda: {**held(c), "queues": consumed(c, rt.settings)}
+        rt.beat()  # the queues it reads, from now on rather than from the next beat
 
 
 class Reclaimer:

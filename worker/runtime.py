@@ -125,13 +125,17 @@ class Runtime:
     def _key(self) -> str:
         return wire.heartbeat_key(self.settings, self.hostname)
 
+    def beat(self) -> None:
+        """Write the heartbeat now (also done every M3Q heartbeat interval by the beat thread)."""
+        try:
+            self.redis().set(self._key(), json.dumps(self.status()),
+                             px=int(wire.heartbeat_ttl_s(self.settings) * 1000))
+        except Exception as e:  # noqa: BLE001 - Redis may be restarting; the next beat retries
+            log.debug("heartbeat failed: %s", e)
+
     def _beat(self) -> None:
-        ttl_ms = int(wire.heartbeat_ttl_s(self.settings) * 1000)
         while not self._stop.is_set():
-            try:
-                self.redis().set(self._key(), json.dumps(self.status()), px=ttl_ms)
-            except Exception as e:  # noqa: BLE001 - Redis may be restarting; the next beat retries
-                log.debug("heartbeat failed: %s", e)
+            self.beat()
             self._sweep()
             self._stop.wait(wire.heartbeat_s(self.settings))
 
