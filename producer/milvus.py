@@ -87,7 +87,7 @@ def _translate(e: BaseException, what: str) -> Exception:
     return MilvusError(f"{what}: {_reason(e)}")
 
 
-def _call(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def call_milvus(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` with pymilvus and gRPC errors turned into MilvusError / MilvusRejected."""
     try:
         return fn(*args, **kwargs)
@@ -164,7 +164,7 @@ def _way_out(uri: str) -> str:
 
 def check_collection(client: MilvusClient, name: str, dense_dim: int, model: str) -> None:
     """Raise SchemaMismatch unless collection ``name`` has m3-queue's fields, ``dense_dim`` and ``model``."""
-    info = _call(f"describe collection {name!r}", client.describe_collection, name)
+    info = call_milvus(f"describe collection {name!r}", client.describe_collection, name)
     fields_found = {f["name"]: f for f in info.get("fields", [])}
     missing = [f for f in FIELDS if f not in fields_found]
     if missing:
@@ -190,8 +190,9 @@ def _recorded_model(info: dict) -> str | None:
     return None
 
 
-def _dense_dim(client: MilvusClient, name: str) -> int:
-    info = _call(f"describe collection {name!r}", client.describe_collection, name)
+def collection_dim(client: MilvusClient, name: str) -> int:
+    """The dense vector size of collection ``name`` (SchemaMismatch if it has no m3-queue dense field)."""
+    info = call_milvus(f"describe collection {name!r}", client.describe_collection, name)
     dense = [f for f in info.get("fields", []) if f["name"] == "dense"]
     if not dense:
         raise SchemaMismatch(f"collection {name!r} has no 'dense' field: it was not made by m3-queue")
@@ -200,7 +201,7 @@ def _dense_dim(client: MilvusClient, name: str) -> int:
 
 def count(client: MilvusClient, name: str) -> int:
     """The exact number of rows in ``name`` (a strongly consistent count(*))."""
-    result = _call(f"count rows of {name!r}", client.query, name, filter="",
+    result = call_milvus(f"count rows of {name!r}", client.query, name, filter="",
                    output_fields=["count(*)"], consistency_level="Strong")
     return int(result[0]["count(*)"])
 
@@ -255,9 +256,9 @@ def search(client: MilvusClient, name: str, dense: np.ndarray | None, sparse: di
         per_field = min(2 * k, 16384)  # Milvus' limit on one request's hits
         reqs = [AnnSearchRequest([_dense_list(dense)], "dense", {"metric_type": "IP"}, per_field),
                 AnnSearchRequest([query_sparse], "sparse", {"metric_type": "IP"}, per_field)]
-        return _hits(_call(what, client.hybrid_search, name, reqs, _ranker(ranker), **common))
+        return _hits(call_milvus(what, client.hybrid_search, name, reqs, _ranker(ranker), **common))
     field_name, data = ("sparse", query_sparse) if mode == "sparse" else ("dense", _dense_list(dense))
-    return _hits(_call(what, client.search, name, data=[data], anns_field=field_name,
+    return _hits(call_milvus(what, client.search, name, data=[data], anns_field=field_name,
                        search_params={"metric_type": "IP"}, **common))
 
 
@@ -267,16 +268,16 @@ def _dense_list(dense: np.ndarray) -> list[float]:
 
 # ---- collections, aliases and versions ----------------------------------------------------------------
 # Thin wrappers over MilvusClient with the same error translation as the rest of this module: what
-# re-indexing (and a search's existence check) needs, so no caller reaches for ``_call`` itself.
+# re-indexing (and a search's existence check) needs, so no caller reaches for ``call_milvus`` itself.
 
 def has_collection(client: MilvusClient, name: str) -> bool:
     """Whether a collection ``name`` exists."""
-    return bool(_call(f"has_collection {name!r}", client.has_collection, name))
+    return bool(call_milvus(f"has_collection {name!r}", client.has_collection, name))
 
 
 def list_collections(client: MilvusClient) -> list[str]:
     """The names of every collection."""
-    return list(_call("list collections", client.list_collections))
+    return list(call_milvus("list collections", client.list_collections))
 
 
 def versions(client: MilvusClient, alias: str) -> list[str]:
@@ -288,14 +289,14 @@ def versions(client: MilvusClient, alias: str) -> list[str]:
 
 def alias_target(client: MilvusClient, alias: str) -> str | None:
     """The collection behind ``alias``, or None when there is no such alias."""
-    if alias not in _call("list aliases", client.list_aliases).get("aliases", []):
+    if alias not in call_milvus("list aliases", client.list_aliases).get("aliases", []):
         return None  # asked first: describe_alias logs an error for an unknown alias
-    return _call(f"describe alias {alias!r}", client.describe_alias, alias)["collection_name"]
+    return call_milvus(f"describe alias {alias!r}", client.describe_alias, alias)["collection_name"]
 
 
 def aliases_of(client: MilvusClient, collection: str) -> list[str]:
     """The aliases that point to ``collection``."""
-    return list(_call(f"list aliases of {collection!r}", client.list_aliases, collection_name=collection)
+    return list(call_milvus(f"list aliases of {collection!r}", client.list_aliases, collection_name=collection)
                 .get("aliases", []))
 
 
@@ -304,35 +305,35 @@ def point_alias(client: MilvusClient, alias: str, collection: str) -> str | None
     pointed to before (None when it is new). Searches through the alias see one collection or the other."""
     previous = alias_target(client, alias)
     if previous is None:
-        _call(f"create alias {alias!r}", client.create_alias, collection, alias)
+        call_milvus(f"create alias {alias!r}", client.create_alias, collection, alias)
     elif previous != collection:
-        _call(f"alter alias {alias!r}", client.alter_alias, collection, alias)
+        call_milvus(f"alter alias {alias!r}", client.alter_alias, collection, alias)
     return previous
 
 
 def drop_collection(client: MilvusClient, name: str) -> None:
     """Drop collection ``name`` and its rows."""
-    _call(f"drop collection {name!r}", client.drop_collection, name)
+    call_milvus(f"drop collection {name!r}", client.drop_collection, name)
 
 
 def rename_collection(client: MilvusClient, old: str, new: str) -> None:
     """Rename collection ``old`` to ``new``; Milvus Lite releases it, so :func:`load_collection` it again."""
-    _call(f"rename collection {old!r} to {new!r}", client.rename_collection, old, new)
+    call_milvus(f"rename collection {old!r} to {new!r}", client.rename_collection, old, new)
 
 
 def load_collection(client: MilvusClient, name: str) -> None:
     """Load collection ``name`` into memory, so it can be searched."""
-    _call(f"load collection {name!r}", client.load_collection, name)
+    call_milvus(f"load collection {name!r}", client.load_collection, name)
 
 
 def iter_rows(client: MilvusClient, name: str, fields: tuple[str, ...] = ("id", "text", "metadata"),
               page_rows: int = 1000) -> Iterator[dict]:
     """Every row of ``name`` (its ``fields``), fetched ``page_rows`` at a time in primary-key order: the
     same order on every read of an unchanged collection."""
-    pages = _call(f"read {name!r}", client.query_iterator, name, batch_size=page_rows, filter="",
+    pages = call_milvus(f"read {name!r}", client.query_iterator, name, batch_size=page_rows, filter="",
                   output_fields=list(fields))
     try:
-        while page := _call(f"read {name!r}", pages.next):
+        while page := call_milvus(f"read {name!r}", pages.next):
             yield from page
     finally:
         pages.close()

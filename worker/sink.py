@@ -21,7 +21,7 @@ from pymilvus import DataType, MilvusClient
 from producer import checks
 from producer.checks import ID_MAX_BYTES, TEXT_MAX_BYTES
 from producer.errors import MilvusError, MilvusRejected
-from producer.milvus import EMPTY_SPARSE_TOKEN, PROP_DIM, PROP_MODEL, _call, _dense_dim, check_collection
+from producer.milvus import EMPTY_SPARSE_TOKEN, PROP_DIM, PROP_MODEL, call_milvus, check_collection, collection_dim
 
 SPARSE_INDEX_LIMIT = 2**32 - 1
 """Sparse token ids must lie in [0, 2**32 - 1) (Milvus stores them as uint32, the last one reserved)."""
@@ -47,11 +47,11 @@ def ensure_collection(client: MilvusClient, name: str, dense_dim: int, model: st
     deadline = time.monotonic() + CREATE_RACE_WAIT_S
     while True:
         try:
-            if not _call(f"has_collection {name!r}", client.has_collection, name):
+            if not call_milvus(f"has_collection {name!r}", client.has_collection, name):
                 _create_or_join(client, name, dense_dim, model)
             check_collection(client, name, dense_dim, model)
             _ensure_indexes(client, name)
-            _call(f"load collection {name!r}", client.load_collection, name)
+            call_milvus(f"load collection {name!r}", client.load_collection, name)
             return
         except MilvusRejected:
             # Milvus Lite makes a collection in steps: another process's new one can be listed and not yet
@@ -63,7 +63,7 @@ def ensure_collection(client: MilvusClient, name: str, dense_dim: int, model: st
 
 def _create_or_join(client: MilvusClient, name: str, dense_dim: int, model: str) -> None:
     try:
-        _call(f"create collection {name!r}", client.create_collection, name,
+        call_milvus(f"create collection {name!r}", client.create_collection, name,
               schema=_schema(dense_dim, model), properties={PROP_MODEL: model, PROP_DIM: str(dense_dim)},
               consistency_level="Bounded")
     except (MilvusError, MilvusRejected):
@@ -77,7 +77,7 @@ def _await_collection(client: MilvusClient, name: str) -> bool:
     # writing the collection, so wait for it to appear, then let the winner finish opening it.
     deadline = time.monotonic() + CREATE_RACE_WAIT_S
     while time.monotonic() < deadline:
-        if _call(f"has_collection {name!r}", client.has_collection, name):
+        if call_milvus(f"has_collection {name!r}", client.has_collection, name):
             time.sleep(CREATE_RACE_SETTLE_S)
             return True
         time.sleep(0.05)
@@ -98,17 +98,17 @@ def _schema(dense_dim: int, model: str) -> Any:
 def _ensure_indexes(client: MilvusClient, name: str) -> None:
     wanted = {"dense": ("AUTOINDEX", {}), "sparse": ("SPARSE_INVERTED_INDEX", {})}
     for field_name, (index_type, params) in wanted.items():
-        if _call("list indexes", client.list_indexes, name, field_name=field_name):
+        if call_milvus("list indexes", client.list_indexes, name, field_name=field_name):
             continue
         index = client.prepare_index_params()
         index.add_index(field_name, index_type=index_type, metric_type="IP", index_name=field_name,
                         params=params)
         try:
             # sync=False: pymilvus would poll the build every 0.5 s; load_collection waits for it anyway.
-            _call(f"create index on {name!r}.{field_name}", client.create_index, name, index, sync=False)
+            call_milvus(f"create index on {name!r}.{field_name}", client.create_index, name, index, sync=False)
         except (MilvusError, MilvusRejected):
             # A concurrent first use may have built it meanwhile ("already exists"); re-check.
-            if not _call("list indexes", client.list_indexes, name, field_name=field_name):
+            if not call_milvus("list indexes", client.list_indexes, name, field_name=field_name):
                 raise
 
 
@@ -207,7 +207,7 @@ def upsert(client: MilvusClient, name: str, rows: Sequence[dict]) -> int:
     and this token id lies outside every vocabulary, so the document never matches a sparse query while
     dense and hybrid search find it as usual. Transient failures raise MilvusError.
     """
-    dim = _dense_dim(client, name)
+    dim = collection_dim(client, name)
     for i, row in enumerate(rows):
         problem = row_problem(row, dim)
         if problem:
@@ -215,6 +215,6 @@ def upsert(client: MilvusClient, name: str, rows: Sequence[dict]) -> int:
     unique = list({row["id"]: row for row in rows}.values())
     written = 0
     for chunk in _chunks([_to_milvus(r) for r in unique]):
-        result = _call(f"upsert into {name!r}", client.upsert, name, chunk)
+        result = call_milvus(f"upsert into {name!r}", client.upsert, name, chunk)
         written += int(result.get("upsert_count", len(chunk)))
     return written
