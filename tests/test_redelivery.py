@@ -18,7 +18,16 @@ from producer import wire
 from producer.client import Client
 from producer.status import collect, render
 from tests.conftest import Worker, make_settings, wait_for
-from tests.test_faults import CRASH_EXIT_CODE, LONG_DOC, TIMEOUT_S, collection_name, crash_on, in_thread, stored_count
+from tests.test_faults import (
+    CRASH_EXIT_CODE,
+    LONG_DOC,
+    TESTING_ENV,
+    TIMEOUT_S,
+    collection_name,
+    crash_on,
+    in_thread,
+    stored_count,
+)
 
 RESTORED = "held by a dead worker back on their queues"
 
@@ -122,12 +131,15 @@ def test_twenty_kills_during_a_3000_document_index_store_every_document_once(wor
 
 @pytest.mark.slow
 def test_a_live_workers_long_job_is_never_redelivered(workers):
-    # Heartbeats every 1.5 s, a dead worker's jobs back within 9 s; the job below runs much longer.
-    s = make_settings(job_timeout_s=TIMEOUT_S, dead_worker_s=9, worker_threads=1)
-    busy = workers(s)
+    # Heartbeats every 1.5 s, a dead worker's jobs back within 9 s; the job below runs about 20 s whatever the
+    # CPU: the TEST-ONLY stand-in sleeps 40 us per token (60 documents cut to 8,192 tokens).
+    s = make_settings(job_timeout_s=TIMEOUT_S, dead_worker_s=9, worker_threads=1,
+                      model="test-stand-in:sleep-us-per-token=40")
+    stand_in = {TESTING_ENV: "1"}
+    busy = workers(s, env=stand_in)
     handle = Client(s).submit_encode([f"document {i}: {LONG_DOC}" for i in range(60)], "documents")
     wait_for(lambda: busy.task_ids("received", wire.TASK_ENCODE_DOCUMENTS), 60, "the job is received", busy.proc)
-    idle = workers(s)  # a second worker sweeps all along, and would take the job if it were put back
+    idle = workers(s, env=stand_in)  # a second worker sweeps all along, and would take the job if it were put back
     started = time.monotonic()
     items = handle.result(TIMEOUT_S)
     ran_s = time.monotonic() - started
