@@ -454,7 +454,7 @@ class Client:
         reader thread of the process stays: other clients of the process share it, and it stops when idle."""
         with self._publisher_lock:
             if self._publisher is not None:
-                self._publisher.shutdown(wait=True)
+                self._publisher.shutdown(wait=False, cancel_futures=True)  # never blocks a loop's aclose
                 self._publisher = None
         self.app.close()
         if self._redis is not None:

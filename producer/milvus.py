@@ -202,7 +202,7 @@ def collection_dim(client: MilvusClient, name: str) -> int:
 def count(client: MilvusClient, name: str) -> int:
     """The exact number of rows in ``name`` (a strongly consistent count(*))."""
     result = call_milvus(f"count rows of {name!r}", client.query, name, filter="",
-                   output_fields=["count(*)"], consistency_level="Strong")
+                         output_fields=["count(*)"], consistency_level="Strong")
     return int(result[0]["count(*)"])
 
 
@@ -259,7 +259,7 @@ def search(client: MilvusClient, name: str, dense: np.ndarray | None, sparse: di
         return _hits(call_milvus(what, client.hybrid_search, name, reqs, _ranker(ranker), **common))
     field_name, data = ("sparse", query_sparse) if mode == "sparse" else ("dense", _dense_list(dense))
     return _hits(call_milvus(what, client.search, name, data=[data], anns_field=field_name,
-                       search_params={"metric_type": "IP"}, **common))
+                             search_params={"metric_type": "IP"}, **common))
 
 
 def _dense_list(dense: np.ndarray) -> list[float]:
@@ -331,7 +331,7 @@ def iter_rows(client: MilvusClient, name: str, fields: tuple[str, ...] = ("id", 
     """Every row of ``name`` (its ``fields``), fetched ``page_rows`` at a time in primary-key order: the
     same order on every read of an unchanged collection."""
     pages = call_milvus(f"read {name!r}", client.query_iterator, name, batch_size=page_rows, filter="",
-                  output_fields=list(fields))
+                        output_fields=list(fields))
     try:
         while page := call_milvus(f"read {name!r}", pages.next):
             yield from page

@@ -64,8 +64,8 @@ def ensure_collection(client: MilvusClient, name: str, dense_dim: int, model: st
 def _create_or_join(client: MilvusClient, name: str, dense_dim: int, model: str) -> None:
     try:
         call_milvus(f"create collection {name!r}", client.create_collection, name,
-              schema=_schema(dense_dim, model), properties={PROP_MODEL: model, PROP_DIM: str(dense_dim)},
-              consistency_level="Bounded")
+                    schema=_schema(dense_dim, model), properties={PROP_MODEL: model, PROP_DIM: str(dense_dim)},
+                    consistency_level="Bounded")
     except (MilvusError, MilvusRejected):
         # Another process may have won the race; only a collection that does not appear is an error.
         if not _await_collection(client, name):
