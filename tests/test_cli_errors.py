@@ -50,16 +50,17 @@ def m3q(s, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=TIMEOUT_S, input=stdin)
 
 
-def _as_from_a_terminal() -> None:
-    # A suite run as a background job (`cmd &` without job control) inherits an ignored SIGINT, and a Python
-    # that starts with SIGINT ignored never turns it into KeyboardInterrupt: give the command a terminal's.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# A suite run as a background job (`cmd &` without job control) inherits an ignored SIGINT, and a Python that
+# starts with SIGINT ignored never turns it into KeyboardInterrupt: the command gets a terminal's first. Done
+# in the command's own interpreter, not with preexec_fn: Python code between fork and exec in this process,
+# which holds gRPC threads (the Milvus client), once left `m3q index` stuck at its start.
+AS_FROM_A_TERMINAL = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                      "runpy.run_module('producer.cli', run_name='__main__', alter_sys=True)")
 
 
 def spawn(s, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "producer.cli", *args], env=settings_env(s), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_as_from_a_terminal)
+    return subprocess.Popen([sys.executable, "-c", AS_FROM_A_TERMINAL, *args], env=settings_env(s), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def one_line_error(done: subprocess.CompletedProcess, *needles: str) -> str:
