@@ -7,11 +7,12 @@ retries while Redis restarts), with the task id recorded in the checkpoint befor
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 import uuid
 from collections import deque
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, Callable, NamedTuple, NoReturn
 
 import redis
 from celery import states
@@ -26,6 +27,8 @@ from producer.reindex.checkpoint import DRIVABLE, REJECTS_KEPT, Checkpoint, Stat
 from producer.reindex.lock import DriverLock
 from producer.reindex.report import ReindexReport, report_of
 from producer.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # ---- the public entry points --------------------------------------------------------------------------
 
@@ -208,16 +211,18 @@ def _drive(client: Client, mc: Any, job: dict[str, Any], lock: DriverLock, progr
     done, sent, tasks = cp.progress()
     pace = _Pacer(float(job.get("rate_limit_docs_s") or 0))
     rate = _Rate()
-    window: deque[tuple[Batch, Handle | None]] = deque()
+    window: deque[tuple[Batch, Handle | None, bool]] = deque()  # (batch, its job, sent by an earlier run)
+    resend = lambda batch: _submit(client, cp, job, batch)  # noqa: E731
     with _bar(int(job["total"]) or None, int(job["done"]), progress) as bar:
         for batch in batches.pending(mc, job, done):
             if len(window) >= client.settings.max_in_flight:
-                _record(cp, *window.popleft(), rate, bar)
+                _record(cp, *window.popleft(), rate, bar, resend)
             pace.wait(batch.size)
             lock.ensure_held()  # a driver whose lock may be another's by now sends nothing more
-            window.append((batch, _send(client, cp, job, batch, tasks.get(batch.number), batch.number in sent)))
+            handle = _send(client, cp, job, batch, tasks.get(batch.number), batch.number in sent)
+            window.append((batch, handle, handle is not None and handle.id == tasks.get(batch.number)))
         while window:
-            _record(cp, *window.popleft(), rate, bar)
+            _record(cp, *window.popleft(), rate, bar, resend)
 
 
 def _send(client: Client, cp: Checkpoint, job: dict[str, Any], batch: Batch, task_id: str | None,
@@ -258,14 +263,24 @@ def _submit(client: Client, cp: Checkpoint, job: dict[str, Any], batch: Batch) -
     return handle
 
 
-def _record(cp: Checkpoint, batch: Batch, handle: Handle | None, rate: "_Rate", bar: Any) -> None:
-    """Wait for one batch and record it once; a failed job marks the whole re-index failed."""
+def _record(cp: Checkpoint, batch: Batch, handle: Handle | None, earlier: bool, rate: "_Rate", bar: Any,
+            resend: Callable[[Batch], Handle]) -> None:
+    """Wait for one batch and record it once; a failed job marks the whole re-index failed. A job an earlier
+    run sent that fails now is sent once more first: it may have run before the cause was fixed (a resume
+    while the failed run's jobs were still running)."""
     stored, truncated, rejects = 0, 0, list(batch.rejects)
     if handle is not None:
         try:
             raw = handle.raw()
         except (JobFailed, PayloadError) as e:
-            _fail(cp, batch, e)
+            if not earlier:
+                _fail(cp, batch, e)
+            log.info("re-index %s: batch %d, sent by an earlier run, failed (%s); sending it again",
+                     cp.job_id, batch.number, e)
+            try:
+                raw = resend(batch).raw()
+            except (JobFailed, PayloadError) as again:
+                _fail(cp, batch, again)
         stored, truncated = int(raw["stored"]), int(raw.get("truncated", 0))
         rejects += [(batch.positions[i], reason) for i, reason in raw["errors"]]
     cp.complete(batch.number, batch.size, stored, truncated, rejects, rate.add(batch.size))
