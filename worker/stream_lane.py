@@ -212,8 +212,7 @@ class Lane:
     def _taking(self) -> bool:
         # A warm or cold shutdown stops the reads at once: Celery stops this step only after its own pool,
         # and a worker asked to stop must not keep taking queries meanwhile.
-        return not self._stopping.is_set() and worker_state.should_stop is None \
-            and worker_state.should_terminate is None
+        return not self._stopping.is_set() and not _shutting_down()
 
     def _pause(self, error: Exception, failing: bool) -> bool:
         # One warning per outage, not one a second.
@@ -442,9 +441,14 @@ def _text(value: bytes | str) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
+def _shutting_down() -> bool:
+    """Whether Celery was told to stop (a warm or cold shutdown), from the moment of the signal."""
+    return worker_state.should_stop is not None or worker_state.should_terminate is not None
+
+
 def _worker_stopping(c) -> bool:
     """Whether the worker shuts down (rather than its consumer restarting after a broker error)."""
-    if worker_state.should_stop is not None or worker_state.should_terminate is not None:
+    if _shutting_down():
         return True
     blueprint = getattr(getattr(c, "controller", None), "blueprint", None)
     return blueprint is None or blueprint.state != bootsteps.RUN
