@@ -29,7 +29,7 @@ from producer.settings import Settings
 from producer.status import collect
 from producer.wire import Embedding, ItemError, PayloadError
 from tests.conftest import ROOT, Worker, WorkerProcess, free_port, make_settings, settings_env, wait_for
-from worker import sink
+from worker import broker, sink
 
 TIMEOUT_S = 180
 LONG_DOC = "word alpha beta " * 3000  # over 8192 tokens: cut to 8192, about a second of encoding each
@@ -199,6 +199,72 @@ def test_redis_restart_mid_run_loses_nothing(private_redis, workers, milvus_serv
     assert "error" not in queried, queried.get("error")
     assert isinstance(queried["value"][0], Embedding)
     alive(w)
+
+
+@pytest.mark.slow
+def test_a_job_running_through_a_redis_restart_is_answered_and_its_worker_lives_on(private_redis, workers):
+    # The job outlasts the restart, so its late acknowledgement comes after the worker has reconnected, on the
+    # channel of the connection that Redis' restart closed. It took the whole worker down once ("Unrecoverable
+    # error: AttributeError", inside kombu's Redis transport): it must be a lost acknowledgement, no more.
+    server = private_redis("--appendonly", "yes")
+    s = make_settings(broker_url=server.url(), job_timeout_s=TIMEOUT_S, worker_threads=1,
+                      model="test-stand-in:sleep-us-per-token=40")
+    w = workers(s, env={TESTING_ENV: "1"})
+    texts = [f"document {i}: {LONG_DOC}" for i in range(30)]  # about 10 s: 30 x 8,192 tokens at 40 us
+    handle = Client(s).submit_encode(texts, "documents")
+    wait_for(lambda: w.task_ids("received", wire.TASK_ENCODE_DOCUMENTS), 60, "the job is received", w.proc)
+    server.stop()
+    time.sleep(3)
+    server.start()
+    items = handle.result(TIMEOUT_S)
+    assert len(items) == len(texts) and all(item.dense is not None for item in items)
+    time.sleep(2)  # the acknowledgement runs on the worker's event loop once the job is done
+    assert "Unrecoverable error" not in w.output(), w.output()[-3000:]
+    alive(w)
+
+
+def test_an_acknowledgement_on_a_closed_connection_is_a_connection_error_and_the_job_comes_back(private_redis):
+    import logging
+
+    import kombu
+
+    server = private_redis("--appendonly", "yes")
+    url = server.url()
+    for transport in (None, broker.TRANSPORT):  # kombu's own, then the worker's
+        queue = kombu.Queue("ack-after-close-" + uuid.uuid4().hex[:8])
+        with kombu.Connection(url) as sender:
+            sender.Producer().publish({"job": 1}, routing_key=queue.name, declare=[queue])
+        # What Celery does when Redis goes away with a job in hand: the read fails, the connection is
+        # collected and closed, and the job's late acknowledgement comes after Redis is back.
+        conn = kombu.Connection(url, transport=transport)
+        held: list = []
+        conn.Consumer([queue], callbacks=[lambda body, message: held.append(message)]).consume()
+        conn.drain_events(timeout=10)
+        (message,) = held
+        server.stop()
+        with pytest.raises(conn.connection_errors):
+            conn.drain_events(timeout=5)
+        conn.collect(socket_timeout=2)
+        conn.close()
+        # The channel's pool is rebuilt from the connection's parameters on its next use, as in the worker
+        # whose log showed the crash (the close above happened to leave one behind).
+        message.channel._disconnect_pools()
+        server.start()
+        if transport is None:
+            with pytest.raises(AttributeError, match="hostname"):  # Celery would stop the worker on this
+                message.ack_log_error(logging.getLogger(__name__), conn.connection_errors)
+        else:
+            message.ack_log_error(logging.getLogger(__name__), conn.connection_errors)  # logged, not raised
+            with pytest.raises(redis_py.exceptions.ConnectionError, match="delivered again"):
+                message.channel.basic_ack(message.delivery_tag)
+        # Nothing is lost: the job is still held unacknowledged, and the sweep every worker runs puts it back
+        # once its visibility timeout (1 s here) has passed.
+        time.sleep(1.5)
+        with kombu.Connection(url, transport_options={"visibility_timeout": 1}) as again:
+            again.default_channel.qos.restore_visible()
+            back = again.SimpleQueue(queue.name).get(timeout=10)
+            assert back.payload == {"job": 1}
+            back.ack()
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from celery import Celery, signals
 
 from producer import wire
 from producer.settings import Settings
-from worker import runtime
+from worker import broker, runtime
 from worker.query_lane import QueryLane
 from worker.reclaim import HeldJobs, Reclaimer
 from worker.stream_lane import StreamLane
@@ -35,6 +35,8 @@ def make_app(s: Settings) -> Celery:
         worker_concurrency=s.worker_threads,
         task_queues=[wire.kombu_queue(q) for q in worker_queues(s)],
     )
+    if transport := broker.transport_for(s.broker_url):
+        app.conf.broker_transport = transport  # acknowledgements after a reconnect (worker.broker)
     register(app)
     app.steps["consumer"].add(QueryLane)
     app.steps["consumer"].add(HeldJobs)
