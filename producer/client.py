@@ -568,13 +568,25 @@ class Client:
         """One Celery job, sent off the event loop and awaited on this loop's result listener. Celery's publish
         blocks (and retries with backoff while Redis restarts), so it runs on this client's one publishing
         thread, which every loop and await of the client shares: the loop keeps serving the rest meanwhile."""
+        handle = await self._apublish(
+            lambda: self.submit_encode(texts, kind, device=device, first_index=first_index, **options))
+        return await handle.aresult()
+
+    async def _apublish(self, send: Callable[[], Handle]) -> Handle:
+        """``send()`` on this client's one publishing thread (Celery's publish blocks)."""
         with self._publisher_lock:
             if self._publisher is None:
                 self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3q-publish")
             publisher = self._publisher
-        handle = await asyncio.get_running_loop().run_in_executor(
-            publisher, lambda: self.submit_encode(texts, kind, device=device, first_index=first_index, **options))
-        return await handle.aresult()
+        return await asyncio.get_running_loop().run_in_executor(publisher, send)
+
+    async def acall(self, task: str, payload: dict) -> dict:
+        """One job of any task (``m3q.tokenize``, ``m3q.decode``, ``m3q.info``), awaited: the worker's answer
+        as it sent it. :class:`NoWorker` when no worker serves the task's queue."""
+        queue = wire.task_queue(self.settings, task)
+        await self._aensure_worker(queue, None)
+        handle = await self._apublish(lambda: self.submit(task, payload))
+        return await handle.araw()
 
     async def _asend(self, replies: AsyncLane, fields: dict[bytes, bytes], job_id: str) -> None:
         """``XADD`` through this loop's lane, retried with backoff while Redis is unreachable."""

@@ -20,10 +20,23 @@ TASK_ENCODE_QUERIES = "m3q.encode_queries"
 TASK_ENCODE_DOCUMENTS = "m3q.encode_documents"
 TASK_INDEX_DOCUMENTS = "m3q.index_documents"
 TASK_INFO = "m3q.info"
+TASK_TOKENIZE = "m3q.tokenize"
+TASK_DECODE = "m3q.decode"
+QUERY_TASKS = (TASK_ENCODE_QUERIES, TASK_INFO, TASK_TOKENIZE, TASK_DECODE)
+"""Tasks that go on the query queue: short, and never behind a document step."""
 
 KINDS = ("queries", "documents")
-ENCODE_OPTIONS = frozenset({"texts", "ids", "dense", "sparse", "colbert", "max_length"})
+TRUNCATION_SIDES = ("right", "left")
+"""Which end of an over-long text is cut: "right" keeps its first tokens (the default), "left" its last."""
+ENCODE_OPTIONS = frozenset({"texts", "ids", "dense", "sparse", "colbert", "max_length", "truncation_side", "normalize"})
+"""An encode job's payload: its texts (and ids), the outputs wanted, the token limit, which end of an over-long
+text is cut (``truncation_side``: "right", the default, keeps its first tokens; "left" its last), and
+``normalize`` (default true; false: dense vectors are the raw CLS states, as TEI's ``"normalize": false``)."""
 INDEX_OPTIONS = frozenset({"texts", "ids", "metadata", "collection", "batch", "allow_empty_sparse"})
+TOKENIZE_OPTIONS = frozenset({"texts", "add_special_tokens"})
+"""``m3q.tokenize``: texts split by the checkpoint's own tokenizer, with cls and eos or without."""
+DECODE_OPTIONS = frozenset({"sequences", "skip_special_tokens"})
+"""``m3q.decode``: lists of token ids turned back into text, special tokens dropped or kept."""
 ACCEPT = ["msgpack", "json"]
 
 
@@ -51,7 +64,7 @@ def kombu_queue(name: str):
 
 def task_queue(s: Settings, task: str) -> str:
     """The default queue of a task."""
-    return query_queue(s) if task in (TASK_ENCODE_QUERIES, TASK_INFO) else document_queue(s)
+    return query_queue(s) if task in QUERY_TASKS else document_queue(s)
 
 
 def celery_config(s: Settings) -> dict[str, Any]:
@@ -85,7 +98,7 @@ def celery_config(s: Settings) -> dict[str, Any]:
         broker_connection_max_retries=None,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
-        task_routes={TASK_ENCODE_QUERIES: {"queue": query_queue(s)}, TASK_INFO: {"queue": query_queue(s)}},
+        task_routes={task: {"queue": query_queue(s)} for task in QUERY_TASKS},
     )
     if s.broker_url.startswith("rediss://"):
         config["broker_use_ssl"] = _tls(s)
@@ -336,16 +349,16 @@ def encode_payload(texts: Sequence[object], ids: Sequence[object] | None = None,
     return payload
 
 
-def check_options(payload: object, allowed: frozenset[str]) -> dict[str, Any]:
-    """The payload as a dict, or a PayloadError naming what is wrong with it."""
+def check_options(payload: object, allowed: frozenset[str], items: str = "texts") -> dict[str, Any]:
+    """The payload as a dict with a list under ``items``, or a PayloadError naming what is wrong with it."""
     if not isinstance(payload, dict):
         raise PayloadError(f"payload must be a map, got {type(payload).__name__}")
     unknown = sorted(set(map(str, payload)) - allowed)
     if unknown:
         raise PayloadError(f"unknown option(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}")
-    texts = payload.get("texts")
+    texts = payload.get(items)
     if not isinstance(texts, list):
-        raise PayloadError("payload needs 'texts', a list of strings")
+        raise PayloadError(f"payload needs {items!r}, a list")
     ids = payload.get("ids")
     if ids is not None and (not isinstance(ids, list) or len(ids) != len(texts)):
         raise PayloadError("'ids' must be a list as long as 'texts'")

@@ -1,12 +1,17 @@
-"""Shared fixtures: the tiny committed checkpoint, real Redis, real worker processes, real Milvus Lite."""
+"""Shared fixtures: the tiny committed checkpoint, real Redis, real worker and gateway processes, real Milvus
+Lite."""
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
@@ -150,3 +155,47 @@ def workers(tmp_path, redis_client):
     yield spawn
     for w in started:
         w.stop(timeout_s=30)
+
+
+class GatewayProcess:
+    """A real `m3q serve` process on a free port."""
+
+    def __init__(self, s: Settings, log_path: Path) -> None:
+        self.settings = s
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        port = self.url.rsplit(":", 1)[1]
+        self.proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "serve", "--port", port],
+                                     env=settings_env(s), stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 60) -> "GatewayProcess":
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/metrics", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"gateway not ready after {timeout_s}s:\n{self.output()[-3000:]}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def threads(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()

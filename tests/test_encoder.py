@@ -211,6 +211,44 @@ def test_float16_on_cuda_close_to_float32(f32: Encoder, golden, tiny_model: Path
 
 # ---- truncation ----------------------------------------------------------------------------------------
 
+def test_raw_cls_equals_flagembeddings_unnormalized_dense(f32: Encoder, tiny_model: Path) -> None:
+    # TEI's "normalize": false, through the same step as normalized jobs.
+    flag_embedding = pytest.importorskip("FlagEmbedding")
+    raw_flag = flag_embedding.BGEM3FlagModel(str(tiny_model), use_fp16=False, devices="cpu", query_max_length=512,
+                                             normalize_embeddings=False)
+    expected = raw_flag.encode_queries(LIVE_TEXTS, return_dense=True, return_sparse=False)["dense_vecs"]
+    ours = f32.encode(LIVE_TEXTS, "queries", sparse=False, normalize=False).items
+    assert max(float(np.abs(o.dense - e).max()) for o, e in zip(ours, expected)) <= TOL
+    assert min(float(np.linalg.norm(o.dense)) for o in ours) > 1.5  # not unit vectors: really raw
+    normalized = f32.encode(LIVE_TEXTS, "queries", sparse=False).items
+    for raw, unit in zip(ours, normalized):
+        np.testing.assert_allclose(raw.dense / np.linalg.norm(raw.dense), unit.dense, atol=SAME)
+
+
+def test_left_truncation_equals_flagembedding_cutting_the_left(f32: Encoder, tiny_model: Path) -> None:
+    flag_embedding = pytest.importorskip("FlagEmbedding")
+    left = flag_embedding.BGEM3FlagModel(str(tiny_model), use_fp16=False, devices="cpu", query_max_length=512)
+    left.tokenizer.truncation_side = "left"  # transformers' own switch: keep the last tokens
+    expected = left.encode_queries(LIVE_TEXTS, return_dense=True, return_sparse=True, return_colbert_vecs=True)
+    ours = f32.encode(LIVE_TEXTS, "queries", colbert=True, truncation_side="left")
+    assert ours.truncated >= 2
+    assert_close(ours.items, flag_items(expected), TOL)
+    right = f32.encode(LIVE_TEXTS, "queries", truncation_side="right").items
+    cut = [i for i, item in enumerate(ours.items) if item.truncated]
+    assert all(np.abs(ours.items[i].dense - right[i].dense).max() > 1e-3 for i in cut)  # really the other end
+
+
+def test_left_truncation_keeps_the_last_tokens(limited: Encoder) -> None:
+    text = " ".join(f"w{i}" for i in range(100))
+    (kept,) = limited.prepare([text], "queries", truncation_side="left")
+    ids = limited.tokenizer.encode([text])[0]
+    assert kept.truncated and kept.ids == [limited.tokenizer.specials.cls, *ids[-30:], limited.tokenizer.specials.eos]
+    (short,) = limited.prepare(["w1 w2"], "queries", truncation_side="left")
+    assert not short.truncated and short.ids[1:-1] == limited.tokenizer.encode(["w1 w2"])[0]
+    with pytest.raises(ValueError, match="truncation_side"):
+        limited.prepare(["x"], "queries", truncation_side="middle")
+
+
 def test_document_truncation_is_reported(limited: Encoder) -> None:
     texts = [words(62), words(63), words(200), "short"]  # limit 64 = CLS + 62 + EOS
     result = limited.encode(texts, "documents")

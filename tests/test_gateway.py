@@ -10,13 +10,10 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import msgpack
@@ -28,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from producer.client import Client
 from producer.settings import Settings
 from producer.wire import Embedding
-from tests.conftest import ROOT, WorkerProcess, free_port, make_settings, settings_env
+from tests.conftest import GatewayProcess, WorkerProcess, make_settings
 
 KEYS = ("key-one-" + uuid.uuid4().hex, "key-two-" + uuid.uuid4().hex)
 AUTH = {"Authorization": f"Bearer {KEYS[1]}"}
@@ -41,50 +38,6 @@ DOCS = {"milvus-1": "Milvus is an open-source vector database built for similari
 QUERY_MAX_LENGTH = 64
 MAX_TEXT_CHARS = 5000
 MAX_TEXTS = 100
-
-
-class GatewayProcess:
-    """A real `m3q serve` process on a free port."""
-
-    def __init__(self, s: Settings, log_path: Path) -> None:
-        self.settings = s
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log_path = log_path
-        self.log = open(log_path, "wb")
-        port = self.url.rsplit(":", 1)[1]
-        self.proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "serve", "--port", port],
-                                     env=settings_env(s), stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     start_new_session=True)
-
-    def wait_ready(self, timeout_s: float = 60) -> "GatewayProcess":
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/metrics", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"gateway not ready after {timeout_s}s:\n{self.output()[-3000:]}")
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def threads(self) -> int:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 # ---- fixtures: one worker, the gateways, clients -------------------------------------------------------------
@@ -228,9 +181,10 @@ def test_tei_truncate_and_info(gateway, client):
     assert info["model_id"] == "tiny-bge-m3" and info["max_input_length"] == QUERY_MAX_LENGTH
     assert info["model_type"] == {"embedding": {"pooling": "cls"}} and info["max_client_batch_size"] == MAX_TEXTS
     assert {"model_dtype", "max_batch_tokens", "auto_truncate", "version", "max_concurrent_requests"} <= set(info)
-    for body, field in (({"inputs": "a", "normalize": False}, "normalize"),
-                        ({"inputs": "a", "truncation_direction": "Left"}, "truncation_direction"),
-                        ({"inputs": "a", "prompt_name": "query"}, "prompt_name")):
+    for body, field in (({"inputs": "a", "normalize": "no"}, "normalize"),
+                        ({"inputs": "a", "truncation_direction": "Up"}, "truncation_direction"),
+                        ({"inputs": "a", "prompt_name": "query"}, "prompt_name"),
+                        ({"inputs": "a", "dimensions": 16}, "dimensions")):
         answer = post(gateway, "/embed", body)
         assert answer.status_code == 422 and error_of(answer)["message"].startswith(f"{field}: ")
 
@@ -304,10 +258,12 @@ def test_without_a_key_it_is_401_except_health_and_metrics(gateway):
         answer = httpx.post(gateway.url + "/v1/embeddings", json={"input": "a"}, headers=headers)
         assert answer.status_code == 401 and answer.headers["WWW-Authenticate"] == "Bearer"
         assert "M3Q_API_KEYS" in error_of(answer)["message"]
-    tei = httpx.post(gateway.url + "/embed", json={"inputs": "a"})
-    assert tei.status_code == 401 and error_of(tei)["error_type"] == "Unauthorized"
-    assert httpx.get(gateway.url + "/health").status_code == 200
-    assert httpx.get(gateway.url + "/metrics").status_code == 200
+    for path in ("/embed", "/", "/tokenize"):  # POST / is TEI's /embed: it needs the key, GET / does not
+        tei = httpx.post(gateway.url + path, json={"inputs": "a"})
+        assert tei.status_code == 401 and error_of(tei)["error_type"] == "Unauthorized"
+    assert httpx.get(gateway.url + "/v1/models").status_code == 401
+    for path in ("/health", "/", "/ping", "/metrics"):
+        assert httpx.get(gateway.url + path).status_code == 200, path
 
 
 def test_no_worker_is_503_on_health_and_on_requests(processes):
@@ -317,8 +273,10 @@ def test_no_worker_is_503_on_health_and_on_requests(processes):
     answer = httpx.post(idle.url + "/v1/embeddings", json={"input": "a"}, timeout=30)
     assert answer.status_code == 503
     assert "no worker is consuming" in error_of(answer)["message"]
-    tei = httpx.post(idle.url + "/embed", json={"inputs": "a"}, timeout=30)
-    assert tei.status_code == 503 and error_of(tei)["error_type"] == "Unhealthy"
+    for path in ("/embed", "/tokenize"):
+        tei = httpx.post(idle.url + path, json={"inputs": "a"}, timeout=30)
+        assert tei.status_code == 503 and error_of(tei)["error_type"] == "Unhealthy", path
+    assert httpx.get(idle.url + "/").status_code == 503  # TEI's health route
 
 
 def test_past_the_in_flight_bound_is_429_and_past_the_job_timeout_504(processes):

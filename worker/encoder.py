@@ -17,7 +17,7 @@ import torch
 from producer.checks import text_problem
 from producer.errors import ConfigError
 from producer.settings import Settings
-from producer.wire import Embedding, Item, ItemError
+from producer.wire import TRUNCATION_SIDES, Embedding, Item, ItemError
 from worker.batcher import plan_batches
 from worker.device import dtype_name, pin, resolve_device, resolve_dtype
 from worker.model import BGEM3Model, resolve_checkpoint
@@ -50,11 +50,12 @@ class Limits:
 
 @dataclass
 class Prepared:
-    """A tokenized text, ready for a step."""
+    """A tokenized text, ready for a step; ``normalize``: its dense vector L2-normalized (else the raw CLS state)."""
 
     index: int
     ids: list[int]
     truncated: bool
+    normalize: bool = True
 
 
 @dataclass
@@ -125,14 +126,17 @@ class Encoder:
 
     # ---- pre ------------------------------------------------------------------------------------------
 
-    def prepare(self, texts: Sequence[object], kind: str = "documents",
-                max_length: int | None = None) -> list[Prepared | ItemError]:
-        """Validate and tokenize; a bad text becomes an ItemError in its place."""
+    def prepare(self, texts: Sequence[object], kind: str = "documents", max_length: int | None = None,
+                truncation_side: str = "right", normalize: bool = True) -> list[Prepared | ItemError]:
+        """Validate and tokenize; a bad text becomes an ItemError in its place. A text over the token limit
+        keeps its first tokens, or its last ones with ``truncation_side="left"``."""
         limit = max_length or self.limits.max_length(kind)
         if limit < 2:
             raise ConfigError(f"max_length must be at least 2, got {limit}")
         if limit > self.max_positions:
             raise ConfigError(f"max_length {limit} is over the model's {self.max_positions} positions")
+        if truncation_side not in TRUNCATION_SIDES:
+            raise ConfigError(f"truncation_side must be 'right' or 'left', got {truncation_side!r}")
         out: list[Prepared | ItemError | None] = [None] * len(texts)
         good = []
         for i, text in enumerate(texts):
@@ -141,10 +145,12 @@ class Encoder:
                 out[i] = ItemError(reason)
             else:
                 good.append(i)
+        keep = limit - 2  # tokens of the text itself, between cls and eos
         if good:
             encoded = self.tokenizer.encode([texts[i] for i in good])
             for i, ids in zip(good, encoded):
-                out[i] = Prepared(i, [self._cls, *ids[: limit - 2], self._eos], len(ids) > limit - 2)
+                kept = ids[max(0, len(ids) - keep):] if truncation_side == "left" else ids[:keep]
+                out[i] = Prepared(i, [self._cls, *kept, self._eos], len(ids) > keep, normalize)
         return out  # type: ignore[return-value]
 
     def plan(self, prepared: Sequence[Prepared]) -> list[list[Prepared]]:
@@ -187,12 +193,15 @@ class Encoder:
                  slicer: Slicer | None) -> list[Item]:
         lengths = [len(p.ids) for p in step]
         ids = torch.tensor([t for p in step for t in p.ids], dtype=torch.long)
-        out = self.model(ids, lengths, dense=dense, sparse=sparse, colbert=colbert, slicer=slicer)
+        raw = dense and not all(p.normalize for p in step)
+        out = self.model(ids, lengths, dense=dense and any(p.normalize for p in step), sparse=sparse,
+                         colbert=colbert, raw_cls=raw, slicer=slicer)
         sparse_rows = _split_sparse(out.sparse, len(step)) if out.sparse is not None else None
         items: list[Item] = []
         for j, p in enumerate(step):
+            vectors = out.dense if p.normalize else out.cls
             items.append(Embedding(
-                out.dense[j].numpy() if out.dense is not None else None,
+                vectors[j].numpy() if vectors is not None else None,
                 sparse_rows[j][0] if sparse_rows else None,
                 sparse_rows[j][1] if sparse_rows else None,
                 out.colbert[j].numpy() if out.colbert is not None else None,
@@ -202,9 +211,11 @@ class Encoder:
     # ---- all three --------------------------------------------------------------------------------------
 
     def encode(self, texts: Sequence[object], kind: str = "documents", *, dense: bool = True, sparse: bool = True,
-               colbert: bool = False, max_length: int | None = None) -> EncodeResult:
-        """Encode ``texts`` in-process; items come back in input order."""
-        prepared = self.prepare(texts, kind, max_length)
+               colbert: bool = False, max_length: int | None = None, truncation_side: str = "right",
+               normalize: bool = True) -> EncodeResult:
+        """Encode ``texts`` in-process; items come back in input order. ``normalize=False``: dense vectors are
+        the raw CLS states (what TEI returns for ``"normalize": false``)."""
+        prepared = self.prepare(texts, kind, max_length, truncation_side, normalize)
         items: list[Item | None] = [p if isinstance(p, ItemError) else None for p in prepared]
         good = [p for p in prepared if isinstance(p, Prepared)]
         for step in self.plan(good):

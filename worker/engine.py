@@ -95,11 +95,13 @@ class Engine:
         return cls(encoder, s.batch_wait_ms, s.cross_job_batching, on_step, s.preempt_ms)
 
     def submit(self, texts: Sequence[object], kind: str = "documents", *, dense: bool = True, sparse: bool = True,
-               colbert: bool = False, max_length: int | None = None) -> Future:
-        """Queue texts; the future resolves to an :class:`EncodeResult` in input order."""
+               colbert: bool = False, max_length: int | None = None, truncation_side: str = "right",
+               normalize: bool = True) -> Future:
+        """Queue texts; the future resolves to an :class:`EncodeResult` in input order (options as
+        :meth:`Encoder.encode <worker.encoder.Encoder.encode>`)."""
         if kind not in self._queues:
             raise ConfigError(f"kind must be 'queries' or 'documents', got {kind!r}")
-        prepared = self.encoder.prepare(texts, kind, max_length)
+        prepared = self.encoder.prepare(texts, kind, max_length, truncation_side, normalize)
         good = sorted((p for p in prepared if isinstance(p, Prepared)), key=lambda p: -len(p.ids))
         job = Job(kind, [p if isinstance(p, ItemError) else None for p in prepared], deque(good), dense, sparse,
                   colbert, sum(p.truncated for p in good), sum(len(p.ids) for p in good), open_items=len(good))

@@ -355,9 +355,10 @@ def load_head(folder: Path, name: str, in_features: int, out_features: int | Non
 class HeadOutputs:
     """What one forward pass yields, on the CPU, float32."""
 
-    dense: torch.Tensor | None          # [batch, hidden]
+    dense: torch.Tensor | None          # [batch, hidden], L2-normalized
     sparse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (row, token id, weight)
     colbert: list[torch.Tensor] | None  # per sequence [length - 1, dim]
+    cls: torch.Tensor | None = None     # [batch, hidden], the raw CLS states (not normalized)
 
 
 class BGEM3Model(nn.Module):
@@ -395,8 +396,9 @@ class BGEM3Model(nn.Module):
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, lengths: Sequence[int], dense: bool = True, sparse: bool = True,
-                colbert: bool = False, slicer: Slicer | None = None) -> HeadOutputs:
-        """Encode packed sequences (sorted longest first) and apply the requested heads.
+                colbert: bool = False, slicer: Slicer | None = None, raw_cls: bool = False) -> HeadOutputs:
+        """Encode packed sequences (sorted longest first) and apply the requested heads (``raw_cls``: the CLS
+        states before normalization as well).
 
         With a ``slicer``, the layers run in short slices and the slicer's pause runs between them.
         """
@@ -408,6 +410,7 @@ class BGEM3Model(nn.Module):
             F.normalize(hidden[starts], dim=-1).cpu() if dense else None,
             self._sparse(hidden, ids, lengths) if sparse else None,
             self._colbert(hidden, starts, lengths) if colbert else None,
+            hidden[starts].cpu() if raw_cls else None,
         )
 
     def _sparse(self, hidden, ids, lengths) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

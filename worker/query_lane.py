@@ -17,8 +17,8 @@ from kombu import Consumer
 
 from producer import wire
 from worker import runtime
-from worker.jobs import Job, info_answer
-from worker.tasks import encode_options, encode_result
+from worker.jobs import Job
+from worker.tasks import INSTANT_TASKS, encode_options, encode_result
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,12 @@ class QueryLane(bootsteps.ConsumerStep):
         task_id = message.headers.get("id") or "?"
         name = message.headers.get("task")
         rt = runtime.current()
-        info = name == wire.TASK_INFO  # answered at once, and not counted as a job
-        job = Job.start(rt, wire.TASK_ENCODE_QUERIES, task_id, None if info else message.headers.get("m3q_sent"))
+        instant = INSTANT_TASKS.get(name)  # answered at once (no device), and not counted as a job
+        job = Job.start(rt, name if instant else wire.TASK_ENCODE_QUERIES, task_id,
+                        None if instant else message.headers.get("m3q_sent"))
         try:
-            if info:
-                self._finish_now(task_id, message, info_answer(rt))
+            if instant:
+                self._finish_now(task_id, message, instant(rt, body[0][0] if body and body[0] else None))
                 return
             if name != wire.TASK_ENCODE_QUERIES:
                 raise wire.PayloadError(f"task {name!r} does not belong on the query lane")

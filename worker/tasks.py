@@ -41,6 +41,14 @@ def register(app: Celery) -> None:
     def info(payload: dict | None = None) -> dict:
         return info_answer(current())
 
+    @app.task(name=wire.TASK_TOKENIZE, bind=True)
+    def tokenize(self: Task, payload: dict) -> dict:
+        return _guarded(self, payload, lambda rt: tokenize_job(rt, payload))
+
+    @app.task(name=wire.TASK_DECODE, bind=True)
+    def decode(self: Task, payload: dict) -> dict:
+        return _guarded(self, payload, lambda rt: decode_job(rt, payload))
+
 
 def _guarded(task: Task, payload: Any, run) -> dict:
     """Run a Celery job through its life cycle (:mod:`worker.jobs`): deliveries counted, outcome recorded."""
@@ -93,8 +101,12 @@ def encode_options(rt: Runtime, payload: Any) -> tuple[dict, dict]:
     if max_length is not None and (not isinstance(max_length, int) or not 2 <= max_length <= rt.encoder.max_positions):
         raise PayloadError(f"option 'max_length' must be an integer from 2 to {rt.encoder.max_positions}, "
                            f"got {max_length!r}")
+    side = payload.get("truncation_side", "right")
+    if side not in wire.TRUNCATION_SIDES:
+        raise PayloadError(f"option 'truncation_side' must be 'right' or 'left', got {side!r}")
     options = {"dense": _flag(payload, "dense", True), "sparse": _flag(payload, "sparse", True),
-               "colbert": _flag(payload, "colbert", False), "max_length": max_length}
+               "colbert": _flag(payload, "colbert", False), "max_length": max_length, "truncation_side": side,
+               "normalize": _flag(payload, "normalize", True)}
     return payload, options
 
 
@@ -114,6 +126,46 @@ def stamp(rt: Runtime) -> wire.Stamp:
     """Which worker, device, model and dtype produced a result."""
     info = rt.encoder.info()
     return {"worker": rt.hostname, "device": info["device"], "model": info["model"], "dtype": info["dtype"]}
+
+
+# ---- the tokenizer alone: answered at once, without the device ----------------------------------------
+
+def tokenize_job(rt: Runtime, payload: Any) -> dict:
+    """Each text's tokens by the checkpoint's own tokenizer (``CheckpointTokenizer.pieces``), or why it is
+    refused: the texts an encode job would accept, untruncated."""
+    payload = check_options(payload, wire.TOKENIZE_OPTIONS)
+    check_size(rt, payload)
+    special = _flag(payload, "add_special_tokens", True)
+    items = []
+    for text in payload["texts"]:
+        reason = checks.text_problem(text, rt.settings.max_text_chars)
+        items.append({"error": reason} if reason else {"tokens": rt.encoder.tokenizer.pieces(text, special)})
+    return {"items": items, **stamp(rt)}
+
+
+def decode_job(rt: Runtime, payload: Any) -> dict:
+    """The text of each list of token ids, or why it is refused (an id outside the vocabulary)."""
+    payload = check_options(payload, wire.DECODE_OPTIONS, items="sequences")
+    check_size(rt, {"texts": payload["sequences"]})
+    skip = _flag(payload, "skip_special_tokens", True)
+    tokenizer = rt.encoder.tokenizer
+    items = []
+    for ids in payload["sequences"]:
+        reason = _ids_problem(ids, tokenizer.vocab_size)
+        items.append({"error": reason} if reason else {"text": tokenizer.decode(ids, skip)})
+    return {"items": items, **stamp(rt)}
+
+
+def _ids_problem(ids: Any, vocab_size: int) -> str | None:
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return "must be a list of token ids (integers)"
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    return None if bad is None else f"token id {bad} is outside the vocabulary (0 to {vocab_size - 1})"
+
+
+INSTANT_TASKS = {wire.TASK_INFO: lambda rt, payload: info_answer(rt), wire.TASK_TOKENIZE: tokenize_job,
+                 wire.TASK_DECODE: decode_job}
+"""Jobs that need no device: the query lane answers them as it reads them."""
 
 
 # ---- indexing ----------------------------------------------------------------------------------------

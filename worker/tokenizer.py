@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Sequence
 
@@ -68,6 +69,33 @@ class CheckpointTokenizer:
     def tokens(self, text: str) -> list[str]:
         """The pieces of one text as the model sees them, cls and eos included (for tests and debugging)."""
         return [self.id_to_token(i) for i in (self.specials.cls, *self.encode([text])[0], self.specials.eos)]
+
+    def pieces(self, text: str, add_special_tokens: bool = True) -> list[list]:
+        """TEI's ``/tokenize`` of one text: ``[id, text, special, start, stop]`` per token. A special token's
+        text is the token itself, with no offsets; another's is its span of ``text``, and ``start`` and
+        ``stop`` are UTF-8 byte offsets into it, as TEI gives them."""
+        encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        raw = text.encode("utf-8")
+        at = None if len(raw) == len(text) else list(accumulate((len(c.encode("utf-8")) for c in text), initial=0))
+        out: list[list] = []
+        for token_id, (start, stop), special, token in zip(encoding.ids, encoding.offsets,
+                                                           encoding.special_tokens_mask, encoding.tokens):
+            if special:
+                out.append([token_id, token, True, None, None])
+                continue
+            if at is not None:  # character offsets to byte offsets
+                start, stop = at[start], at[stop]
+            out.append([token_id, raw[start:stop].decode("utf-8", errors="replace"), False, start, stop])
+        return out
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The text of token ids (TEI's ``/decode``)."""
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids run from 0 to this, added tokens included."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
 
     def token_to_id(self, token: str) -> int | None:
         """The id of a piece, or None where the vocabulary lacks it."""

@@ -4,14 +4,17 @@ An asyncio producer on FastAPI and uvicorn: it enqueues on Redis through m3-queu
 the workers; it never loads the model and holds no thread per request. It is stateless (index jobs are
 recorded in Redis), so N processes run behind any load balancer. Routes:
 
-- ``POST /v1/embeddings``: OpenAI's embeddings API (the ``openai`` client works unchanged with ``base_url=``);
-- ``POST /embed``, ``POST /embed_sparse``, ``GET /info``: TEI's API (Milvus' TEI text-embedding function);
+- ``POST /v1/embeddings``, ``GET /v1/models``: OpenAI's API (the ``openai`` client works unchanged with
+  ``base_url=``);
+- ``POST /`` (= ``/embed``), ``/embed_sparse``, ``/embed_all``, ``/tokenize``, ``/decode``, ``GET /info``: TEI's
+  API (``huggingface_hub``, Haystack, Milvus' TEI text-embedding function);
 - ``POST /v1/encode``: m3-queue's own, dense, sparse and ColBERT, JSON or msgpack;
 - ``POST /v1/index``, ``GET /v1/jobs/{id}``, ``POST /v1/search``: collections in Milvus;
 - ``GET /health`` (503 without a live worker), ``GET /metrics`` (Prometheus).
 
 Modules: :mod:`.app` (the app), :mod:`.guard` (API keys, the in-flight bound, metrics), :mod:`.http`
-(errors, bodies, responses), :mod:`.encode` and :mod:`.jobs` (the routes), :mod:`.server` (uvicorn).
+(errors, bodies, responses), :mod:`.encode`, :mod:`.tei` and :mod:`.jobs` (the routes), :mod:`.server`
+(uvicorn).
 README, "HTTP gateway", documents the API.
 """
 from __future__ import annotations

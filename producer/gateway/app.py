@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from producer.client import Client
-from producer.gateway import encode, jobs
+from producer.gateway import encode, jobs, tei
 from producer.gateway.guard import Guard, Metrics
 from producer.gateway.http import ApiError, api_error, error_response, json_response
 from producer.settings import Settings
@@ -80,8 +80,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="m3-queue gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = gw
     encode.add_routes(app, gw)
+    tei.add_routes(app, gw)
     jobs.add_routes(app, gw)
-    app.add_route("/health", gw.health, methods=["GET"])
+    for path in ("/health", "/", "/ping"):  # TEI's health routes: "/" for its own clients, "/ping" for SageMaker
+        app.add_route(path, gw.health, methods=["GET"])
     app.add_route("/metrics", gw.prometheus, methods=["GET"])
     _answer_errors(app)
     routes = [r for r in app.routes if getattr(r, "path_regex", None) is not None]

@@ -1,5 +1,5 @@
-"""Encoding over HTTP: OpenAI's ``/v1/embeddings``, TEI's ``/embed``, ``/embed_sparse`` and ``/info``, and
-m3-queue's own ``/v1/encode``.
+"""Encoding over HTTP: OpenAI's ``/v1/embeddings`` and ``/v1/models``, and m3-queue's own ``/v1/encode``
+(TEI's routes are :mod:`.tei`).
 
 OpenAI's and TEI's routes encode as queries, on the query lane (a Redis stream, awaited natively by the
 client: no thread): their vectors are ``Client.encode_queries``' bit for bit, and their token limit is
@@ -8,9 +8,9 @@ client: no thread): their vectors are ``Client.encode_queries``' bit for bit, an
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -18,12 +18,13 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
+from producer import wire
 from producer.gateway import http
 from producer.gateway.http import ApiError, invalid
 from producer.wire import Embedding, ItemError, encode_item
 
-TEI_VERSION = "1.8.0"
-"""The TEI API version whose shapes these routes follow (reported by /info)."""
+OWNER = "m3-queue"
+"""``owned_by`` of the model in ``/v1/models``."""
 
 
 def model_name(model: str) -> str:
@@ -42,7 +43,8 @@ def texts_of(value: Any, field: str, max_texts: int, max_chars: int) -> list[str
     if all(isinstance(v, int) and not isinstance(v, bool) for v in value) or \
             any(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value):
         raise invalid(field, "token arrays are not supported: send the texts (the workers tokenize them with "
-                             "the checkpoint's own tokenizer)")
+                             "the checkpoint's own tokenizer); LangChain's OpenAIEmbeddings sends texts with "
+                             "check_embedding_ctx_length=False")
     if len(value) > max_texts:
         raise ApiError(413, f"{field} has {len(value):,} texts, over the limit of {max_texts:,} "
                             "(M3Q_MAX_JOB_TEXTS); send them in several requests", param=field, code="too_large")
@@ -63,7 +65,7 @@ def checked(items: list, field: str, truncate: bool, limit: int) -> list[Embeddi
         raise http.refuse_items(422, field, rejected, len(items), "inputs were rejected")
     if not truncate:
         cut = [{"index": i, "reason": f"over the limit of {limit} tokens (M3Q_QUERY_MAX_LENGTH); send "
-                                      '"truncate": true to keep its first tokens'}
+                                      '"truncate": true to cut it (truncation_direction says which end)'}
                for i, item in enumerate(items) if item.truncated]
         if cut:
             raise http.refuse_items(413, field, cut, len(items), "inputs are too long")
@@ -75,11 +77,27 @@ def add_routes(app: FastAPI, gw: Any) -> None:
     s = gw.settings
     limit = s.gateway_max_body_bytes
 
-    async def dense(texts: list[str], field: str, truncate: bool) -> list[Embedding]:
-        items = await gw.client.aencode_queries(texts, dense=True, sparse=False)
-        return checked(items, field, truncate, s.query_max_length)
+    created = int(time.time())
+
+    def model_card() -> dict[str, Any]:
+        return {"id": gw.model, "object": "model", "created": created, "owned_by": OWNER}
+
+    @http.route(app, "GET", "/v1/models")
+    async def models(request: Request) -> Response:
+        """OpenAI's model list: the one model the workers serve."""
+        return http.json_response({"object": "list", "data": [model_card()]})
+
+    @http.route(app, "GET", "/v1/models/{model_id:path}")
+    async def model(request: Request) -> Response:
+        """OpenAI's model lookup; 404 for any other name."""
+        name = request.path_params["model_id"]
+        if name != gw.model:
+            raise ApiError(404, f"model {name!r} is not served here; this gateway serves {gw.model!r}",
+                           param="model", code="model_not_found")
+        return http.json_response(model_card())
 
     @http.route(app, "POST", "/v1/embeddings")
+    @http.route(app, "POST", "/embeddings")
     async def openai_embeddings(request: Request) -> Response:
         """OpenAI's embeddings API (also the default ``openai`` client, which asks for base64)."""
         body = await http.read_object(request, limit)
@@ -88,7 +106,8 @@ def add_routes(app: FastAPI, gw: Any) -> None:
         http.get_str(body, "user")
         encoding = http.get_choice(body, "encoding_format", ("float", "base64"), "float")
         dimensions = http.get_int(body, "dimensions", None, 1, 1 << 20)
-        items = await dense(texts, "input", http.get_bool(body, "truncate", True))
+        items = checked(await gw.client.aencode_queries(texts, dense=True, sparse=False), "input",
+                        http.get_bool(body, "truncate", True), s.query_max_length)
         size = len(items[0].dense)
         if dimensions is not None and dimensions != size:
             raise invalid("dimensions", f"this model gives {size}-dimensional vectors, not {dimensions}; "
@@ -104,50 +123,6 @@ def add_routes(app: FastAPI, gw: Any) -> None:
             "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    def tei_options(body: dict[str, Any]) -> bool:
-        """TEI's options this model can honour (``truncate``); 422 for the ones it cannot."""
-        if body.get("truncation_direction") is not None and str(body["truncation_direction"]).lower() != "right":
-            raise invalid("truncation_direction", "only 'Right' is supported: the workers keep a text's first tokens")
-        if not http.get_bool(body, "normalize", True):
-            raise invalid("normalize", "false is not supported: BGE-M3's dense vectors are always L2-normalized")
-        for name in ("prompt_name", "dimensions"):
-            if body.get(name) is not None:
-                raise invalid(name, "is not supported by BGE-M3 (no prompts, no shortened vectors); omit it")
-        return http.get_bool(body, "truncate", False)
-
-    @http.route(app, "POST", "/embed")
-    async def tei_embed(request: Request) -> Response:
-        """TEI's /embed: one dense vector per input (what Milvus' TEI text-embedding function calls)."""
-        body = await http.read_object(request, limit)
-        truncate = tei_options(body)
-        texts = texts_of(http.required(body, "inputs"), "inputs", s.max_job_texts, s.max_text_chars)
-        items = await dense(texts, "inputs", truncate)
-        return http.json_response([item.dense for item in items])
-
-    @http.route(app, "POST", "/embed_sparse")
-    async def tei_embed_sparse(request: Request) -> Response:
-        """TEI's /embed_sparse: ``[{"index": token id, "value": weight}, ...]`` per input, by token id."""
-        body = await http.read_object(request, limit)
-        truncate = tei_options(body)
-        texts = texts_of(http.required(body, "inputs"), "inputs", s.max_job_texts, s.max_text_chars)
-        items = checked(await gw.client.aencode_queries(texts, dense=False, sparse=True), "inputs", truncate,
-                        s.query_max_length)
-        return http.json_response([sparse_values(item) for item in items])
-
-    @http.route(app, "GET", "/info")
-    async def tei_info(request: Request) -> Response:
-        """TEI's /info, from the settings and the first live worker's heartbeat."""
-        workers = await asyncio.to_thread(gw.client.workers)
-        worker = workers[0] if workers else {}
-        return http.json_response({
-            "model_id": gw.model, "model_sha": None, "model_dtype": worker.get("dtype", s.dtype),
-            "model_type": {"embedding": {"pooling": "cls"}},
-            "max_concurrent_requests": s.gateway_max_in_flight, "max_input_length": s.query_max_length,
-            "max_batch_tokens": s.max_batch_tokens, "max_batch_requests": None,
-            "max_client_batch_size": s.max_job_texts, "auto_truncate": False, "tokenization_workers": len(workers),
-            "version": TEI_VERSION, "sha": None, "docker_label": None,
-            "m3q": {"workers": len(workers), "dims": worker.get("dims"), "device": worker.get("device")}})
-
     @http.route(app, "POST", "/v1/encode")
     async def encode(request: Request) -> Response:
         """m3-queue's own: queries or documents; dense, sparse, ColBERT; JSON or msgpack (``Accept``)."""
@@ -162,6 +137,10 @@ def add_routes(app: FastAPI, gw: Any) -> None:
         options = {"dense": http.get_bool(body, "dense", True), "sparse": http.get_bool(body, "sparse", True),
                    "colbert": http.get_bool(body, "colbert", False),
                    "max_length": http.get_int(body, "max_length", None, 2, 8192)}
+        # These two travel only when not the default (None is left out of the payload).
+        side = http.get_choice(body, "truncation_side", wire.TRUNCATION_SIDES, "right")
+        options["truncation_side"] = None if side == "right" else side
+        options["normalize"] = None if http.get_bool(body, "normalize", True) else False
         if not (options["dense"] or options["sparse"] or options["colbert"]):
             raise invalid("dense", "ask for at least one of dense, sparse and colbert")
         run = gw.client.aencode_queries if kind == "queries" else gw.client.aencode_documents
@@ -172,15 +151,6 @@ def add_routes(app: FastAPI, gw: Any) -> None:
                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
         return http.msgpack_response(out) if binary else http.json_response(out)
 
-
-
-def sparse_values(item: Embedding) -> list[dict[str, Any]]:
-    """TEI's sparse shape, by ascending token id."""
-    if item.sparse_ids is None:
-        return []
-    order = np.argsort(item.sparse_ids, kind="stable")
-    ids, weights = item.sparse_ids[order].tolist(), item.sparse_weights[order].tolist()
-    return [{"index": i, "value": w} for i, w in zip(ids, weights)]
 
 
 def encoded(index: int, item: Any, binary: bool) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """What every request passes first: the API key, the in-flight bound, and the gateway's own metrics.
 
 A plain ASGI middleware (no per-request task or thread): it answers 401 and 429 itself, before the request
-reaches a route, and times every request, rejected ones included. ``/health`` and ``/metrics`` need no key
-and are never refused for load, so that load balancers and Prometheus see a busy gateway as it is.
+reaches a route, and times every request, rejected ones included. The health probes and ``/metrics`` need
+no key and are never refused for load, so that load balancers and Prometheus see a busy gateway as it is.
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from producer.gateway.http import ApiError, api_error, error_response, log
 from producer.settings import Settings
 
-OPEN_PATHS = frozenset({"/health", "/metrics"})
-"""Reachable without a key and never refused for load."""
+OPEN_ROUTES = frozenset({("GET", "/health"), ("GET", "/"), ("GET", "/ping"), ("GET", "/metrics")})
+"""Reachable without a key and never refused for load: the health probes (TEI's ``GET /`` and ``/ping``
+among them) and the metrics."""
 RETRY_AFTER_S = 1
 """What a 429 tells the client to wait: in-flight requests of this gateway finish in milliseconds."""
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -89,7 +90,8 @@ class Guard:
                 status = message["status"]
             await send(message)
 
-        guarded = path not in OPEN_PATHS  # the bound counts these only: probes never take a request's place
+        # The bound counts guarded requests only: probes never take a request's place.
+        guarded = (scope["method"], path) not in OPEN_ROUTES
         refusal = self._refusal(scope) if guarded else None
         self.in_flight += guarded
         self.metrics.in_flight.inc()

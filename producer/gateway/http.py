@@ -1,8 +1,14 @@
 """The gateway's HTTP plumbing: error answers, request bodies, field checks and response encoders.
 
-Errors come in two shapes, by API family: TEI's routes (``/embed``, ``/embed_sparse``, ``/info``) answer
-``{"error": message, "error_type": ...}`` as TEI does; every other route answers OpenAI's
-``{"error": {"message", "type", "param", "code"}}``, which the ``openai`` client turns into its exceptions.
+Errors come in two shapes, by API family, and both carry the message flat as ``message`` too, so a client
+that reads either family's field finds it:
+
+- TEI's routes (:data:`TEI_PATHS`) answer ``{"error": message, "error_type": ..., "message": message}``:
+  TEI's own body, which ``huggingface_hub`` (and so Haystack) reads;
+- every other route answers OpenAI's ``{"error": {"message", "type", "param", "code"}, "message": message}``:
+  the ``openai`` client (and LangChain, LlamaIndex) read the object, pymilvus' ``TEIEmbeddingFunction``
+  reads the flat ``message`` (TEI's own OpenAI route answers a flat body).
+
 Either may add ``items``: the inputs rejected one by one, each with its ``index`` and ``reason``.
 """
 from __future__ import annotations
@@ -25,7 +31,8 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
-TEI_PATHS = frozenset({"/embed", "/embed_sparse", "/info"})
+TEI_PATHS = frozenset({"/", "/invocations", "/ping", "/embed", "/embed_sparse", "/embed_all", "/tokenize", "/decode",
+                       "/info"})
 """Routes that answer errors in TEI's shape."""
 
 _OPENAI_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
@@ -50,7 +57,8 @@ class ApiError(Exception):
 def error_response(path: str, err: ApiError) -> Response:
     """The answer to ``err`` in the shape of ``path``'s API family."""
     if path in TEI_PATHS:
-        body: dict[str, Any] = {"error": err.message, "error_type": _TEI_TYPES.get(err.status, "Backend")}
+        body: dict[str, Any] = {"error": err.message, "error_type": _TEI_TYPES.get(err.status, "Backend"),
+                                "message": err.message}
         if err.items is not None:
             body["items"] = err.items
     else:
@@ -58,7 +66,7 @@ def error_response(path: str, err: ApiError) -> Response:
                                   "param": err.param, "code": err.code}
         if err.items is not None:
             detail["items"] = err.items
-        body = {"error": detail}
+        body = {"error": detail, "message": err.message}
     return Response(orjson.dumps(body), err.status, err.headers, media_type=JSON)
 
 
