@@ -1,7 +1,9 @@
 """Settings: one typed object, built from ``M3Q_*`` environment variables at start-up.
 
 Nothing here is read at import time. Every field maps to ``M3Q_<FIELD NAME IN CAPITALS>`` and to a CLI
-flag ``--<field-name>``; README's settings table lists them all.
+flag ``--<field-name>``; README's settings table lists them all. A field's ``min``, ``max`` or ``above``
+(exclusive) bound is checked when the settings are built: a value outside it is a one-line ConfigError
+naming the variable.
 """
 from __future__ import annotations
 
@@ -24,41 +26,48 @@ class Settings:
     redis_tls_ca_file: str = field(default="", metadata={"doc": "CA bundle for rediss:// (certificates are always checked)."})
     milvus_uri: str = field(default="", metadata={"doc": "Milvus server URI, or a Milvus Lite .db path; empty means the embedded Milvus Lite server of `m3q demo`/`m3q milvus`."})
     milvus_token: str = field(default="", metadata={"doc": "Milvus token (user:password or API key)."})
-    milvus_port: int = field(default=19530, metadata={"doc": "Port of the embedded Milvus Lite server when milvus_uri is empty."})
+    milvus_port: int = field(default=19530, metadata={"doc": "Port of the embedded Milvus Lite server when milvus_uri is empty.", "min": 1, "max": 65535})
     milvus_data_dir: str = field(default="~/.m3q/milvus", metadata={"doc": "Data folder of the embedded Milvus Lite server."})
     model: str = field(default="BAAI/bge-m3", metadata={"doc": "Hub id or local checkpoint directory."})
     device: str = field(default="cpu", metadata={"doc": "Worker device: cpu, cuda, cuda:N."})
     dtype: str = field(default="auto", metadata={"doc": "auto (float16 on cuda, float32 on cpu), float32, float16 or bfloat16."})
-    max_batch_tokens: int = field(default=16384, metadata={"doc": "Token budget of one forward pass (padded tokens)."})
-    query_max_length: int = field(default=512, metadata={"doc": "Tokens kept of a query (longer ones are truncated and counted)."})
-    document_max_length: int = field(default=8192, metadata={"doc": "Tokens kept of a document (longer ones are truncated and counted)."})
-    max_text_chars: int = field(default=1_000_000, metadata={"doc": "A longer text is rejected with an error of its own."})
-    max_job_texts: int = field(default=10_000, metadata={"doc": "Most texts in one job; the producer splits bigger inputs."})
-    max_payload_bytes: int = field(default=64 * 1024 * 1024, metadata={"doc": "A job payload over this is refused before any encoding."})
-    max_id_chars: int = field(default=512, metadata={"doc": "Longest document id accepted for Milvus."})
-    job_texts: int = field(default=64, metadata={"doc": "Texts per job when the producer splits input."})
-    max_in_flight: int = field(default=8, metadata={"doc": "Jobs a producer keeps in flight (backpressure)."})
-    job_timeout_s: float = field(default=600.0, metadata={"doc": "How long a producer waits for one job."})
+    max_batch_tokens: int = field(default=16384, metadata={"doc": "Token budget of one forward pass (padded tokens).", "min": 1})
+    query_max_length: int = field(default=512, metadata={"doc": "Tokens kept of a query (longer ones are truncated and counted).", "min": 2})
+    document_max_length: int = field(default=8192, metadata={"doc": "Tokens kept of a document (longer ones are truncated and counted).", "min": 2})
+    max_text_chars: int = field(default=1_000_000, metadata={"doc": "A longer text is rejected with an error of its own.", "min": 1})
+    max_job_texts: int = field(default=10_000, metadata={"doc": "Most texts in one job; the producer splits bigger inputs.", "min": 1})
+    max_payload_bytes: int = field(default=64 * 1024 * 1024, metadata={"doc": "A job payload over this is refused before any encoding.", "min": 1})
+    max_id_chars: int = field(default=512, metadata={"doc": "Longest document id accepted for Milvus.", "min": 1, "max": 512})
+    job_texts: int = field(default=64, metadata={"doc": "Texts per job when the producer splits input.", "min": 1})
+    max_in_flight: int = field(default=8, metadata={"doc": "Jobs a producer keeps in flight (backpressure).", "min": 1})
+    job_timeout_s: float = field(default=600.0, metadata={"doc": "How long a producer waits for one job.", "above": 0})
     require_worker: bool = field(default=True, metadata={"doc": "encode, index, search and dims fail with NoWorker when no live worker serves their queue (false: jobs wait in the queue for workers that start later)."})
-    no_worker_grace_s: float = field(default=10.0, metadata={"doc": "How long such a call waits for a worker's heartbeat before NoWorker (a worker is live once its model is loaded)."})
-    visibility_timeout_s: int = field(default=3600, metadata={"doc": "Last resort: Redis redelivers a job not acknowledged within this, even if its worker looks alive; longer than the longest batch."})
-    dead_worker_s: float = field(default=30.0, metadata={"doc": "Jobs held by a worker that died (SIGKILL, out of memory, lost machine) are back on their queue within this; workers write a heartbeat every sixth of it."})
-    result_expires_s: int = field(default=86400, metadata={"doc": "Results are deleted from the backend after this."})
+    no_worker_grace_s: float = field(default=10.0, metadata={"doc": "How long such a call waits for a worker's heartbeat before NoWorker (a worker is live once its model is loaded).", "min": 0})
+    visibility_timeout_s: int = field(default=3600, metadata={"doc": "Last resort: Redis redelivers a job not acknowledged within this, even if its worker looks alive; longer than the longest batch.", "min": 1})
+    dead_worker_s: float = field(default=30.0, metadata={"doc": "Jobs held by a worker that died (SIGKILL, out of memory, lost machine) are back on their queue within this; workers write a heartbeat every sixth of it.", "above": 0})
+    result_expires_s: int = field(default=86400, metadata={"doc": "Results are deleted from the backend after this.", "min": 1})
     queue_prefix: str = field(default="m3q", metadata={"doc": "Prefix of every queue and key, to share one Redis."})
-    worker_threads: int = field(default=2, metadata={"doc": "Document/index jobs one worker holds at once (threads: one encodes while the next is tokenized)."})
-    query_stream_max: int = field(default=100_000, metadata={"doc": "Most query jobs the query stream keeps while no worker reads it (approximate); older ones are dropped and their callers time out."})
-    query_prefetch: int = field(default=64, metadata={"doc": "Query jobs a worker takes at once on its query lane (merged into few forward passes)."})
-    batch_wait_ms: float = field(default=2.0, metadata={"doc": "How long the device waits for more queries to batch together, when queries come concurrently (a lone query on an idle device runs at once)."})
+    worker_threads: int = field(default=2, metadata={"doc": "Document/index jobs one worker holds at once (threads: one encodes while the next is tokenized).", "min": 1})
+    query_stream_max: int = field(default=100_000, metadata={"doc": "Most query jobs the query stream keeps while no worker reads it (approximate); older ones are dropped and their callers time out.", "min": 1})
+    query_prefetch: int = field(default=64, metadata={"doc": "Query jobs a worker takes at once on its query lane (merged into few forward passes).", "min": 1})
+    batch_wait_ms: float = field(default=2.0, metadata={"doc": "How long the device waits for more queries to batch together, when queries come concurrently (a lone query on an idle device runs at once).", "min": 0})
     cross_job_batching: bool = field(default=True, metadata={"doc": "Merge texts of concurrent jobs into one forward pass."})
-    preempt_ms: float = field(default=25.0, metadata={"doc": "While queries arrive, document steps run in slices of about this much device work, and waiting queries run between slices (0: whole steps)."})
-    metrics_port: int = field(default=0, metadata={"doc": "Port of the worker's Prometheus endpoint; 0 turns it off."})
-    index_retries: int = field(default=5, metadata={"doc": "Retries of an index job when Milvus fails."})
-    index_retry_backoff_s: float = field(default=2.0, metadata={"doc": "First retry delay of an index job; doubles each time."})
-    task_max_retries: int = field(default=3, metadata={"doc": "Deliveries of a job that keeps crashing before it is recorded as failed."})
+    preempt_ms: float = field(default=25.0, metadata={"doc": "While queries arrive, document steps run in slices of about this much device work, and waiting queries run between slices (0: whole steps).", "min": 0})
+    metrics_port: int = field(default=0, metadata={"doc": "Port of the worker's Prometheus endpoint; 0 turns it off.", "min": 0, "max": 65535})
+    index_retries: int = field(default=5, metadata={"doc": "Retries of an index job when Milvus fails.", "min": 0})
+    index_retry_backoff_s: float = field(default=2.0, metadata={"doc": "First retry delay of an index job; doubles each time.", "min": 0})
+    task_max_retries: int = field(default=3, metadata={"doc": "Deliveries of a job that keeps crashing before it is recorded as failed.", "min": 0})
     # repr=False: the keys are secrets, and a settings object may end up in a log line.
     api_keys: str = field(default="", repr=False, metadata={"doc": "Bearer keys of the HTTP gateway (`m3q serve`), comma-separated: each request needs `Authorization: Bearer KEY` (/health and /metrics excepted); empty: no key needed."})
-    gateway_max_in_flight: int = field(default=512, metadata={"doc": "Requests one gateway process serves at once; more are answered 429 with Retry-After (backpressure, not an unbounded queue)."})
-    gateway_max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={"doc": "Largest request body the gateway reads; a bigger one is answered 413."})
+    gateway_max_in_flight: int = field(default=512, metadata={"doc": "Requests one gateway process serves at once; more are answered 429 with Retry-After (backpressure, not an unbounded queue).", "min": 1})
+    gateway_max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={"doc": "Largest request body the gateway reads; a bigger one is answered 413.", "min": 1})
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            problem = _out_of_range(f.metadata, getattr(self, f.name))
+            if problem:
+                raise ConfigError(f"{ENV_PREFIX}{f.name.upper()} (--{f.name.replace('_', '-')}) is "
+                                  f"{getattr(self, f.name)!r}: {problem}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
@@ -94,6 +103,17 @@ def _parse(f: dataclasses.Field, raw: str) -> Any:
         return kind(raw)
     except ValueError:
         raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def _out_of_range(meta: Mapping[str, Any], value: Any) -> str | None:
+    """Why ``value`` is outside a field's ``min``, ``max`` or ``above`` (exclusive) bound, or None."""
+    if "above" in meta and not value > meta["above"]:
+        return f"it must be above {meta['above']}"
+    if "min" in meta and value < meta["min"]:
+        return f"it must be at least {meta['min']}"
+    if "max" in meta and value > meta["max"]:
+        return f"it must be at most {meta['max']}"
+    return None
 
 
 def settings_table() -> list[tuple[str, str, str]]:

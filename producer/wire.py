@@ -5,6 +5,7 @@ accepted too); pickle is refused on both sides. Vectors travel as raw little-end
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence, TypedDict
 
@@ -121,6 +122,15 @@ def make_celery(s: Settings, name: str = "m3q") -> Celery:
     app = Celery(name, set_as_current=False)
     app.conf.update(celery_config(s))
     return app
+
+
+def model_identity(model: str) -> str:
+    """What a model is called in answers and on collections: a hub id (``BAAI/bge-m3``) as it is, a local
+    checkpoint by its folder's name (``/models/bge-m3`` is ``bge-m3``), which workers on different machines
+    and the gateway share although each keeps the checkpoint under its own path."""
+    path = model.rstrip("/")
+    local = model.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.isdir(os.path.expanduser(model))
+    return os.path.basename(path) if local else model
 
 
 # ---- Redis ---------------------------------------------------------------------------------------------

@@ -342,6 +342,18 @@ def test_a_worker_start_prints_no_duplicate_task_warnings(worker):
     assert " ready." in worker.output() and "DuplicateTaskNameWarning" not in worker.output()
 
 
+@pytest.mark.parametrize("variable, value, needle", [
+    ("M3Q_DEAD_WORKER_S", "0", "it must be above 0"),  # a heartbeat every 0 s would spin
+    ("M3Q_JOB_TEXTS", "-3", "it must be at least 1"),
+    ("M3Q_METRICS_PORT", "70000", "it must be at most 65535"),
+])
+def test_a_setting_out_of_range_is_one_line_naming_it(variable, value, needle):
+    for command in (["status"], ["worker", "--device", "cpu"]):  # the worker, before it loads the model
+        done = subprocess.run([sys.executable, "-m", "producer.cli", *command], env={**os.environ, variable: value},
+                              cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+        one_line_error(done, variable, needle)
+
+
 def test_each_commands_own_options_come_first_with_help_and_settings_are_grouped():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse has no public walk

@@ -226,11 +226,13 @@ def test_encode_json_and_msgpack_give_every_output_and_keep_rejected_items_in_pl
     ("/v1/embeddings", {"input": ["x" * 4000] * 70}, 413, "(M3Q_GATEWAY_MAX_BODY_BYTES)"),
     ("/embed", {"input": "a"}, 422, "inputs: is required"),
     ("/v1/encode", {"texts": ["a"], "kind": "poems"}, 422, "kind: must be one of 'queries', 'documents'"),
-    ("/v1/encode", {"texts": ["a"], "max_length": 1}, 422, "max_length: must be an integer from 2 to 8192"),
+    ("/v1/encode", {"texts": ["a"], "max_length": 1}, 422, "max_length: must be an integer of at least 2"),
+    ("/v1/encode", {"texts": ["a"], "max_length": 9000}, 422,  # the workers' bound: the model's positions
+     "option 'max_length' must be an integer from 2 to 8192, got 9000"),
     ("/v1/encode", {"texts": ["a"], "dense": False, "sparse": False}, 422, "dense: ask for at least one"),
     ("/v1/index", {"collection": "9 lives", "documents": [{"id": 1, "text": "a"}]}, 422, "collection: '9 lives' is"),
     ("/v1/index", {"collection": "c", "documents": [{"id": 1}, {"text": "a"}]}, 422,
-     "2 of 2 documents were rejected: documents[0]: 'text' must be a string"),
+     "2 of 2 documents were rejected: documents[0]: text must be a string"),
     ("/v1/search", {"collection": "c"}, 422, "query: is required"),
     ("/v1/search", {"query": "q", "collection": "c", "mode": "fuzzy"}, 422, "mode: must be one of"),
     ("/v1/search", {"query": "q", "collection": "c", "k": 0}, 422, "k: must be an integer from 1 to 16384"),
@@ -326,6 +328,26 @@ def test_metrics_count_requests_latency_and_errors_by_status(gateway):
     assert _metric(gateway, "m3q_gateway_in_flight") == 1  # the /metrics request itself
     httpx.get(gateway.url + "/v1/jobs/" + "1" * 32, headers=AUTH)
     assert _metric(gateway, "m3q_gateway_errors_total", route="/v1/jobs/{job_id}", status="404") >= 1
+
+
+# ---- /v1/index: the rules of m3q index ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("doc", [
+    {"id": "a", "text": ""}, {"id": "a", "text": "   "}, {"id": "a", "text": "nul \x00 inside"},
+    {"id": "a", "text": "x" * (MAX_TEXT_CHARS + 1)}, {"id": "a", "text": 7},
+    {"id": "", "text": "t"}, {"id": True, "text": "t"}, {"id": 1.5, "text": "t"}, {"id": "i" * 513, "text": "t"},
+    {"id": "a", "text": "t", "metadata": [1, 2]}, {"id": "a", "text": "t", "metadata": {"big": "m" * 70_000}},
+], ids=["empty", "blank", "nul", "too-long", "not-text", "empty-id", "bool-id", "float-id", "long-id",
+        "metadata-list", "metadata-big"])
+def test_v1_index_refuses_what_m3q_index_refuses_with_the_same_reason(gateway, client, doc):
+    # One rule each (producer.checks): the gateway answers at once what a worker would reject for `m3q index`.
+    # (A lone surrogate or a NaN cannot be sent as JSON at all: the body is refused as invalid.)
+    answer = post(gateway, "/v1/index", {"collection": "t_rules", "documents": [doc]})
+    assert answer.status_code == 422, answer.text
+    (item,) = error_of(answer)["items"]
+    report = client.index("t_rules", [doc["text"]], [doc["id"]], [doc.get("metadata")])
+    (rejected,) = report.rejected
+    assert item["reason"] and rejected[1].endswith(item["reason"]), (rejected, item)
 
 
 # ---- index, jobs, search ----------------------------------------------------------------------------------------

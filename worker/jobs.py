@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from producer import wire
 from producer.errors import PoisonJob
 from worker.records import count_delivery, record_failure
 from worker.runtime import Runtime
@@ -83,13 +83,4 @@ def poison(rt: Runtime, job_id: str, deliveries: int) -> PoisonJob:
 
 def info_answer(rt: Runtime) -> dict:
     """What a worker answers to ``m3q.info``, on every lane: the encoder, its host, the model's identity."""
-    return {**rt.encoder.info(), "hostname": rt.hostname, "model_identity": model_identity(rt.encoder.name)}
-
-
-def model_identity(model: str) -> str:
-    """The model name recorded on a collection: a hub id as is, a local checkpoint by its folder name.
-
-    Workers on different machines keep the same checkpoint under different paths; the folder name (e.g.
-    ``bge-m3``) is what they share.
-    """
-    return Path(model).name if Path(model).expanduser().is_dir() else model
+    return {**rt.encoder.info(), "hostname": rt.hostname, "model_identity": wire.model_identity(rt.encoder.name)}

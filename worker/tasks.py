@@ -17,7 +17,7 @@ from celery import Celery, Task
 from producer import checks, wire
 from producer.errors import MilvusError, MilvusRejected, SchemaMismatch
 from producer.wire import ItemError, PayloadError, check_options, encode_item
-from worker.jobs import Job, info_answer, model_identity
+from worker.jobs import Job, info_answer
 from worker.runtime import Runtime, current
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ def _upsert(task: Task, rt: Runtime, collection: str, rows: list[dict]) -> int:
 
     try:
         client = rt.milvus()
-        sink.ensure_collection(client, collection, int(rows[0]["dense"].shape[0]), model_identity(rt.encoder.name))
+        sink.ensure_collection(client, collection, int(rows[0]["dense"].shape[0]), wire.model_identity(rt.encoder.name))
         return sink.upsert(client, collection, rows)
     except (SchemaMismatch, MilvusRejected) as e:
         raise PayloadError(str(e)) from None

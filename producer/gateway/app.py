@@ -23,6 +23,7 @@ from producer.gateway import encode, jobs, tei
 from producer.gateway.guard import Guard, Metrics
 from producer.gateway.http import ApiError, api_error, error_response, json_response
 from producer.settings import Settings
+from producer.wire import model_identity
 
 log = logging.getLogger("m3q.gateway")
 
@@ -38,7 +39,7 @@ class Gateway:
         self.searcher = Searcher(settings, client=self.client)
         self.jobs = jobs.JobStore(settings, self.client.app.backend)
         self.metrics = Metrics()
-        self.model = encode.model_name(settings.model)
+        self.model = model_identity(settings.model)
 
     async def health(self, request: Request) -> Response:
         """200 with the live workers' count; 503 when none answers (or Redis does not)."""

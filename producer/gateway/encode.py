@@ -9,7 +9,6 @@ client: no thread): their vectors are ``Client.encode_queries``' bit for bit, an
 from __future__ import annotations
 
 import base64
-import os
 import time
 from typing import Any
 
@@ -25,12 +24,6 @@ from producer.wire import Embedding, ItemError, encode_item
 
 OWNER = "m3-queue"
 """``owned_by`` of the model in ``/v1/models``."""
-
-
-def model_name(model: str) -> str:
-    """What responses call the model: a hub id as it is, a local checkpoint by its folder's name (not its path)."""
-    local = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.path.isdir(model)
-    return os.path.basename(model.rstrip("/")) if local else model
 
 
 def texts_of(value: Any, field: str, max_texts: int, max_chars: int) -> list[str]:
@@ -105,7 +98,7 @@ def add_routes(app: FastAPI, gw: Any) -> None:
         http.get_str(body, "model")
         http.get_str(body, "user")
         encoding = http.get_choice(body, "encoding_format", ("float", "base64"), "float")
-        dimensions = http.get_int(body, "dimensions", None, 1, 1 << 20)
+        dimensions = http.get_int(body, "dimensions", None, 1, None)
         items = checked(await gw.client.aencode_queries(texts, dense=True, sparse=False), "input",
                         http.get_bool(body, "truncate", True), s.query_max_length)
         size = len(items[0].dense)
@@ -136,7 +129,8 @@ def add_routes(app: FastAPI, gw: Any) -> None:
         kind = http.get_choice(body, "kind", ("queries", "documents"), "queries")
         options = {"dense": http.get_bool(body, "dense", True), "sparse": http.get_bool(body, "sparse", True),
                    "colbert": http.get_bool(body, "colbert", False),
-                   "max_length": http.get_int(body, "max_length", None, 2, 8192)}
+                   # The workers know the model's positions, and refuse more (422, naming the bound).
+                   "max_length": http.get_int(body, "max_length", None, 2, None)}
         # These two travel only when not the default (None is left out of the payload).
         side = http.get_choice(body, "truncation_side", wire.TRUNCATION_SIDES, "right")
         options["truncation_side"] = None if side == "right" else side

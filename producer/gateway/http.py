@@ -181,12 +181,14 @@ def get_bool(body: dict[str, Any], name: str, default: bool) -> bool:
     return value
 
 
-def get_int(body: dict[str, Any], name: str, default: int | None, low: int, high: int) -> int | None:
+def get_int(body: dict[str, Any], name: str, default: int | None, low: int, high: int | None) -> int | None:
+    """An integer field from ``low`` to ``high`` (None: no upper bound here; the workers check theirs)."""
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise invalid(name, f"must be an integer from {low} to {high}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise invalid(name, f"must be an integer {bound}, got {value!r}")
     return value
 
 

@@ -15,13 +15,14 @@ import uuid
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
+from producer import checks
 from producer.gateway import http
 from producer.gateway.http import ApiError, invalid
+from producer.replies import async_redis
 from producer.settings import Settings
 
 COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
@@ -34,24 +35,14 @@ Row = tuple[int, str, Any, Any]
 """(position in the request, text, id, metadata) of one document."""
 
 
-def async_redis(url: str, s: Settings) -> aioredis.Redis:
-    """A ``redis.asyncio`` client on ``url``, with certificates checked for rediss:// (M3Q_REDIS_TLS_CA_FILE)."""
-    options: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5, "health_check_interval": 30}
-    if url.startswith("rediss://"):
-        options["ssl_cert_reqs"] = "required"
-        if s.redis_tls_ca_file:
-            options["ssl_ca_certs"] = s.redis_tls_ca_file
-    return aioredis.Redis.from_url(url, **options)
-
-
 class JobStore:
     """Index jobs' records in Redis, and their progress from the Celery result backend."""
 
     def __init__(self, s: Settings, backend: Any) -> None:
         self.settings = s
         self.backend = backend  # the client's Celery result backend: its keys and its decoding of results
-        self._broker = async_redis(s.broker_url, s)
-        self._results = self._broker if s.backend_url == s.broker_url else async_redis(s.backend_url, s)
+        self._broker = async_redis(s)
+        self._results = self._broker if s.backend_url == s.broker_url else async_redis(s, s.backend_url)
 
     def key(self, job_id: str) -> str:
         return f"{self.settings.queue_prefix}:gateway:job:{job_id}"
@@ -87,8 +78,9 @@ def rows_of(documents: Any, s: Settings) -> tuple[list[Row], list[dict[str, Any]
     first: dict[str, int] = {}
     for i, doc in enumerate(documents):
         reason = document_problem(doc, s)
-        if reason is None and first.setdefault(str(doc["id"]), i) != i:
-            reason = f"duplicate id {str(doc['id'])!r}, first at documents[{first[str(doc['id'])]}]"
+        earlier = checks.repeat_of(first, doc["id"], i) if reason is None else None
+        if earlier is not None:
+            reason = f"duplicate id {str(doc['id'])!r}, first at documents[{earlier}]"
         if reason is None:
             rows.append((i, doc["text"], doc["id"], doc.get("metadata")))
         else:
@@ -97,23 +89,12 @@ def rows_of(documents: Any, s: Settings) -> tuple[list[Row], list[dict[str, Any]
 
 
 def document_problem(doc: Any, s: Settings) -> str | None:
-    """Why one document cannot be indexed, or None."""
+    """Why one document cannot be indexed, or None: the rules of :mod:`producer.checks`, in the order a worker
+    applies them to an index job (id, metadata, text), so the reasons are the ones `m3q index` reports."""
     if not isinstance(doc, dict):
         return f'must be an object {{"id", "text", "metadata"}}, got {http.describe(doc)}'
-    text, doc_id, metadata = doc.get("text"), doc.get("id"), doc.get("metadata")
-    if not isinstance(text, str):
-        return f"'text' must be a string, got {http.describe(text)}"
-    if not text.strip():
-        return "'text' is empty or whitespace only"
-    if len(text) > s.max_text_chars:
-        return f"'text' is {len(text):,} characters, over the limit of {s.max_text_chars:,} (M3Q_MAX_TEXT_CHARS)"
-    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or doc_id == "":
-        return f"'id' must be a non-empty string or an integer, got {doc_id!r}"
-    if len(str(doc_id)) > s.max_id_chars:
-        return f"'id' is {len(str(doc_id))} characters, over the limit of {s.max_id_chars} (M3Q_MAX_ID_CHARS)"
-    if metadata is not None and not isinstance(metadata, dict):
-        return f"'metadata' must be an object, got {http.describe(metadata)}"
-    return None
+    return (checks.id_problem(doc.get("id"), s.max_id_chars) or checks.metadata_problem(doc.get("metadata"))
+            or checks.text_problem(doc.get("text"), s.max_text_chars))
 
 
 def submit(client: Any, collection: str, rows: list[Row], job_texts: int) -> list[dict[str, Any]]:
