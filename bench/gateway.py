@@ -34,7 +34,7 @@ from bench.infra import ROOT, bench_settings, percentile, start_workers  # noqa:
 from bench.lane import tasks_shape  # noqa: E402
 from bench.load import _proc_cpu  # noqa: E402
 from producer.client import Client  # noqa: E402
-from producer.settings import Settings  # noqa: E402
+from producer.contract.settings import Settings  # noqa: E402
 
 
 @dataclass

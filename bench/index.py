@@ -24,9 +24,10 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo root, not 
 
 from bench import corpus  # noqa: E402
 from bench.infra import bench_settings, start_workers  # noqa: E402
-from producer import milvus, milvus_lite  # noqa: E402
+from producer import milvus_lite  # noqa: E402
+from producer.contract import milvus  # noqa: E402
+from producer.contract.settings import Settings  # noqa: E402
 from producer.indexing import index_file  # noqa: E402
-from producer.settings import Settings  # noqa: E402
 from worker.runtime import load_encoder  # noqa: E402
 
 WARMUP_DOCS = 8

@@ -8,8 +8,8 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from producer.contract.settings import Settings
 from producer.devstack import WorkerProcess
-from producer.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

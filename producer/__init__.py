@@ -9,12 +9,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+_CONTRACT = "producer.contract"
 _EXPORTS = {
     "Client": "producer.client", "Handle": "producer.client", "LaneHandle": "producer.client",
     "IndexReport": "producer.client", "RemoteBGEM3EmbeddingFunction": "producer.embedding_function",
-    "Settings": "producer.settings", "Embedding": "producer.wire", "ItemError": "producer.wire",
-    "M3QError": "producer.errors", "JobFailed": "producer.errors", "JobTimeout": "producer.errors",
-    "NoWorker": "producer.errors", "PayloadError": "producer.errors",
+    "Settings": f"{_CONTRACT}.settings", "Embedding": f"{_CONTRACT}.wire", "ItemError": f"{_CONTRACT}.wire",
+    **{name: f"{_CONTRACT}.errors" for name in ("M3QError", "JobFailed", "JobTimeout", "NoWorker", "PayloadError")},
 }
 
 __all__ = sorted(_EXPORTS)

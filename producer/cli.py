@@ -8,8 +8,8 @@ import sys
 from dataclasses import fields
 from typing import Any, Iterator, Sequence
 
-from producer.errors import ConfigError, M3QError
-from producer.settings import Settings
+from producer.contract.errors import ConfigError, M3QError
+from producer.contract.settings import Settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _expected(e: Exception) -> bool:
-    # Every error m3-queue raises on purpose is an M3QError (producer/errors.py); a missing file is the one
+    # Every error m3-queue raises on purpose is an M3QError (producer/contract/errors.py); a missing file is the one
     # builtin error that is the user's, not a bug. Anything else keeps its traceback.
     return isinstance(e, (M3QError, FileNotFoundError))
 
@@ -320,7 +320,7 @@ def _read_jsonl(stream) -> Iterator[tuple[Any, Any, str | None]]:
 
 
 def _item_json(doc_id: Any, error: str | None, item: Any, colbert: bool) -> dict:
-    from producer.wire import ItemError
+    from producer.contract.wire import ItemError
 
     if error or isinstance(item, ItemError):
         return {"id": doc_id, "error": error or item.reason}

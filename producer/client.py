@@ -28,11 +28,11 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
-from producer import checks, lane, wire
-from producer.errors import BrokerError, ConfigError, JobFailed, JobTimeout, NoWorker  # noqa: F401 - re-exported
+from producer.contract import checks, stream, wire
+from producer.contract.errors import BrokerError, ConfigError, JobFailed, JobTimeout, NoWorker  # noqa: F401 - re-exported
+from producer.contract.settings import Settings
+from producer.contract.wire import Item, PayloadError, decode_item
 from producer.replies import AsyncLane, AsyncResults, call_once_per_loop, reply_reader
-from producer.settings import Settings
-from producer.wire import Item, PayloadError, decode_item
 
 log = logging.getLogger(__name__)
 
@@ -362,11 +362,11 @@ class Client:
         reader = reply_reader(self.settings)
         job_id = str(uuid.uuid4())
         reply = reader.expect(job_id)  # before the send: a fast worker's reply must find its waiter
-        fields = lane.request_fields(job_id, reader.key, payload, body)
+        fields = stream.request_fields(job_id, reader.key, payload, body)
         s = self.settings
         try:
             self._retrying(job_id, wire.TASK_ENCODE_QUERIES, lambda: self._status_redis().xadd(
-                lane.stream_key(s), fields, maxlen=s.query_stream_max, approximate=True))
+                stream.stream_key(s), fields, maxlen=s.query_stream_max, approximate=True))
         except BaseException:
             reader.forget(job_id)
             raise
@@ -554,7 +554,7 @@ class Client:
         job_id = str(uuid.uuid4())
         reply = replies.expect(job_id)
         try:
-            await self._asend(replies, lane.request_fields(job_id, replies.key, payload, body), job_id)
+            await self._asend(replies, stream.request_fields(job_id, replies.key, payload, body), job_id)
             done = await asyncio.wait_for(reply, self.settings.job_timeout_s)
         except asyncio.TimeoutError:
             raise JobTimeout(_timeout_message(job_id, wire.TASK_ENCODE_QUERIES, len(texts),

@@ -16,10 +16,10 @@ from urllib.parse import urlparse
 
 import redis
 
+from producer.contract.errors import InfraError
+from producer.contract.milvus import RRF_K
+from producer.contract.settings import Settings
 from producer.devstack import RedisServer, WorkerProcess, exit_on_sigterm
-from producer.errors import InfraError
-from producer.milvus import RRF_K
-from producer.settings import Settings
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "sample_corpus.jsonl"
 QUERIES = ["How does hybrid search merge dense and sparse results?", "Which city is the capital of Japan?",
@@ -29,7 +29,7 @@ QUERIES = ["How does hybrid search merge dense and sparse results?", "Which city
 RRF_NOTE = (f"Scores are reciprocal rank fusion (RRF) of the dense and the sparse ranking: the sum of "
             f"1/({RRF_K} + rank) over both, so they rank rather than measure similarity; "
             f"{2 / (RRF_K + 1):.4f} is the most (first in both), {1 / (RRF_K + 1):.4f} first in one only.")
-"""What the demo says about its scores (the RRF smoothing constant is producer.milvus.RRF_K)."""
+"""What the demo says about its scores (the RRF smoothing constant is producer.contract.milvus.RRF_K)."""
 
 
 def run_demo(s: Settings, collection: str = "m3q_demo", replica: bool = False) -> int:

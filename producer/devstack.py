@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from producer.errors import InfraError
-from producer.settings import ENV_PREFIX, Settings
+from producer.contract.errors import InfraError
+from producer.contract.settings import ENV_PREFIX, Settings
 
 READY_MARK = " ready."
 """What a Celery worker logs once it consumes (after the model has loaded)."""

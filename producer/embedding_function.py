@@ -12,11 +12,11 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.sparse import csr_array
 
-from producer.checks import name_item
 from producer.client import Client
-from producer.errors import ConfigError
-from producer.settings import Settings
-from producer.wire import Embedding, ItemError
+from producer.contract.checks import name_item
+from producer.contract.errors import ConfigError
+from producer.contract.settings import Settings
+from producer.contract.wire import Embedding, ItemError
 
 
 class RemoteBGEM3EmbeddingFunction:

@@ -5,10 +5,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from producer import checks, milvus
 from producer.client import Client, IndexReport
-from producer.errors import IndexInterrupted
-from producer.settings import Settings
+from producer.contract import checks, milvus
+from producer.contract.errors import IndexInterrupted
+from producer.contract.settings import Settings
 from producer.sources import Document, count_documents, read_documents
 
 

@@ -26,7 +26,7 @@ from typing import TypeVar
 
 import redis
 
-from producer.errors import LeaseBusy
+from producer.contract.errors import LeaseBusy
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from pymilvus import MilvusClient
 
-from producer.milvus import GRPC_OPTIONS, LITE_HOST, MilvusError
-from producer.settings import Settings
+from producer.contract.milvus import GRPC_OPTIONS, LITE_HOST, MilvusError
+from producer.contract.settings import Settings
 
 LITE_LOG_NAME = "milvus-lite.log"
 """The embedded server's log, in its data directory."""

@@ -25,9 +25,9 @@ from typing import Any, Awaitable, Callable
 import redis
 import redis.asyncio as aioredis
 
-from producer import lane
-from producer.settings import Settings
-from producer.wire import redis_client, redis_options
+from producer.contract import stream
+from producer.contract.settings import Settings
+from producer.contract.wire import redis_client, redis_options
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ class ReplyReader:
 
     def __init__(self, s: Settings) -> None:
         self.settings = s
-        self.client_id = lane.new_client_id()
-        self.key = lane.reply_key(s, self.client_id)
+        self.client_id = stream.new_client_id()
+        self.key = stream.reply_key(s, self.client_id)
         self._redis = redis_client(s)
         self._waiters: dict[str, Future] = {}
         self._lock = threading.Lock()
@@ -137,7 +137,7 @@ def reply_reader(s: Settings) -> ReplyReader:
 
 def _decoded(raw: bytes) -> tuple[str, Reply]:
     try:
-        job_id, result, error = lane.decode_reply(raw)
+        job_id, result, error = stream.decode_reply(raw)
     except Exception as e:  # noqa: BLE001 - not a reply: nobody can be told, so it is only logged
         log.warning("dropped a malformed reply (%s: %s)", type(e).__name__, e)
         return "", (None, None)
@@ -197,7 +197,7 @@ class AsyncLane(_PerLoop):
 
     def __init__(self, s: Settings) -> None:
         self.settings = s
-        self.key = lane.reply_key(s, lane.new_client_id())
+        self.key = stream.reply_key(s, stream.new_client_id())
         self._redis = async_redis(s)
         self._waiters: dict[str, asyncio.Future] = {}
         self._outbox: list[tuple[dict, asyncio.Future]] = []
@@ -245,7 +245,7 @@ class AsyncLane(_PerLoop):
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for fields, _ in batch:
-                    pipe.xadd(lane.stream_key(s), fields, maxlen=s.query_stream_max, approximate=True)
+                    pipe.xadd(stream.stream_key(s), fields, maxlen=s.query_stream_max, approximate=True)
                 await pipe.execute()
         except Exception as e:  # noqa: BLE001 - each sender decides: retry (unreachable) or raise
             [f.set_exception(e) for _, f in batch if not f.done()]

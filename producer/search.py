@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import asyncio
 
-from producer import milvus, wire
 from producer.client import Client
-from producer.errors import ConfigError
-from producer.milvus import Hit
-from producer.settings import Settings
-from producer.wire import ItemError
+from producer.contract import milvus, wire
+from producer.contract.errors import ConfigError
+from producer.contract.milvus import Hit
+from producer.contract.settings import Settings
+from producer.contract.wire import ItemError
 
 MAX_K = 16384
 """Most hits one search returns (Milvus' limit on ``limit``)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from producer.errors import SourceError
+from producer.contract.errors import SourceError
 
 SNIFF_BYTES = 8192
 """How much of a file is looked at to tell text from binary."""

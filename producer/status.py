@@ -7,8 +7,8 @@ from typing import Any
 
 import redis
 
-from producer import wire
-from producer.settings import Settings
+from producer.contract import wire
+from producer.contract.settings import Settings
 
 
 def clear_failures(s: Settings) -> int:
@@ -38,11 +38,11 @@ def collect(s: Settings) -> dict[str, Any]:
 
 def lane_status(s: Settings, r: redis.Redis, workers: list[dict[str, Any]]) -> dict[str, Any]:
     """The query stream: entries in it (waiting or taken), taken and not yet answered, replies per second."""
-    from producer import lane
+    from producer.contract import stream
 
-    key = lane.stream_key(s)
+    key = stream.stream_key(s)
     try:
-        pending = int(r.xpending(key, lane.GROUP)["pending"]) if r.exists(key) else 0
+        pending = int(r.xpending(key, stream.GROUP)["pending"]) if r.exists(key) else 0
     except redis.ResponseError:  # no consumer group yet: no worker has read the stream
         pending = 0
     return {"stream": key, "depth": int(r.xlen(key)), "pending": pending,

@@ -15,10 +15,11 @@ import httpx
 import pytest
 import redis
 
-from producer import devstack, wire
+from producer import devstack
+from producer.contract import wire
+from producer.contract.errors import InfraError
+from producer.contract.settings import Settings
 from producer.devstack import RedisServer, free_port  # noqa: F401 - used by the tests
-from producer.errors import InfraError
-from producer.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "data" / "tiny-bge-m3"

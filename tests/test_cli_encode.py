@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.wire import Embedding
+from producer.contract.wire import Embedding
 from worker.encoder import Encoder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,7 +132,7 @@ def test_replica_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
 
 
 def test_readme_lists_every_setting_with_its_default() -> None:
-    from producer.settings import settings_table
+    from producer.contract.settings import settings_table
 
     readme = (ROOT / "README.md").read_text()
     for variable, default, doc in settings_table():

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from producer import milvus, reindex
+from producer import reindex
 from producer.cli import build_parser
+from producer.contract import milvus
 from producer.milvus_lite import port_open
 from producer.status import collect, render
 from tests.conftest import ROOT, TINY, WorkerProcess, free_port, make_settings, settings_env
@@ -374,7 +375,7 @@ IDLE_S = 150
 
 @pytest.mark.skipif(not os.environ.get("M3Q_SLOW_TESTS"), reason=f"idles {IDLE_S} s; set M3Q_SLOW_TESTS=1")
 def test_an_idle_milvus_client_gets_no_goaway_too_many_pings(milvus_server):
-    script = ("import sys, time\nfrom producer import milvus\nfrom producer.settings import Settings\n"
+    script = ("import sys, time\nfrom producer import milvus\nfrom producer.contract.settings import Settings\n"
               f"c = milvus.connect(Settings(milvus_uri={milvus_server!r}))\ntime.sleep({IDLE_S})\n"
               "print(c.list_collections() is not None)\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,

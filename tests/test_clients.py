@@ -17,8 +17,8 @@ import openai
 import pytest
 
 from producer.client import Client
-from producer.settings import Settings
-from producer.wire import Embedding
+from producer.contract.settings import Settings
+from producer.contract.wire import Embedding
 from tests.conftest import TINY, GatewayProcess, WorkerProcess, make_settings
 
 os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")  # no telemetry calls from the tests

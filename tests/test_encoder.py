@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from producer.wire import Embedding, ItemError
+from producer.contract.wire import Embedding, ItemError
 from worker import model as model_module
 from worker.device import DeviceError
 from worker.encoder import Encoder, EncodeResult, Limits

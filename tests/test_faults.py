@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 import redis as redis_py
 
-from producer import milvus, wire
 from producer.client import Client, IndexReport, JobFailed
-from producer.settings import Settings
+from producer.contract import milvus, wire
+from producer.contract.settings import Settings
+from producer.contract.wire import Embedding, ItemError, PayloadError
 from producer.status import collect
-from producer.wire import Embedding, ItemError, PayloadError
 from tests.conftest import ROOT, Worker, WorkerProcess, free_port, make_settings, settings_env, wait_for
 from worker import broker, sink
 

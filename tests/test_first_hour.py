@@ -12,9 +12,9 @@ import time
 import pytest
 import redis as redis_py
 
-from producer import milvus, wire
 from producer.client import Client, JobFailed, JobTimeout, NoWorker
-from producer.wire import Embedding
+from producer.contract import milvus, wire
+from producer.contract.wire import Embedding
 from tests.conftest import ROOT, free_port, make_settings, settings_env
 from worker import sink
 from worker.records import record_failure

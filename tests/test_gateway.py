@@ -23,8 +23,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer.client import Client
-from producer.settings import Settings
-from producer.wire import Embedding
+from producer.contract.settings import Settings
+from producer.contract.wire import Embedding
 from tests.conftest import GatewayProcess, WorkerProcess, make_settings
 
 KEYS = ("key-one-" + uuid.uuid4().hex, "key-two-" + uuid.uuid4().hex)
@@ -340,7 +340,7 @@ def test_metrics_count_requests_latency_and_errors_by_status(gateway):
 ], ids=["empty", "blank", "nul", "too-long", "not-text", "empty-id", "bool-id", "float-id", "long-id",
         "metadata-list", "metadata-big"])
 def test_v1_index_refuses_what_m3q_index_refuses_with_the_same_reason(gateway, client, doc):
-    # One rule each (producer.checks): the gateway answers at once what a worker would reject for `m3q index`.
+    # One rule each (producer.contract.checks): the gateway answers at once what a worker would reject for `m3q index`.
     # (A lone surrogate or a NaN cannot be sent as JSON at all: the body is refused as invalid.)
     answer = post(gateway, "/v1/index", {"collection": "t_rules", "documents": [doc]})
     assert answer.status_code == 422, answer.text

@@ -16,10 +16,10 @@ import uuid
 
 import pytest
 
-from producer import milvus
 from producer.client import Client, JobFailed
+from producer.contract import milvus
+from producer.contract.wire import Embedding, PayloadError
 from producer.search import Searcher
-from producer.wire import Embedding, PayloadError
 from tests.conftest import ROOT, TINY, WorkerProcess, make_settings, settings_env
 from worker import sink
 

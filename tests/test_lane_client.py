@@ -1,6 +1,6 @@
 """The producer side of the query lane and the native asyncio client: real Redis, real worker processes.
 
-Queries go on the Redis stream (``producer.lane``) and come back on one reply list per process (a reader
+Queries go on the Redis stream (``producer.contract.stream``) and come back on one reply list per process (a reader
 thread) or per event loop (a reader task); documents are Celery tasks awaited through one pub/sub connection
 per loop. Every test also checks that its jobs went over the path it is about (the stream's consumer group
 read them, or the process kept its threads).
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from celery.signals import before_task_publish
 
-from producer import lane, wire
 from producer.client import Client, JobTimeout
-from producer.wire import Embedding, ItemError, PayloadError
+from producer.contract import stream, wire
+from producer.contract.wire import Embedding, ItemError, PayloadError
 from tests.conftest import ROOT, TINY, make_settings, settings_env
 
 TOL = 1e-5
@@ -46,9 +46,9 @@ def _close(a: Embedding, b: Embedding) -> None:
 
 def _lane_reads(redis_client, s) -> int:
     """Entries the workers' consumer group has read from the query stream (0 when it does not exist)."""
-    if not redis_client.exists(lane.stream_key(s)):
+    if not redis_client.exists(stream.stream_key(s)):
         return 0
-    groups = [g for g in redis_client.xinfo_groups(lane.stream_key(s)) if g["name"] == lane.GROUP.encode()]
+    groups = [g for g in redis_client.xinfo_groups(stream.stream_key(s)) if g["name"] == stream.GROUP.encode()]
     return int(groups[0]["entries-read"] or 0) if groups else 0
 
 
@@ -193,8 +193,8 @@ def test_a_duplicate_or_stray_reply_is_dropped_and_the_reader_goes_on(client, en
 
     client.encode_queries(["start the reader"])
     key = reply_reader(client.settings).key
-    redis_client.rpush(key, lane.encode_reply("nobody-waits-for-this", {"items": []}), b"\x93not a reply")
-    redis_client.expire(key, lane.REPLY_TTL_S)
+    redis_client.rpush(key, stream.encode_reply("nobody-waits-for-this", {"items": []}), b"\x93not a reply")
+    redis_client.expire(key, stream.REPLY_TTL_S)
     (item,) = client.encode_queries(["after the strays"])
     _close(item, encoder.encode(["after the strays"], "queries").items[0])
 
@@ -215,9 +215,9 @@ def test_job_timeout_when_no_worker(redis_client):
         assert time.monotonic() - started < 10
         with pytest.raises(JobTimeout, match=r"m3q worker.*m3q status"):
             asyncio.run(client.aencode_queries(["nobody listens either"]))
-        assert redis_client.xlen(lane.stream_key(s)) == 2  # both waited on the stream, not a Celery queue
+        assert redis_client.xlen(stream.stream_key(s)) == 2  # both waited on the stream, not a Celery queue
     finally:
-        redis_client.delete(lane.stream_key(s))
+        redis_client.delete(stream.stream_key(s))
 
 
 CLIENT_SCRIPT = r"""
@@ -258,7 +258,7 @@ def test_replies_never_reach_the_wrong_waiter_with_two_clients_and_two_workers(s
         texts = sorted(answers)
         for text, expected in zip(texts, encoder.encode(texts, "queries").items):
             assert np.abs(np.asarray(answers[text], dtype=np.float32) - expected.dense).max() <= TOL, text
-    consumers = redis_client.xinfo_consumers(lane.stream_key(s), lane.GROUP)
+    consumers = redis_client.xinfo_consumers(stream.stream_key(s), stream.GROUP)
     assert len(consumers) == 2, consumers  # both workers read the stream
     assert _lane_reads(redis_client, s) >= 2 * n
     assert all(w.proc.poll() is None for w in workers)

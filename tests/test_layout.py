@@ -14,7 +14,8 @@ import pytest
 
 from tests.conftest import ROOT
 
-CONTRACT = {"producer.settings", "producer.errors", "producer.checks", "producer.wire", "producer.lane"}
+CONTRACT = {"producer.contract", "producer.contract.settings", "producer.contract.errors", "producer.contract.checks",
+            "producer.contract.wire", "producer.contract.stream", "producer.contract.milvus"}
 """What both sides share: names, keys, payloads and their codec, settings, errors. Nothing else of the project."""
 COMPOSITION_ROOT = "producer.cli"
 """The one module that may import both sides (lazily, inside the command that needs the worker)."""
@@ -74,6 +75,12 @@ def test_the_contract_imports_nothing_else_of_the_project():
         assert name in MODULES, f"{name} is named in README's layout but does not exist"
 
 
+def test_the_worker_imports_nothing_of_producer_but_the_contract():
+    wrong = [(name, target) for name in MODULES if name.startswith("worker")
+             for target, _ in GRAPH[name] if target.startswith("producer") and target not in CONTRACT]
+    assert wrong == [], "the worker reaches past the contract (module, import)"
+
+
 def test_no_producer_module_is_imported_only_by_the_worker():
     importers: dict[str, set[str]] = {name: set() for name in MODULES}
     for name, imports in GRAPH.items():
@@ -103,8 +110,9 @@ def test_no_import_cycles():
     assert cycles == []
 
 
-@pytest.mark.parametrize("statement", ["import producer", "from producer import Client, Settings",
-                                       "import producer.wire, producer.lane, producer.checks, producer.errors"])
+@pytest.mark.parametrize("statement", [
+    "import producer", "from producer import Client, Settings",
+    "import producer.contract.wire, producer.contract.stream, producer.contract.checks, producer.contract.errors"])
 def test_a_web_apps_import_loads_neither_torch_nor_scipy_nor_pymilvus(statement):
     heavy = ("scipy", "torch", "pymilvus", "transformers", "worker")
     code = f"{statement}; import sys; print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r}))"

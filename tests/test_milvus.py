@@ -1,4 +1,4 @@
-"""The Milvus sink (worker/sink.py) and the producer's Milvus calls (producer/milvus.py) against a real Milvus
+"""The Milvus sink (worker/sink.py) and the producer's Milvus calls (producer/contract/milvus.py) against a real Milvus
 Lite server (``milvus-lite server``), no mocks.
 
 Vectors are random, L2-normalised float32 of dim 32: the schema, upsert and search logic do not need a model.
@@ -13,9 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from producer import milvus, milvus_lite
-from producer.milvus import Hit, MilvusError, MilvusRejected, SchemaMismatch
-from producer.settings import Settings
+from producer import milvus_lite
+from producer.contract import milvus
+from producer.contract.milvus import Hit, MilvusError, MilvusRejected, SchemaMismatch
+from producer.contract.settings import Settings
 from worker import sink
 
 DIM = 32

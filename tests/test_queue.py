@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from producer import wire
 from producer.client import Client
+from producer.contract import wire
+from producer.contract.wire import Embedding, PayloadError
 from producer.embedding_function import RemoteBGEM3EmbeddingFunction
-from producer.wire import Embedding, PayloadError
 from tests.conftest import ROOT, TINY, make_settings
 
 TEXTS = ["What is BGE-M3?", "Milvus stores dense and sparse vectors.", "Привет, мир", "東京は日本の首都です。",

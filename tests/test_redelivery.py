@@ -14,8 +14,8 @@ import time
 import pytest
 import redis as redis_py
 
-from producer import wire
 from producer.client import Client
+from producer.contract import wire
 from producer.status import collect, render
 from tests.conftest import Worker, make_settings, wait_for
 from tests.test_faults import (

@@ -18,9 +18,10 @@ import uuid
 import numpy as np
 import pytest
 
-from producer import milvus, reindex
+from producer import reindex
 from producer.cli import main as cli_main
 from producer.client import Client
+from producer.contract import milvus
 from producer.reindex import batches as reindex_batches
 from producer.reindex import checkpoint, versions
 from producer.reindex import lock as driver_lock

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from producer.client import Client
-from producer.wire import Embedding, ItemError
+from producer.contract.wire import Embedding, ItemError
 from tests.conftest import TINY, free_port, make_settings
 from worker.encoder import Encoder, Limits
 from worker.engine import Engine
@@ -156,8 +156,8 @@ def test_metrics_endpoint_serves_counters_that_move(spawn_worker):
     assert after['m3q_encode_seconds_count{kind="documents"}'] >= 1
     assert after['m3q_queue_wait_seconds_count{task="m3q.encode_queries"}'] >= 1
     assert after['m3q_batch_texts_count{kind="queries"}'] >= 1
-    from producer import wire
-    from producer.wire import PayloadError
+    from producer.contract import wire
+    from producer.contract.wire import PayloadError
 
     with pytest.raises(PayloadError):
         client.submit(wire.TASK_ENCODE_DOCUMENTS, {"texts": ["x"], "bogus": 1}).raw()

@@ -1,7 +1,7 @@
 """Issue 13, the worker side of the stream lane: query jobs on a Redis stream, replies on per-client lists.
 
 Real Redis, real `m3q worker` processes on the tiny checkpoint. The tests write stream entries with a plain
-redis client (:func:`producer.lane.request_fields`) and read the replies with BLPOP on a reply list of their
+redis client (:func:`producer.contract.stream.request_fields`) and read the replies with BLPOP on a reply list of their
 own, so they depend on the wire contract only, not on the producer's client.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import redis as redis_py
 
-from producer import lane, wire
-from producer.settings import Settings
-from producer.wire import failures_key
+from producer.contract import stream, wire
+from producer.contract.settings import Settings
+from producer.contract.wire import failures_key
 from tests.conftest import TINY, make_settings, wait_for
 from tests.test_faults import CRASH_EXIT_CODE, crash_on
 from worker.encoder import Encoder
@@ -30,14 +30,14 @@ def client(s: Settings) -> redis_py.Redis:
 
 
 def new_reply_key(s: Settings) -> str:
-    return lane.reply_key(s, lane.new_client_id())
+    return stream.reply_key(s, stream.new_client_id())
 
 
 def send(r: redis_py.Redis, s: Settings, reply_to: str, jobs: dict[str, dict]) -> None:
     """XADD one entry per job, all in one round trip (a burst)."""
     pipe = r.pipeline(transaction=False)
     for job_id, payload in jobs.items():
-        pipe.xadd(lane.stream_key(s), lane.request_fields(job_id, reply_to, payload))
+        pipe.xadd(stream.stream_key(s), stream.request_fields(job_id, reply_to, payload))
     pipe.execute()
 
 
@@ -54,7 +54,7 @@ def receive(r: redis_py.Redis, reply_to: str, n: int, timeout_s: float = 60) -> 
         popped = r.blpop([reply_to], 1)  # short waits: under the client's socket timeout
         if popped is None:
             continue
-        job_id, result, error = lane.decode_reply(popped[1])
+        job_id, result, error = stream.decode_reply(popped[1])
         replies[job_id] = (result, error)
     return replies
 
@@ -72,16 +72,16 @@ def lane_status(s: Settings, r: redis_py.Redis, until=lambda figures: True, time
 
 def assert_clean(s: Settings, r: redis_py.Redis) -> None:
     """Nothing of the lane left in Redis but keys that expire."""
-    stream = lane.stream_key(s)
-    assert r.xlen(stream) == 0
-    assert r.xpending(stream, lane.GROUP)["pending"] == 0
-    for key in r.scan_iter(match=lane.reply_key(s, "*")):
-        assert 0 < r.ttl(key) <= lane.REPLY_TTL_S, key
+    key = stream.stream_key(s)
+    assert r.xlen(key) == 0
+    assert r.xpending(key, stream.GROUP)["pending"] == 0
+    for key in r.scan_iter(match=stream.reply_key(s, "*")):
+        assert 0 < r.ttl(key) <= stream.REPLY_TTL_S, key
 
 
 def pending_on(s: Settings, r: redis_py.Redis) -> dict[str, int]:
     """Entries pending in the group, per consumer."""
-    info = r.xpending(lane.stream_key(s), lane.GROUP)
+    info = r.xpending(stream.stream_key(s), stream.GROUP)
     return {c["name"].decode(): int(c["pending"]) for c in info.get("consumers") or []}
 
 
@@ -111,7 +111,7 @@ def test_a_burst_is_answered_with_the_in_process_vectors_in_few_reads(workers, l
 
     # Every reply lands on the list, which expires after its last reply.
     wait_for(lambda: r.llen(reply_to) == BURST, 60, "all replies on the reply list")
-    assert 0 < r.ttl(reply_to) <= lane.REPLY_TTL_S
+    assert 0 < r.ttl(reply_to) <= stream.REPLY_TTL_S
     replies = receive(r, reply_to, BURST)
 
     expected = {f"q{i}": local_encoder.encode([t], "queries", colbert=i % 4 == 0).items[0]
@@ -134,7 +134,7 @@ def test_bad_entries_are_answered_naming_why_and_the_rest_of_the_burst_succeeds(
     workers(s)
     r = client(s)
     reply_to = new_reply_key(s)
-    stream = lane.stream_key(s)
+    key = stream.stream_key(s)
     good = {f"ok{i}": {"texts": [f"good query {i}"]} for i in range(20)}
     bad = {"unknown-option": {"texts": ["x"], "colour": "red"},
            "too-many": {"texts": ["x"] * 6},
@@ -142,18 +142,18 @@ def test_bad_entries_are_answered_naming_why_and_the_rest_of_the_burst_succeeds(
            "bad-max-length": {"texts": ["x"], "max_length": "long"}}
     pipe = r.pipeline(transaction=False)
     for job_id, payload in list(good.items())[:10]:
-        pipe.xadd(stream, lane.request_fields(job_id, reply_to, payload))
-    pipe.xadd(stream, {lane.F_ID: b"pickled", lane.F_REPLY: reply_to.encode(),
-                       lane.F_BODY: pickle.dumps({"texts": ["x"]})})
-    pipe.xadd(stream, {lane.F_ID: b"no-body", lane.F_REPLY: reply_to.encode()})
+        pipe.xadd(key, stream.request_fields(job_id, reply_to, payload))
+    pipe.xadd(key, {stream.F_ID: b"pickled", stream.F_REPLY: reply_to.encode(),
+                       stream.F_BODY: pickle.dumps({"texts": ["x"]})})
+    pipe.xadd(key, {stream.F_ID: b"no-body", stream.F_REPLY: reply_to.encode()})
     for job_id, payload in bad.items():
-        pipe.xadd(stream, lane.request_fields(job_id, reply_to, payload))
+        pipe.xadd(key, stream.request_fields(job_id, reply_to, payload))
     # A reply list outside the lane's keys: acknowledged, never written to.
     foreign = f"{s.queue_prefix}.documents"
-    pipe.xadd(stream, lane.request_fields("foreign-reply", foreign, {"texts": ["x"]}))
-    pipe.xadd(stream, lane.request_fields("item-error", reply_to, {"texts": ["fine", "   "]}))
+    pipe.xadd(key, stream.request_fields("foreign-reply", foreign, {"texts": ["x"]}))
+    pipe.xadd(key, stream.request_fields("item-error", reply_to, {"texts": ["fine", "   "]}))
     for job_id, payload in list(good.items())[10:]:
-        pipe.xadd(stream, lane.request_fields(job_id, reply_to, payload))
+        pipe.xadd(key, stream.request_fields(job_id, reply_to, payload))
     pipe.execute()
 
     replies = receive(r, reply_to, len(good) + len(bad) + 3)
@@ -174,7 +174,7 @@ def test_bad_entries_are_answered_naming_why_and_the_rest_of_the_burst_succeeds(
     # Recorded just after the replies go out (the accounting follows the reply pipeline).
     wait_for(lambda: {json.loads(f)["id"] for f in r.lrange(failures_key(s), 0, -1)} >= {"pickled", "no-body", *bad},
              10, "every bad entry recorded as a failure")
-    wait_for(lambda: r.xlen(stream) == 0, 10, "the foreign-reply entry acknowledged")
+    wait_for(lambda: r.xlen(key) == 0, 10, "the foreign-reply entry acknowledged")
     assert_clean(s, r)
 
 
@@ -206,8 +206,9 @@ def test_queries_held_by_a_dead_worker_are_answered_by_another_within_the_bound(
     print(f"victim answered {answered_by_victim}, held {held}; all answered {took:.1f}s after its death")
 
     # The dead consumer, holding nothing now, leaves the group.
-    wait_for(lambda: victim_name not in {c["name"].decode() for c in r.xinfo_consumers(lane.stream_key(s), lane.GROUP)},
-             3 * wire.heartbeat_s(s) + 5, "the dead consumer deleted from the group")
+    consumers = lambda: {c["name"].decode() for c in r.xinfo_consumers(stream.stream_key(s), stream.GROUP)}  # noqa: E731
+    wait_for(lambda: victim_name not in consumers(), 3 * wire.heartbeat_s(s) + 5,
+             "the dead consumer deleted from the group")
     assert_clean(s, r)
 
 
@@ -222,7 +223,7 @@ def test_a_poison_query_is_given_up_after_bounded_deliveries(workers):
     # The second worker claims it once the first one's heartbeat has expired, and dies of it too.
     second = workers(s, env=crash, wait=False)
     assert second.proc.wait(60) == CRASH_EXIT_CODE
-    assert r.xpending_range(lane.stream_key(s), lane.GROUP, "-", "+", 10)[0]["times_delivered"] == 2
+    assert r.xpending_range(stream.stream_key(s), stream.GROUP, "-", "+", 10)[0]["times_delivered"] == 2
     # The third would be delivery 3: given up on, answered with why, recorded; the third worker lives on.
     third = workers(s, env=crash)
     send(r, s, reply_to, {"fine-job": {"texts": ["a fine query"]}})
@@ -252,7 +253,7 @@ def test_sigterm_answers_what_the_worker_took_and_leaves_nothing_lost(workers):
     assert pending_on(s, r) == {}
     answered = r.llen(reply_to)
     assert 0 < answered < len(jobs), answered
-    assert r.xlen(lane.stream_key(s)) == len(jobs) - answered
+    assert r.xlen(stream.stream_key(s)) == len(jobs) - answered
 
     workers(s)
     replies = receive(r, reply_to, len(jobs), timeout_s=120)
@@ -272,8 +273,8 @@ def test_a_pickled_body_is_never_unpickled(workers, tmp_path):
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    r.xadd(lane.stream_key(s), {lane.F_ID: b"evil", lane.F_REPLY: reply_to.encode(), lane.F_BODY: pickle.dumps(Evil()),
-                                lane.F_SENT: b"not a time"})
+    r.xadd(stream.stream_key(s), {stream.F_ID: b"evil", stream.F_REPLY: reply_to.encode(),
+                                  stream.F_BODY: pickle.dumps(Evil()), stream.F_SENT: b"not a time"})
     (_, error), = receive(r, reply_to, 1).values()
     assert error.startswith("PayloadError: the body is not msgpack") and not marker.exists()
     assert_clean(s, r)
@@ -297,7 +298,7 @@ def test_the_lane_goes_on_after_a_redis_restart_and_a_lost_stream(private_redis,
     assert set(replies) == {f"b{i}" for i in range(20)} and all(e is None for _, e in replies.values())
 
     # The stream is lost with its group (a Redis without persistence): the lane makes both again.
-    r.delete(lane.stream_key(s))
+    r.delete(stream.stream_key(s))
     send(r, s, reply_to, {f"c{i}": {"texts": [f"lost {i}"]} for i in range(20)})
     replies = receive(r, reply_to, 20, timeout_s=30)
     assert set(replies) == {f"c{i}" for i in range(20)} and all(e is None for _, e in replies.values())

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from producer.errors import ConfigError
-from producer.settings import Settings
+from producer.contract.errors import ConfigError
+from producer.contract.settings import Settings
 from worker import testing
 from worker.runtime import load_encoder
 

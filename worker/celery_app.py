@@ -11,8 +11,8 @@ import os
 
 from celery import Celery, signals
 
-from producer import wire
-from producer.settings import Settings
+from producer.contract import wire
+from producer.contract.settings import Settings
 from worker import broker, runtime
 from worker.query_lane import QueryLane
 from worker.reclaim import HeldJobs, Reclaimer

@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from producer.errors import DeviceError
+from producer.contract.errors import DeviceError
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from typing import Sequence
 
 import torch
 
-from producer.checks import text_problem
-from producer.errors import ConfigError
-from producer.settings import Settings
-from producer.wire import TRUNCATION_SIDES, Embedding, Item, ItemError
+from producer.contract.checks import text_problem
+from producer.contract.errors import ConfigError
+from producer.contract.settings import Settings
+from producer.contract.wire import TRUNCATION_SIDES, Embedding, Item, ItemError
 from worker.batcher import plan_batches
 from worker.device import dtype_name, pin, resolve_device, resolve_dtype
 from worker.model import BGEM3Model, resolve_checkpoint

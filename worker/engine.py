@@ -26,9 +26,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from producer.errors import ConfigError
-from producer.settings import Settings
-from producer.wire import Embedding, Item, ItemError
+from producer.contract.errors import ConfigError
+from producer.contract.settings import Settings
+from producer.contract.wire import Embedding, Item, ItemError
 from worker.batcher import fits
 from worker.encoder import Encoder, EncodeResult, Prepared
 from worker.slicing import Slicer

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from producer import wire
-from producer.errors import PoisonJob
+from producer.contract import wire
+from producer.contract.errors import PoisonJob
 from worker.records import count_delivery, record_failure
 from worker.runtime import Runtime
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from producer.errors import ModelLoadError
+from producer.contract.errors import ModelLoadError
 from worker.slicing import Slicer
 
 HEADS = ("colbert_linear.pt", "sparse_linear.pt")

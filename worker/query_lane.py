@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from celery import bootsteps, states
 from kombu import Consumer
 
-from producer import wire
+from producer.contract import wire
 from worker import runtime
 from worker.jobs import Job
 from worker.tasks import INSTANT_TASKS, encode_options, encode_result

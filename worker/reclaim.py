@@ -5,7 +5,7 @@ kombu's own sweep only restores a message delivered longer ago than the visibili
 default), whoever holds it: a worker killed a second after taking a job would hold it for an hour. Here each
 worker lists the delivery tags it holds in its heartbeat (:func:`held`), and every running worker, at
 each heartbeat, puts back the jobs that are older than a heartbeat's lifetime and that no live worker lists
-(:func:`producer.wire.unheld_jobs`). A live worker lists its jobs however long they run, so they are never
+(:func:`producer.contract.wire.unheld_jobs`). A live worker lists its jobs however long they run, so they are never
 taken from it; the visibility timeout stays as the last resort.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ import logging
 
 from celery import Celery, bootsteps
 
-from producer import wire
-from producer.settings import Settings
+from producer.contract import wire
+from producer.contract.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """What a worker writes to Redis about its jobs, for `m3q status` and the delivery bound.
 
-The keys are the contract's (:mod:`producer.wire`); only workers write them.
+The keys are the contract's (:mod:`producer.contract.wire`); only workers write them.
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 
 import redis
 
-from producer import wire
-from producer.settings import Settings
+from producer.contract import wire
+from producer.contract.settings import Settings
 
 
 def record_failure(s: Settings, r: redis.Redis, task: str, job_id: str, reason: str) -> None:

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from producer import wire
-from producer.settings import Settings
+from producer.contract import wire
+from producer.contract.settings import Settings
 from worker import testing
 from worker.encoder import Encoder, Limits
 from worker.engine import Engine, StepStats
@@ -88,7 +88,7 @@ class Runtime:
     def milvus(self):
         """A Milvus client, created on first use and reused."""
         if self._milvus is None:
-            from producer import milvus
+            from producer.contract import milvus
 
             self._milvus = milvus.connect(self.settings)
         return self._milvus
@@ -100,7 +100,7 @@ class Runtime:
     def redis(self):
         """A Redis client on the broker, created on first use and shared by all threads (it reconnects itself)."""
         if self._redis is None:
-            from producer.wire import redis_client
+            from producer.contract.wire import redis_client
 
             self._redis = redis_client(self.settings)
         return self._redis

@@ -1,6 +1,6 @@
 """The Milvus sink that index jobs write to: the collection's schema and indexes, row checks, upsert by id.
 
-Only a worker writes rows; the producer side (:mod:`producer.milvus`) connects, checks, counts and searches.
+Only a worker writes rows; the producer side (:mod:`producer.contract.milvus`) connects, checks, counts and searches.
 This module builds on it (the contract direction is worker -> producer, never the reverse).
 
 Collection layout (README, "Milvus"): ``id`` VARCHAR primary key (the caller's id, so re-indexing is an
@@ -18,15 +18,22 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
-from producer import checks
-from producer.checks import ID_MAX_BYTES, TEXT_MAX_BYTES
-from producer.errors import MilvusError, MilvusRejected
-from producer.milvus import EMPTY_SPARSE_TOKEN, PROP_DIM, PROP_MODEL, call_milvus, check_collection, collection_dim
+from producer.contract import checks
+from producer.contract.checks import ID_MAX_BYTES, TEXT_MAX_BYTES
+from producer.contract.errors import MilvusError, MilvusRejected
+from producer.contract.milvus import (
+    EMPTY_SPARSE_TOKEN,
+    PROP_DIM,
+    PROP_MODEL,
+    call_milvus,
+    check_collection,
+    collection_dim,
+)
 
 SPARSE_INDEX_LIMIT = 2**32 - 1
 """Sparse token ids must lie in [0, 2**32 - 1) (Milvus stores them as uint32, the last one reserved)."""
 EMPTY_SPARSE_WEIGHT = 1e-6
-"""Weight of :data:`producer.milvus.EMPTY_SPARSE_TOKEN`: nonzero (Milvus requires it) and too small to matter."""
+"""Weight of :data:`producer.contract.milvus.EMPTY_SPARSE_TOKEN`: nonzero (Milvus requires it), too small to matter."""
 UPSERT_CHUNK_BYTES = 16 * 1024 * 1024
 """Rows are sent in chunks of about this size, well under Milvus' gRPC message limit."""
 CREATE_RACE_WAIT_S = 5.0

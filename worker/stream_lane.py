@@ -1,6 +1,6 @@
 """The stream lane: query jobs on a Redis stream, many per round trip, answered on per-client reply lists.
 
-The wire contract is :mod:`producer.lane`. One reader thread takes up to the free prefetch
+The wire contract is :mod:`producer.contract.stream`. One reader thread takes up to the free prefetch
 (``M3Q_QUERY_PREFETCH`` minus the jobs it holds) in one ``XREADGROUP``, checks each payload exactly as the
 Celery path does and hands it to the device loop, which batches across jobs. One writer thread answers every
 job finished by then in one pipeline: the replies first, then one ``XACK`` and one ``XDEL`` (at least once:
@@ -26,8 +26,8 @@ import redis
 from celery import bootsteps
 from celery.worker import state as worker_state
 
-from producer import lane, wire
-from producer.wire import PayloadError
+from producer.contract import stream, wire
+from producer.contract.wire import PayloadError
 from worker import runtime
 from worker.jobs import Job, poison
 from worker.tasks import encode_options, encode_result
@@ -48,7 +48,7 @@ RETRY_S = 1.0
 class Done:
     """A job ready to be answered: its entry, its life cycle, and its result or why it failed."""
 
-    request: lane.Request
+    request: stream.Request
     job: Job
     result: dict | None = None
     error: Exception | None = None
@@ -130,8 +130,8 @@ class Lane:
         self.s = rt.settings
         self.r = rt.redis()
         self.name = rt.hostname  # the heartbeat hostname: the dead-worker sweep tells live consumers by it
-        self.stream = lane.stream_key(self.s)
-        self.reply_prefix = lane.reply_key(self.s, "")
+        self.stream = stream.stream_key(self.s)
+        self.reply_prefix = stream.reply_key(self.s, "")
         self.stats = LaneStats(getattr(rt.metrics, "registry", None))
         self._held: dict[bytes, float] = {}  # entries taken and not yet acknowledged -> when taken
         self._cond = threading.Condition()
@@ -226,7 +226,7 @@ class Lane:
             return
         try:
             # From "0": entries added before the group existed are read too.
-            self.r.xgroup_create(self.stream, lane.GROUP, id="0", mkstream=True)
+            self.r.xgroup_create(self.stream, stream.GROUP, id="0", mkstream=True)
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
@@ -246,7 +246,7 @@ class Lane:
         return 0
 
     def _read(self, count: int) -> None:
-        response = self.r.xreadgroup(lane.GROUP, self.name, {self.stream: ">"}, count=count, block=BLOCK_MS)
+        response = self.r.xreadgroup(stream.GROUP, self.name, {self.stream: ">"}, count=count, block=BLOCK_MS)
         for _, entries in _streams(response):
             if entries:
                 self.stats.read(len(entries))
@@ -255,7 +255,7 @@ class Lane:
 
     def _take(self, entry_id: bytes, fields: dict | None) -> None:
         """Check one entry and queue it for the device; a bad one is answered with why."""
-        request = lane.read_request(entry_id, fields or {})
+        request = stream.read_request(entry_id, fields or {})
         with self._cond:
             self._held[entry_id] = time.monotonic()
         job = Job.start(self.rt, TASK, request.job_id, request.sent)
@@ -278,7 +278,7 @@ class Lane:
         """Claim and answer the entries of dead workers; forget dead consumers that hold nothing."""
         ttl_ms = int(wire.heartbeat_ttl_s(self.s) * 1000)
         live: set[str] | None = None
-        pending = self.r.xpending_range(self.stream, lane.GROUP, "-", "+", 1000, idle=ttl_ms)
+        pending = self.r.xpending_range(self.stream, stream.GROUP, "-", "+", 1000, idle=ttl_ms)
         if pending:
             live = self._live()
             with self._cond:
@@ -304,7 +304,7 @@ class Lane:
         if not ids:
             return
         # min-idle again: of several live workers sweeping at once, only the first claims an entry.
-        claimed = self.r.xclaim(self.stream, lane.GROUP, self.name, ttl_ms, ids)
+        claimed = self.r.xclaim(self.stream, stream.GROUP, self.name, ttl_ms, ids)
         given_up = 0
         for entry_id, fields in claimed:
             if entry_id in poison:
@@ -318,7 +318,7 @@ class Lane:
                         self.stream, given_up)
 
     def _give_up(self, entry_id: bytes, fields: dict | None, deliveries: int) -> None:
-        request = lane.read_request(entry_id, fields or {})
+        request = stream.read_request(entry_id, fields or {})
         with self._cond:
             self._held[entry_id] = time.monotonic()
         self._done.put(Done(request, Job.start(self.rt, TASK, request.job_id),
@@ -326,14 +326,14 @@ class Lane:
 
     def _forget_consumers(self, ttl_ms: int, live: set[str] | None) -> None:
         # A dead worker's consumer with nothing pending is deleted, so the group does not grow without bound.
-        idle = [_text(c["name"]) for c in self.r.xinfo_consumers(self.stream, lane.GROUP)
+        idle = [_text(c["name"]) for c in self.r.xinfo_consumers(self.stream, stream.GROUP)
                 if not c.get("pending") and int(c.get("idle", 0)) > ttl_ms and _text(c["name"]) != self.name]
         if not idle:
             return
         live = self._live() if live is None else live
         for name in idle:
             if name not in live:
-                self.r.xgroup_delconsumer(self.stream, lane.GROUP, name)
+                self.r.xgroup_delconsumer(self.stream, stream.GROUP, name)
 
     # ---- the writer --------------------------------------------------------------------------------------
 
@@ -356,7 +356,7 @@ class Lane:
             except Exception:  # noqa: BLE001 - a bug must not end the lane; the entries stay pending
                 log.exception("stream lane writer failed on %d job(s)", len(batch))
 
-    def _settle(self, item: Done | tuple[lane.Request, Job, Future]) -> Done:
+    def _settle(self, item: Done | tuple[stream.Request, Job, Future]) -> Done:
         if isinstance(item, Done):
             return item
         request, job, future = item
@@ -375,9 +375,9 @@ class Lane:
                 replies.setdefault(key, []).append(_reply(done))
         for key, values in replies.items():
             pipe.rpush(key, *values)
-            pipe.expire(key, lane.REPLY_TTL_S)
+            pipe.expire(key, stream.REPLY_TTL_S)
         ids = [done.request.entry_id for done in batch]
-        pipe.xack(self.stream, lane.GROUP, *ids)
+        pipe.xack(self.stream, stream.GROUP, *ids)
         pipe.xdel(self.stream, *ids)
         if self._execute(pipe, len(batch)):
             self.stats.replied(sum(len(v) for v in replies.values()))
@@ -388,7 +388,7 @@ class Lane:
                 self._held.pop(entry_id, None)
             self._cond.notify_all()
 
-    def _reply_to(self, request: lane.Request) -> str | None:
+    def _reply_to(self, request: stream.Request) -> str | None:
         # Only this prefix's reply lists: an entry must not make a worker push onto any other key.
         if request.reply_to.startswith(self.reply_prefix) and len(request.reply_to) > len(self.reply_prefix):
             return request.reply_to
@@ -421,8 +421,8 @@ class Lane:
 
 def _reply(done: Done) -> bytes:
     if done.error is not None:
-        return lane.encode_reply(done.request.job_id, error=f"{type(done.error).__name__}: {done.error}")
-    return lane.encode_reply(done.request.job_id, done.result)
+        return stream.encode_reply(done.request.job_id, error=f"{type(done.error).__name__}: {done.error}")
+    return stream.encode_reply(done.request.job_id, done.result)
 
 
 def _streams(response: Any) -> list:

@@ -2,7 +2,7 @@
 or sink them (:mod:`worker.sink`).
 
 A bad text is an item error in the result; a bad payload (unknown option, too big, too many texts) fails
-the whole job with a :class:`~producer.wire.PayloadError` before anything is encoded. The life cycle around
+the whole job with a :class:`~producer.contract.wire.PayloadError` before anything is encoded. The life cycle around
 a job (deliveries, metrics, failure records) is :mod:`worker.jobs`; the query lanes run the same encode
 body (:func:`encode_options`, then the device loop, then :func:`encode_result`).
 """
@@ -14,9 +14,9 @@ from typing import Any
 import msgpack
 from celery import Celery, Task
 
-from producer import checks, wire
-from producer.errors import MilvusError, MilvusRejected, SchemaMismatch
-from producer.wire import ItemError, PayloadError, check_options, encode_item
+from producer.contract import checks, wire
+from producer.contract.errors import MilvusError, MilvusRejected, SchemaMismatch
+from producer.contract.wire import ItemError, PayloadError, check_options, encode_item
 from worker.jobs import Job, info_answer
 from worker.runtime import Runtime, current
 
@@ -217,7 +217,7 @@ def _rows(ids: list, texts: list, metadata: list, good: list[int], items: list, 
 
 
 def _check_rows(rt: Runtime, ids: list, metadata: list | None, n: int) -> dict[int, str]:
-    """Item errors for bad ids (type, length, repeats) and metadata (:mod:`producer.checks`)."""
+    """Item errors for bad ids (type, length, repeats) and metadata (:mod:`producer.contract.checks`)."""
     if metadata is not None and (not isinstance(metadata, list) or len(metadata) != n):
         raise PayloadError("'metadata' must be a list as long as 'texts'")
     errors: dict[int, str] = {}

@@ -25,8 +25,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from producer.errors import ConfigError
-from producer.wire import Embedding, Item
+from producer.contract.errors import ConfigError
+from producer.contract.wire import Embedding, Item
 from worker.encoder import Encoder, Limits, Prepared
 from worker.slicing import Slicer
 from worker.tokenizer import SpecialIds

@@ -19,11 +19,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from producer.client import Client
+from producer.contract.settings import Settings
+from producer.contract.wire import model_identity
 from producer.gateway import encode, jobs, tei
 from producer.gateway.guard import Guard, Metrics
 from producer.gateway.http import ApiError, api_error, error_response, json_response
-from producer.settings import Settings
-from producer.wire import model_identity
 
 log = logging.getLogger("m3q.gateway")
 

@@ -17,10 +17,10 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
-from producer import wire
+from producer.contract import wire
+from producer.contract.wire import Embedding, ItemError, encode_item
 from producer.gateway import http
 from producer.gateway.http import ApiError, invalid
-from producer.wire import Embedding, ItemError, encode_item
 
 OWNER = "m3-queue"
 """``owned_by`` of the model in ``/v1/models``."""
@@ -151,7 +151,7 @@ def encoded(index: int, item: Any, binary: bool) -> dict[str, Any]:
     """One item of /v1/encode: vectors as JSON numbers, or (msgpack) as little-endian float32/int32 bytes."""
     if isinstance(item, ItemError):
         return {"index": index, "error": item.reason}
-    if binary:  # the workers' own compact form (producer.wire.encode_item), with the item's place
+    if binary:  # the workers' own compact form (producer.contract.wire.encode_item), with the item's place
         return {"index": index, **encode_item(item)}
     out: dict[str, Any] = {"index": index, "tokens": item.n_tokens, "truncated": item.truncated}
     if item.dense is not None:

@@ -14,8 +14,8 @@ from typing import Any, Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from producer.contract.settings import Settings
 from producer.gateway.http import ApiError, api_error, error_response, log
-from producer.settings import Settings
 
 OPEN_ROUTES = frozenset({("GET", "/health"), ("GET", "/"), ("GET", "/ping"), ("GET", "/metrics")})
 """Reachable without a key and never refused for load: the health probes (TEI's ``GET /`` and ``/ping``

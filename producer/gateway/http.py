@@ -23,7 +23,7 @@ import redis
 from starlette.requests import Request
 from starlette.responses import Response
 
-from producer import errors
+from producer.contract import errors
 
 log = logging.getLogger("m3q.gateway")
 
@@ -70,7 +70,7 @@ def error_response(path: str, err: ApiError) -> Response:
     return Response(orjson.dumps(body), err.status, err.headers, media_type=JSON)
 
 
-# m3-queue's own errors (producer/errors.py), most specific first: (class, status, code).
+# m3-queue's own errors (producer/contract/errors.py), most specific first: (class, status, code).
 _STATUS = ((errors.NoWorker, 503, "no_worker"), (errors.JobTimeout, 504, "job_timeout"),
            (errors.BrokerError, 503, "broker"), (errors.PayloadError, 422, "payload"),
            (errors.SchemaMismatch, 409, "schema_mismatch"), (errors.MilvusRejected, 422, "milvus_rejected"),

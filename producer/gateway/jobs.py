@@ -19,11 +19,11 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
-from producer import checks
+from producer.contract import checks
+from producer.contract.settings import Settings
 from producer.gateway import http
 from producer.gateway.http import ApiError, invalid
 from producer.replies import async_redis
-from producer.settings import Settings
 
 COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 """Milvus' rule for collection names."""
@@ -89,7 +89,7 @@ def rows_of(documents: Any, s: Settings) -> tuple[list[Row], list[dict[str, Any]
 
 
 def document_problem(doc: Any, s: Settings) -> str | None:
-    """Why one document cannot be indexed, or None: the rules of :mod:`producer.checks`, in the order a worker
+    """Why one document cannot be indexed, or None: the rules of :mod:`producer.contract.checks`, in the order a worker
     applies them to an index job (id, metadata, text), so the reasons are the ones `m3q index` reports."""
     if not isinstance(doc, dict):
         return f'must be an object {{"id", "text", "metadata"}}, got {http.describe(doc)}'

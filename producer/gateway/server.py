@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from producer.settings import Settings
+from producer.contract.settings import Settings
 
 log = logging.getLogger("m3q.gateway")
 

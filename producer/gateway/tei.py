@@ -20,11 +20,11 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
-from producer import wire
+from producer.contract import wire
+from producer.contract.wire import Embedding
 from producer.gateway import http
 from producer.gateway.encode import checked, texts_of
 from producer.gateway.http import ApiError, invalid
-from producer.wire import Embedding
 
 TEI_VERSION = "1.8.0"
 """The TEI API version whose shapes these routes follow (reported by /info)."""

@@ -29,7 +29,7 @@ The modules, in the order a job meets them:
 """
 from __future__ import annotations
 
-from producer.errors import DriverBusy, DriverLost, ReindexFailed, ReindexInterrupted
+from producer.contract.errors import DriverBusy, DriverLost, ReindexFailed, ReindexInterrupted
 from producer.reindex.checkpoint import FINISHED_KEPT_S, State, job_key
 from producer.reindex.driver import resume_reindex, start_in_background, start_reindex
 from producer.reindex.report import ReindexReport, get_job, list_jobs

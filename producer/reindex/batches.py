@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from producer import checks, milvus
-from producer.errors import ConfigError
+from producer.contract import checks, milvus
+from producer.contract.errors import ConfigError
 from producer.sources import count_documents, read_documents
 
 MILVUS_PREFIX = "milvus:"

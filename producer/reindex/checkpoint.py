@@ -25,9 +25,9 @@ from typing import Any
 
 import redis
 
-from producer.errors import ConfigError
-from producer.settings import Settings
-from producer.wire import redis_client
+from producer.contract.errors import ConfigError
+from producer.contract.settings import Settings
+from producer.contract.wire import redis_client
 
 
 class State(str, Enum):

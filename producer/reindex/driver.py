@@ -18,15 +18,15 @@ import redis
 from celery import states
 from celery.result import AsyncResult
 
-from producer import milvus, wire
 from producer.client import Client, Handle
-from producer.errors import ConfigError, JobFailed, PayloadError, ReindexFailed, ReindexInterrupted
+from producer.contract import milvus, wire
+from producer.contract.errors import ConfigError, JobFailed, PayloadError, ReindexFailed, ReindexInterrupted
+from producer.contract.settings import Settings
 from producer.reindex import batches, versions
 from producer.reindex.batches import Batch
 from producer.reindex.checkpoint import DRIVABLE, REJECTS_KEPT, Checkpoint, State, new_job_id
 from producer.reindex.lock import DriverLock
 from producer.reindex.report import ReindexReport, report_of
-from producer.settings import Settings
 
 log = logging.getLogger(__name__)
 

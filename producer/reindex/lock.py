@@ -11,7 +11,7 @@ import contextlib
 
 import redis
 
-from producer.errors import DriverBusy, DriverLost, LeaseBusy
+from producer.contract.errors import DriverBusy, DriverLost, LeaseBusy
 from producer.lease import Lease
 from producer.reindex.checkpoint import Checkpoint
 

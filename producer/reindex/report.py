@@ -5,11 +5,11 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from producer import milvus
+from producer.contract import milvus
+from producer.contract.settings import Settings
+from producer.contract.wire import redis_client
 from producer.reindex import checkpoint
 from producer.reindex.checkpoint import Checkpoint, State
-from producer.settings import Settings
-from producer.wire import redis_client
 
 
 @dataclass

@@ -12,12 +12,12 @@ from typing import Any
 
 import redis
 
-from producer import milvus
-from producer.errors import ConfigError
+from producer.contract import milvus
+from producer.contract.errors import ConfigError
+from producer.contract.settings import Settings
+from producer.contract.wire import redis_client
 from producer.reindex import checkpoint
 from producer.reindex.checkpoint import FINISHED_KEPT_S, UNFINISHED, Checkpoint, State
-from producer.settings import Settings
-from producer.wire import redis_client
 
 
 def version_name(alias: str, number: int) -> str:

@@ -31,7 +31,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
-from producer.errors import ConfigError
+from producer.contract.errors import ConfigError
 from worker.replica.tokenizer import MODEL_MAX_LENGTH, build_tokenizer, corpus_text, save_tokenizer
 
 

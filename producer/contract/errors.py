@@ -29,9 +29,9 @@ their meaning matches, so ``except ValueError`` and ``except ConnectionError`` k
     ├── IndexInterrupted
     └── ReindexInterrupted
 
-The classes are also importable from the modules that raise them (``producer.wire.PayloadError``,
+The classes are also importable from the modules that raise them (``producer.contract.wire.PayloadError``,
 ``producer.client.JobFailed``, ...). A worker's failure reaches a Celery-native caller through the result
-backend as ``exc_module`` + ``exc_type`` (``producer.errors.PayloadError``), so this module must stay
+backend as ``exc_module`` + ``exc_type`` (``producer.contract.errors.PayloadError``), so this module must stay
 importable without torch.
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from producer.errors import ConfigError
+from producer.contract.errors import ConfigError
 
 ENV_PREFIX = "M3Q_"
 

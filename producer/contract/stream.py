@@ -22,7 +22,7 @@ from typing import Any
 
 import msgpack
 
-from producer.settings import Settings
+from producer.contract.settings import Settings
 
 GROUP = "m3q-workers"
 """The consumer group of every worker on a stream."""

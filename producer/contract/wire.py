@@ -13,8 +13,8 @@ import numpy as np
 import redis
 from celery import Celery
 
-from producer.errors import PayloadError  # noqa: F401 - callers import it from here
-from producer.settings import Settings
+from producer.contract.errors import PayloadError  # noqa: F401 - callers import it from here
+from producer.contract.settings import Settings
 
 # Task names: sent by name, so the producer never imports the worker.
 TASK_ENCODE_QUERIES = "m3q.encode_queries"

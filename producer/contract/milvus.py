@@ -35,8 +35,8 @@ from pymilvus.exceptions import (
     PrimaryKeyException,
 )
 
-from producer.errors import ConfigError, MilvusError, MilvusRejected, SchemaMismatch  # noqa: F401 - re-exported
-from producer.settings import Settings
+from producer.contract.errors import ConfigError, MilvusError, MilvusRejected, SchemaMismatch  # noqa: F401 - re-exported
+from producer.contract.settings import Settings
 
 EMPTY_SPARSE_TOKEN = 2**32 - 2
 """Token id stored for a text whose sparse vector is empty: outside every vocabulary, so no query has it
