@@ -35,6 +35,7 @@ from bench.lane import tasks_shape  # noqa: E402
 from bench.load import _proc_cpu  # noqa: E402
 from producer.client import Client  # noqa: E402
 from producer.contract.settings import Settings  # noqa: E402
+from producer.devstack import free_port  # noqa: E402
 
 
 @dataclass
@@ -91,14 +92,6 @@ class Gateway:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def http_shape(url: str, texts: list[str], n: int, seconds: float) -> tuple[list[float], int]:

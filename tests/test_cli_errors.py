@@ -21,7 +21,7 @@ from producer.cli import build_parser
 from producer.contract import milvus
 from producer.milvus_lite import port_open
 from producer.status import collect, render
-from tests.conftest import ROOT, TINY, WorkerProcess, free_port, make_settings, settings_env
+from tests.conftest import ROOT, TINY, WorkerProcess, free_port, make_settings, settings_env, wait_for
 from worker import sink
 
 TIMEOUT_S = 180
@@ -78,13 +78,6 @@ def docs_file(path: Path, n: int, prefix: str = "d") -> Path:
     path.write_text("".join(json.dumps({"id": f"{prefix}{i}", "text": f"document {i} about topic {i % 7}"}) + "\n"
                             for i in range(n)))
     return path
-
-
-def wait_until(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not in {timeout_s} s"
-        time.sleep(0.05)
 
 
 # ---- item 4: reindex into a collection ------------------------------------------------------------------
@@ -220,7 +213,7 @@ def test_ctrl_c_in_index_prints_what_was_stored_and_nothing_is_lost(worker, mc, 
     # Over one job stored: with one job in flight the second is sent only once the first one's result is
     # back, so the summary's count (results received, not rows in Milvus) is above zero.
     try:
-        wait_until(lambda: mc.has_collection(collection) and milvus.count(mc, collection) > slow.job_texts, 120,
+        wait_for(lambda: mc.has_collection(collection) and milvus.count(mc, collection) > slow.job_texts, 120,
                    "two batches stored")
     except AssertionError as e:
         proc.kill()
@@ -244,7 +237,7 @@ def test_ctrl_c_in_reindex_prints_the_resume_line_and_status_says_interrupted(wo
     slow = worker.settings.replace(job_texts=10)
     proc = spawn(slow, "reindex", "--from", str(source), "--into", alias, "--job-id", job_id, "--rate-limit", "100",
                  "--no-progress")
-    wait_until(lambda: _job(slow, job_id).get("done", 0) > 0, 60, "the first batch is recorded")
+    wait_for(lambda: _job(slow, job_id).get("done", 0) > 0, 60, "the first batch is recorded")
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, out + err
@@ -262,7 +255,7 @@ def test_a_killed_reindex_driver_shows_interrupted_once_its_lock_expires(worker,
     slow = worker.settings.replace(job_texts=10)
     proc = spawn(slow, "reindex", "--from", str(source), "--into", alias, "--job-id", job_id, "--rate-limit", "50",
                  "--no-progress")
-    wait_until(lambda: _job(slow, job_id).get("done", 0) > 0, 60, "the first batch is recorded")
+    wait_for(lambda: _job(slow, job_id).get("done", 0) > 0, 60, "the first batch is recorded")
     proc.kill()
     proc.wait()
     assert f"{job_id}  running" in render(collect(slow))  # its lock lives on for up to DRIVER_LOCK_TTL_S
@@ -313,12 +306,12 @@ def test_sigterm_on_m3q_milvus_stops_the_server(tmp_path):
     port, data = free_port(), tmp_path / "milvus-data"
     s = make_settings(milvus_port=port, milvus_data_dir=str(data))
     proc = spawn(s, "milvus")
-    wait_until(lambda: port_open("127.0.0.1", port), 60, "the server answers")
+    wait_for(lambda: port_open("127.0.0.1", port), 60, "the server answers")
     assert _pids_with(str(data))
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
     assert proc.returncode == 143
-    wait_until(lambda: not _pids_with(str(data)), 15, "milvus-lite server is gone")
+    wait_for(lambda: not _pids_with(str(data)), 15, "milvus-lite server is gone")
     assert not port_open("127.0.0.1", port)
 
 
@@ -326,15 +319,15 @@ def test_sigterm_on_m3q_demo_stops_the_worker_and_milvus(tmp_path, redis_client)
     port, data = free_port(), tmp_path / "demo-milvus"
     s = make_settings(milvus_port=port, milvus_data_dir=str(data), model=str(TINY))
     proc = spawn(s, "demo")
-    wait_until(lambda: redis_client.keys(f"{s.queue_prefix}:worker:*"), 120, "the demo's worker is up")
+    wait_for(lambda: redis_client.keys(f"{s.queue_prefix}:worker:*"), 120, "the demo's worker is up")
     (worker_pid,) = [json.loads(redis_client.get(k))["pid"] for k in redis_client.keys(f"{s.queue_prefix}:worker:*")]
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, out
     log = out.split("(log: ", 1)[1].split(",", 1)[0]
     assert not Path(log).exists()  # the worker's log went with it
-    wait_until(lambda: not Path(f"/proc/{worker_pid}").exists(), 15, "the worker is gone")
-    wait_until(lambda: not _pids_with(str(data)), 15, "milvus-lite server is gone")
+    wait_for(lambda: not Path(f"/proc/{worker_pid}").exists(), 15, "the worker is gone")
+    wait_for(lambda: not _pids_with(str(data)), 15, "milvus-lite server is gone")
 
 
 # ---- items 10 and 13: noise, help, version ---------------------------------------------------------------

@@ -5,7 +5,6 @@ Vectors are random, L2-normalised float32 of dim 32: the schema, upsert and sear
 """
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -17,16 +16,11 @@ from producer import milvus_lite
 from producer.contract import milvus
 from producer.contract.milvus import Hit, MilvusError, MilvusRejected, SchemaMismatch
 from producer.contract.settings import Settings
+from tests.conftest import free_port
 from worker import sink
 
 DIM = 32
 MODEL = "test/model-a"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ from producer.reindex import batches as reindex_batches
 from producer.reindex import checkpoint, versions
 from producer.reindex import lock as driver_lock
 from producer.status import collect, render
-from tests.conftest import ROOT, WorkerProcess, free_port, make_settings, settings_env
+from tests.conftest import ROOT, WorkerProcess, free_port, make_settings, settings_env, wait_for
 from worker import sink
 
 N_SWITCH = 5000
@@ -91,13 +91,6 @@ def job_keys(r, s, job_id: str) -> list[bytes]:
     """Every Redis key of a job that exists now: its hash, the sets and lists beside it, its target's reservation."""
     target = reindex.get_job(s, job_id)["target"]
     return r.keys(reindex.job_key(s, job_id) + "*") + r.keys(checkpoint.target_key(s, target))
-
-
-def wait_until(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not in {timeout_s} s"
-        time.sleep(0.02)
 
 
 def failed_job(s, tmp_path, monkeypatch) -> str:
@@ -200,7 +193,7 @@ def test_killed_driver_resumes_without_encoding_a_batch_twice(worker, mc, tmp_pa
     with pytest.raises(reindex.DriverBusy, match=f"re-index {job_id} .*:pid{driver.pid}:"):
         reindex.resume_reindex(s, job_id, rate_limit_docs_s=0, progress=False)
     redis_client.pexpire(lock_key(s, job_id), 1)  # as if its TTL had run out
-    wait_until(lambda: not redis_client.exists(lock_key(s, job_id)), 5, "the dead driver's lock expires")
+    wait_for(lambda: not redis_client.exists(lock_key(s, job_id)), 5, "the dead driver's lock expires")
 
     report = reindex.resume_reindex(s, job_id, rate_limit_docs_s=0, progress=False)
     job = reindex.get_job(s, job_id)
@@ -300,7 +293,7 @@ def test_a_second_driver_fails_at_once_naming_the_job_and_its_holder(worker, tmp
     source = write_jsonl(tmp_path / "docs.jsonl", [json.dumps({"id": f"l{i}", "text": f"text {i}"}) for i in range(n)])
     before = encoded(s)
     job_id = reindex.start_in_background(s, str(source), alias, rate_limit_docs_s=100)  # about 3 s
-    wait_until(lambda: reindex.get_job(s, job_id)["state"] == "running", 30, "the job runs")
+    wait_for(lambda: reindex.get_job(s, job_id)["state"] == "running", 30, "the job runs")
     busy = f"re-index {job_id} is already being driven by {re.escape(socket.gethostname())}:pid{os.getpid()}:"
 
     with pytest.raises(reindex.DriverBusy, match=busy):
@@ -314,7 +307,7 @@ def test_a_second_driver_fails_at_once_naming_the_job_and_its_holder(worker, tmp
     job = reindex.get_job(s, job_id)
     assert job["state"] == "running" and job["rate_limit_docs_s"] == 100 and job["done"] < n
 
-    wait_until(lambda: not redis_client.exists(lock_key(s, job_id)), 60, "the first driver finishes")
+    wait_for(lambda: not redis_client.exists(lock_key(s, job_id)), 60, "the first driver finishes")
     job = reindex.get_job(s, job_id)
     assert job["state"] == "switched" and job["done"] == job["stored"] == n and job["error"] == ""
     assert tuple(a - b for a, b in zip(encoded(s), before)) == (n, n // 10)
@@ -333,7 +326,7 @@ def test_a_dead_drivers_lock_blocks_until_it_expires_then_resume_works(worker, m
     with pytest.raises(reindex.DriverBusy, match=refused):
         reindex.resume_reindex(s, job_id, progress=False)
     assert reindex.get_job(s, job_id)["state"] == "failed" and redis_client.pttl(lock_key(s, job_id)) > 0
-    wait_until(lambda: not redis_client.exists(lock_key(s, job_id)), 5, "the dead driver's lock expires")
+    wait_for(lambda: not redis_client.exists(lock_key(s, job_id)), 5, "the dead driver's lock expires")
     report = reindex.resume_reindex(s, job_id, progress=False)
     assert report.switched and report.count == 12 and not redis_client.exists(lock_key(s, job_id))
 
@@ -347,10 +340,10 @@ def test_a_driver_that_loses_its_lock_stops_sending_and_fails_the_job(worker, tm
     source = write_jsonl(tmp_path / "docs.jsonl", [json.dumps({"id": f"x{i}", "text": f"text {i}"}) for i in range(n)])
     before = encoded(s)
     job_id = reindex.start_in_background(s, str(source), "lost_" + uuid.uuid4().hex[:8], rate_limit_docs_s=100)
-    wait_until(lambda: _batches_done(s, job_id) >= 3, 30, "three batches are done")
+    wait_for(lambda: _batches_done(s, job_id) >= 3, 30, "three batches are done")
     redis_client.delete(lock_key(s, job_id))
 
-    wait_until(lambda: reindex.get_job(s, job_id)["state"] == "failed", 5, "the driver gives the job up")
+    wait_for(lambda: reindex.get_job(s, job_id)["state"] == "failed", 5, "the driver gives the job up")
     error = reindex.get_job(s, job_id)["error"]
     assert "lost its lock (its key expired or was deleted) and stopped sending batches" in error
     tasks = reindex.job_key(s, job_id) + ":tasks"
@@ -379,7 +372,7 @@ def test_finished_jobs_keys_expire_and_failed_ones_are_kept(worker, mc, tmp_path
 
     for k in finished:  # their expiry, brought forward: list_jobs forgets the job and drops it from its index
         redis_client.pexpire(k, 1)
-    wait_until(lambda: not redis_client.exists(key), 5, "the keys expire")
+    wait_for(lambda: not redis_client.exists(key), 5, "the keys expire")
     assert job_id not in [j["id"] for j in reindex.list_jobs(s)]
     assert not redis_client.sismember(f"{s.queue_prefix}:reindex-jobs", job_id)
 

@@ -53,11 +53,12 @@ def test_a_failing_step_fails_only_its_own_jobs(encoder):
     from collections import deque
 
     from worker.encoder import Prepared
-    from worker.engine import Job
+    from worker.engine import Submission
 
     engine = Engine(encoder, batch_wait_ms=0, cross_job_batching=False)  # the good job must get its own step
     # No tokenizer output can do this: a token id outside the vocabulary makes the forward pass raise.
-    broken = Job("documents", [None], deque([Prepared(0, [0, 10**7, 2], False)]), True, True, False, 0, 3, open_items=1)
+    broken = Submission("documents", [None], deque([Prepared(0, [0, 10**7, 2], False)]), True, True, False, 0, 3,
+                        open_items=1)
     with engine._cond:
         engine._queues["documents"].append(broken)
         engine._cond.notify()

@@ -40,8 +40,8 @@ _DEFAULTS = Settings()  # the engine's defaults are the settings' (M3Q_BATCH_WAI
 
 
 @dataclass
-class Job:
-    """One caller's texts in flight through the engine."""
+class Submission:
+    """One caller's texts in flight through the engine (a lane's job is :class:`worker.jobs.Job`)."""
 
     kind: str
     items: list[Item | None]
@@ -82,7 +82,7 @@ class Engine:
                               self._queries_about) if preempt_ms > 0 else None
         self._last_query = float("-inf")
         self._last_query_jobs = 0  # jobs in the last query step: more than one means queries come concurrently
-        self._queues: dict[str, deque[Job]] = {"queries": deque(), "documents": deque()}
+        self._queues: dict[str, deque[Submission]] = {"queries": deque(), "documents": deque()}
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="m3q-device", daemon=True)
@@ -103,7 +103,7 @@ class Engine:
             raise ConfigError(f"kind must be 'queries' or 'documents', got {kind!r}")
         prepared = self.encoder.prepare(texts, kind, max_length, truncation_side, normalize)
         good = sorted((p for p in prepared if isinstance(p, Prepared)), key=lambda p: -len(p.ids))
-        job = Job(kind, [p if isinstance(p, ItemError) else None for p in prepared], deque(good), dense, sparse,
+        job = Submission(kind, [p if isinstance(p, ItemError) else None for p in prepared], deque(good), dense, sparse,
                   colbert, sum(p.truncated for p in good), sum(len(p.ids) for p in good), open_items=len(good))
         if not good:
             job.future.set_result(self._result(job))
@@ -143,7 +143,7 @@ class Engine:
                 return
             self._run_guarded(*picked)
 
-    def _run_guarded(self, kind: str, step: list[tuple[Job, Prepared]]) -> None:
+    def _run_guarded(self, kind: str, step: list[tuple[Submission, Prepared]]) -> None:
         try:
             self._run(kind, step)
         except Exception as e:  # noqa: BLE001 - a failed step fails its own jobs, never the loop
@@ -165,7 +165,7 @@ class Engine:
                 step = self._take(self._queues["queries"])
             self._run_guarded("queries", step)
 
-    def _next_step(self) -> tuple[str, list[tuple[Job, Prepared]]] | None:
+    def _next_step(self) -> tuple[str, list[tuple[Submission, Prepared]]] | None:
         with self._cond:
             while not (self._queues["queries"] or self._queues["documents"]):
                 if self._stopped:
@@ -188,10 +188,10 @@ class Engine:
     def _waiting_tokens(self, kind: str) -> int:
         return sum(len(p.ids) for job in self._queues[kind] for p in job.pending)
 
-    def _take(self, queue: deque[Job]) -> list[tuple[Job, Prepared]]:
+    def _take(self, queue: deque[Submission]) -> list[tuple[Submission, Prepared]]:
         """Texts for one step under the token budget, from the oldest jobs first."""
         budget = self.encoder.limits.max_batch_tokens
-        step: list[tuple[Job, Prepared]] = []
+        step: list[tuple[Submission, Prepared]] = []
         longest = 0
         while queue:
             job = queue[0]
@@ -206,7 +206,7 @@ class Engine:
                 break
         return step
 
-    def _run(self, kind: str, step: list[tuple[Job, Prepared]]) -> None:
+    def _run(self, kind: str, step: list[tuple[Submission, Prepared]]) -> None:
         slicer = self._slicer if kind == "documents" else None
         started, paused = time.perf_counter(), slicer.paused_s if slicer else 0.0
         want = [any(getattr(j, f) for j, _ in step) for f in ("dense", "sparse", "colbert")]
@@ -225,11 +225,11 @@ class Engine:
                 job.future.set_result(self._result(job))
 
     @staticmethod
-    def _result(job: Job) -> EncodeResult:
+    def _result(job: Submission) -> EncodeResult:
         return EncodeResult(job.items, job.truncated, job.tokens)  # type: ignore[arg-type]
 
 
-def _only_requested(item: Item, job: Job) -> Item:
+def _only_requested(item: Item, job: Submission) -> Item:
     # A step computes the union of what its jobs asked for; each job gets back only its own request.
     if isinstance(item, ItemError):
         return item

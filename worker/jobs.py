@@ -51,7 +51,7 @@ class Job:
         if counted + uncounted > allowed:
             raise poison(self.rt, self.job_id, counted + uncounted)
 
-    def check_payload(self, payload: Any) -> None:
+    def run_test_hook(self, payload: Any) -> None:
         """The test crash hook (:mod:`worker.testing`), armed only under ``M3Q_TESTING=1``."""
         if self.rt.crash_hook is not None:
             self.rt.crash_hook(payload)

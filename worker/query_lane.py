@@ -62,7 +62,7 @@ class QueryLane(bootsteps.ConsumerStep):
                 # Only redeliveries are counted: no Redis round trip on the common path.
                 job.check_deliveries(rt.settings.task_max_retries + 1, uncounted=1)
             payload, options = encode_options(rt, body[0][0] if body and body[0] else None)
-            job.check_payload(payload)
+            job.run_test_hook(payload)
             future = rt.engine.submit(payload["texts"], "queries", **options)
         except Exception as e:  # noqa: BLE001 - a bad job is answered, never dropped
             self._fail(job, message, e)

@@ -57,7 +57,7 @@ def _guarded(task: Task, payload: Any, run) -> dict:
     try:
         # Inside the try: a poison job is recorded like any failure.
         job.check_deliveries(rt.settings.task_max_retries + 1 + (task.request.retries or 0))
-        job.check_payload(payload)
+        job.run_test_hook(payload)
         result = run(rt)
     except Exception as e:
         if not _is_retry(e):
