@@ -1,13 +1,7 @@
 """The Milvus sink that index jobs write to: the collection's schema and indexes, row checks, upsert by id.
 
-Only a worker writes rows; the producer side (:mod:`producer.contract.milvus`) connects, checks, counts and searches.
-This module builds on it (the contract direction is worker -> producer, never the reverse).
-
-Collection layout (README, "Milvus"): ``id`` VARCHAR primary key (the caller's id, so re-indexing is an
-idempotent upsert), ``text`` VARCHAR, ``dense`` FLOAT_VECTOR(dim), ``sparse`` SPARSE_FLOAT_VECTOR,
-``metadata`` JSON; both vector indexes use the IP metric. The model name and dense dimension are recorded
-in the collection's properties (and its description), so a worker running another model cannot mix
-vectors of two models in one collection.
+Only a worker writes rows; connecting, checking, counting and searching are the contract's
+(:mod:`producer.contract.milvus`, which also describes the collection's layout), and this module builds on it.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Milvus for the producer side: connect, check a collection, count, dense/sparse/hybrid search.
-Light: pymilvus and numpy only (no torch). The embedded Milvus Lite server is in :mod:`producer.milvus_lite`;
-the sink that creates collections and writes rows is the worker's (:mod:`worker.sink`).
+"""Milvus for both sides: connect, check a collection, count, dense/sparse/hybrid search, the collection's layout.
+Light: pymilvus and numpy only (no torch), imported by whoever uses it, never by ``import producer``. The
+embedded Milvus Lite server is in :mod:`producer.milvus_lite`; the sink that creates collections and writes
+rows is the worker's (:mod:`worker.sink`).
 
 Errors are split on purpose: :class:`MilvusError` is retryable (Milvus unreachable or transient),
 :class:`SchemaMismatch` and :class:`MilvusRejected` are fatal (retrying cannot help).
