@@ -11,8 +11,9 @@ from typing import Any
 
 _CONTRACT = "producer.contract"
 _EXPORTS = {
-    "Client": "producer.client", "Handle": "producer.client", "LaneHandle": "producer.client",
-    "IndexReport": "producer.client", "RemoteBGEM3EmbeddingFunction": "producer.embedding_function",
+    "Client": "producer.client", "Handle": "producer.celery_jobs",
+    "StreamHandle": "producer.query_stream", "IndexReport": "producer.index_batches",
+    "RemoteBGEM3EmbeddingFunction": "producer.embedding_function",
     "Settings": f"{_CONTRACT}.settings", "Embedding": f"{_CONTRACT}.wire", "ItemError": f"{_CONTRACT}.wire",
     **{name: f"{_CONTRACT}.errors" for name in ("M3QError", "JobFailed", "JobTimeout", "NoWorker", "PayloadError")},
 }

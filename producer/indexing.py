@@ -5,10 +5,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from producer.client import Client, IndexReport
+from producer.client import Client
 from producer.contract import checks, milvus
 from producer.contract.errors import IndexInterrupted
 from producer.contract.settings import Settings
+from producer.index_batches import IndexReport
 from producer.sources import Document, count_documents, read_documents
 
 

@@ -1,10 +1,9 @@
-"""Replies without a thread per waiter: the query lane's reply readers and the asyncio wait for Celery results.
+"""Replies without a thread per waiter: the query stream's reply reader and the asyncio wait for Celery results.
 
 - :class:`ReplyReader`: one daemon thread per process (per broker URL and queue prefix) reads the process's
   reply list (``BLPOP``, then ``LPOP`` of what else is there) and hands each reply to its waiter's
-  ``concurrent.futures.Future``, found by job id.
-- :class:`AsyncLane`: the same for asyncio, one reader task per event loop on a reply list of its own;
-  sends are ``XADD``s gathered into one pipeline per round trip.
+  ``concurrent.futures.Future``, found by job id. Blocking callers wait on that future; asyncio callers
+  await it on their loop (``asyncio.wrap_future``), so every caller of the process shares one reader.
 - :class:`AsyncResults`: Celery results (document jobs) awaited through one ``redis.asyncio`` pub/sub
   connection per event loop, subscribed to each pending job's result key.
 
@@ -144,7 +143,7 @@ def _decoded(raw: bytes) -> tuple[str, Reply]:
     return job_id, (result, error)
 
 
-# ---- asyncio: one reader task per event loop ----------------------------------------------------------------
+# ---- asyncio ------------------------------------------------------------------------------------------------
 
 def async_redis(s: Settings, url: str | None = None) -> aioredis.Redis:
     """A ``redis.asyncio`` client on ``url`` (default the broker) with the options of the blocking clients."""
@@ -188,101 +187,6 @@ class _PerLoop:
 
     def _futures(self) -> list[asyncio.Future]:
         return []
-
-
-class AsyncLane(_PerLoop):
-    """This event loop's reply list and reader task, and its batched ``XADD``s to the query stream."""
-
-    _instances = weakref.WeakKeyDictionary()
-
-    def __init__(self, s: Settings) -> None:
-        self.settings = s
-        self.key = stream.reply_key(s, stream.new_client_id())
-        self._redis = async_redis(s)
-        self._waiters: dict[str, asyncio.Future] = {}
-        self._outbox: list[tuple[dict, asyncio.Future]] = []
-        self._flushing = False
-        self._flusher: asyncio.Task | None = None  # held: the loop keeps only weak references to tasks
-        self._reader: asyncio.Task | None = None
-
-    def expect(self, job_id: str) -> asyncio.Future:
-        """A future that gets the reply to ``job_id``; register it before the job is sent."""
-        future = asyncio.get_running_loop().create_future()
-        self._waiters[job_id] = future
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._run(), name="m3q-replies")
-        return future
-
-    def forget(self, job_id: str) -> None:
-        """Stop waiting for ``job_id``: a late reply is dropped."""
-        self._waiters.pop(job_id, None)
-
-    def _tasks(self) -> list[asyncio.Task | None]:
-        return [self._reader, self._flusher]
-
-    def _futures(self) -> list[asyncio.Future]:
-        return [*self._waiters.values(), *(f for _, f in self._outbox)]
-
-    async def send(self, fields: dict[bytes, bytes]) -> None:
-        """``XADD`` one entry; the entries of concurrent sends share one pipeline (one round trip)."""
-        future = asyncio.get_running_loop().create_future()
-        self._outbox.append((fields, future))
-        if not self._flushing:
-            self._flushing = True
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
-        await future
-
-    async def _flush(self) -> None:
-        try:
-            while self._outbox:
-                batch, self._outbox = self._outbox, []
-                await self._send_batch(batch)
-        finally:
-            self._flushing = False
-
-    async def _send_batch(self, batch: list[tuple[dict, asyncio.Future]]) -> None:
-        s = self.settings
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for fields, _ in batch:
-                    pipe.xadd(stream.stream_key(s), fields, maxlen=s.query_stream_max, approximate=True)
-                await pipe.execute()
-        except Exception as e:  # noqa: BLE001 - each sender decides: retry (unreachable) or raise
-            [f.set_exception(e) for _, f in batch if not f.done()]
-            return
-        [f.set_result(None) for _, f in batch if not f.done()]
-
-    async def _run(self) -> None:
-        idle_since = time.monotonic()
-        delay_s = 0.2
-        try:
-            while self._waiters or time.monotonic() - idle_since < IDLE_EXIT_S:
-                try:
-                    raws = await self._read()
-                    delay_s = 0.2
-                except (redis.RedisError, OSError) as e:
-                    log.warning("reading replies from %s: %s; retrying in %.1fs", self.key, e, delay_s)
-                    await asyncio.sleep(delay_s)
-                    delay_s = _backoff(delay_s)
-                    continue
-                self._dispatch(raws)
-                if self._waiters:
-                    idle_since = time.monotonic()
-        finally:
-            self._reader = None
-
-    async def _read(self) -> list[bytes]:
-        got = await self._redis.blpop([self.key], timeout=BLOCK_S)
-        if got is None:
-            return []
-        return [got[1], *(await self._redis.lpop(self.key, DRAIN) or [])]
-
-    def _dispatch(self, raws: list[bytes]) -> None:
-        for raw in raws:
-            job_id, reply = _decoded(raw)
-            future = self._waiters.pop(job_id, None)
-            if future is not None and not future.done():
-                future.set_result(reply)
 
 
 # ---- asyncio: Celery results through one pub/sub connection per event loop ----------------------------------

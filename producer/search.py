@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 
 from producer.client import Client
-from producer.contract import milvus, wire
+from producer.contract import milvus
 from producer.contract.errors import ConfigError
 from producer.contract.milvus import Hit
 from producer.contract.settings import Settings
@@ -60,10 +60,9 @@ class Searcher:
         self._checked.add(collection)
 
     def _workers_model(self) -> tuple[int, str]:
-        """(dense size, model identity) of the workers, asked once on the query lane."""
+        """(dense size, model identity) of the workers, asked once on the query stream."""
         if self._identity is None:
-            self.client._ensure_worker(wire.task_queue(self.settings, wire.TASK_INFO), None)  # no worker: fast error
-            raw = self.client.submit(wire.TASK_INFO, {}, None).raw()
+            raw = self.client.info()  # no worker: NoWorker, at once
             self._identity = int(raw["dims"]["dense"]), str(raw.get("model_identity") or raw["model"])
         return self._identity
 

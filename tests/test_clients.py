@@ -69,7 +69,9 @@ def expected(client: Client, texts: list[str], **options) -> np.ndarray:
 def assert_same(got, want: np.ndarray) -> None:
     got = np.asarray(got, dtype=np.float64)
     assert got.shape == want.shape
-    assert float(np.abs(got - want).max()) <= SAME
+    # Float32 rounding of the same forward pass in another batch: within SAME of the vector's scale (a raw
+    # CLS state is not unit length).
+    assert float(np.abs(got - want).max()) <= SAME * max(1.0, float(np.abs(want).max()))
 
 
 TEXTS = pytest.mark.parametrize("texts", [THREE, HUNDRED], ids=["3", "100"])

@@ -287,7 +287,7 @@ def test_milvus_unreachable_retries_then_fails_naming_the_batch(workers):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["documents", "queries"])  # Celery's task path, and the query lane
+@pytest.mark.parametrize("kind", ["documents", "queries"])  # a Celery job, and the query stream
 def test_poison_job_is_given_up_after_bounded_deliveries_and_shown_by_status(private_redis, workers, kind):
     server = private_redis()
     s = make_settings(broker_url=server.url(), visibility_timeout_s=2, task_max_retries=1, job_timeout_s=TIMEOUT_S)

@@ -8,9 +8,10 @@ import time
 
 import numpy as np
 import pytest
+import redis
 
 from producer.client import Client
-from producer.contract import wire
+from producer.contract import stream, wire
 from producer.contract.wire import Embedding, PayloadError
 from producer.embedding_function import RemoteBGEM3EmbeddingFunction
 from tests.conftest import ROOT, TINY, make_settings
@@ -48,15 +49,29 @@ def test_queue_equals_in_process(client, encoder, kind):
     assert remote[4].truncated == (kind == "queries")
 
 
-def test_concurrent_query_jobs_each_get_their_own_result(client, encoder, redis_client):
+def test_concurrent_query_jobs_each_get_their_own_result(client, encoder):
     # Concurrent query jobs share forward passes on the worker (cross-job batching): each job still reads
-    # exactly its own result, stored under its own key with the backend's expiry.
+    # exactly its own reply.
     texts = [f"{TEXTS[i % 4]} {i}" for i in range(24)]
     handles = [client.submit_encode([t], "queries") for t in texts]
     for text, handle in zip(texts, handles):
         _close(handle.result()[0], encoder.encode([text], "queries").items[0])
-    ttl = redis_client.ttl(client.app.backend.get_key_for_task(handles[0].id))
-    assert 0 < ttl <= client.settings.result_expires_s
+
+
+def test_celery_callers_send_queries_as_ordinary_tasks(client, encoder, redis_client):
+    # A Celery-native caller (no m3q client) sends m3q.encode_queries to the query queue; Celery's own consumer
+    # runs it and the result is stored under its key with the backend's expiry.
+    s = client.settings
+    texts = [f"{TEXTS[i % 4]} {i}" for i in range(6)]
+    results = [client.app.send_task(wire.TASK_ENCODE_QUERIES, args=[{"texts": [t]}], queue=wire.query_queue(s))
+               for t in texts]
+    for text, result in zip(texts, results):
+        (item,) = [wire.decode_item(d) for d in result.get(timeout=60)["items"]]
+        _close(item, encoder.encode([text], "queries").items[0])
+    ttl = redis_client.ttl(client.app.backend.get_key_for_task(results[0].id))
+    assert 0 < ttl <= s.result_expires_s
+    info = client.app.send_task(wire.TASK_INFO, queue=wire.query_queue(s)).get(timeout=60)
+    assert info["dims"]["dense"] == encoder.info()["dims"]["dense"]
 
 
 def test_colbert_through_the_queue(client, encoder):
@@ -152,8 +167,15 @@ def test_job_routed_to_one_device_runs_there(spawn_worker):
     spawn_worker(s, device="cpu:1")
     client = Client(s)
     for device in ("cpu:1", "cpu:0", "cpu:1"):
-        raw = client.submit_encode(["route me"], "documents", device=device).raw()
-        assert raw["device"] == device
+        for kind in ("documents", "queries"):
+            raw = client.submit_encode(["route me"], kind, device=device).raw()
+            assert raw["device"] == device, kind
+    # Queries to a device travel on its own stream, which only that device's workers read.
+    r = redis.Redis.from_url(s.broker_url)
+    assert r.xinfo_groups(stream.stream_key(s, "cpu:1"))[0]["entries-read"] == 2
+    answers = asyncio.run(client.aencode(["route me too"] * 3, "queries", device="cpu:0", job_texts=1))
+    assert len(answers) == 3 and all(a.dense is not None for a in answers)
+    assert r.xinfo_groups(stream.stream_key(s, "cpu:0"))[0]["entries-read"] == 4
 
 
 def test_producer_imports_without_torch():

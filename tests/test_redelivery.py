@@ -154,8 +154,9 @@ def test_a_live_workers_long_job_is_never_redelivered(workers):
 @pytest.mark.slow
 def test_a_query_held_by_a_killed_worker_is_answered_by_another(workers):
     s = make_settings(job_timeout_s=TIMEOUT_S, dead_worker_s=6)
-    # The victim's query lane takes the queries and dies on one of them (the test hook exits the process on
-    # that text before the job is answered or acknowledged): that one is held by a dead worker.
+    # The victim takes the queries from the query stream and dies on one of them (the test hook exits the
+    # process on that text before the job is answered or acknowledged): its entries stay pending on a dead
+    # consumer, and the survivor claims them.
     victim = workers(s, env=crash_on("the query that kills its worker"))
     texts = [f"query {i}" for i in range(7)] + ["the query that kills its worker"]
     handles = [Client(s).submit_encode([text], "queries") for text in texts]
@@ -168,8 +169,7 @@ def test_a_query_held_by_a_killed_worker_is_answered_by_another(workers):
     answered_s = time.monotonic() - died
     print(f"\nthe query held by a killed worker was answered {answered_s:.1f}s after the kill")
     assert answered_s <= s.dead_worker_s + 30  # the bound, plus the survivor's start-up
-    assert RESTORED in survivor.output()
-    assert deliveries(s, handles[-1].id) >= 1  # the query lane counts the redelivery
+    assert "from dead workers" in survivor.output()
 
 
 @pytest.mark.slow

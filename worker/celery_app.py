@@ -14,7 +14,6 @@ from celery import Celery, signals
 from producer.contract import wire
 from producer.contract.settings import Settings
 from worker import broker, runtime
-from worker.query_lane import QueryLane
 from worker.reclaim import HeldJobs, Reclaimer
 from worker.stream_lane import StreamLane
 from worker.tasks import register
@@ -23,8 +22,10 @@ log = logging.getLogger(__name__)
 
 
 def worker_queues(s: Settings) -> list[str]:
-    """Queues of Celery's own consumer: documents and this device's queue (queries have their own lane)."""
-    return [wire.document_queue(s), wire.device_queue(s, s.device)]
+    """Queues of Celery's own consumer: documents, this device's queue, and the query queue, where Celery
+    callers (``send_task("m3q.encode_queries")``) send queries as ordinary tasks. The producer client sends
+    queries on the query stream instead (:mod:`worker.stream_lane`), where they never wait behind documents."""
+    return [wire.query_queue(s), wire.document_queue(s), wire.device_queue(s, s.device)]
 
 
 def make_app(s: Settings) -> Celery:
@@ -38,7 +39,6 @@ def make_app(s: Settings) -> Celery:
     if transport := broker.transport_for(s.broker_url):
         app.conf.broker_transport = transport  # acknowledgements after a reconnect (worker.broker)
     register(app)
-    app.steps["consumer"].add(QueryLane)
     app.steps["consumer"].add(HeldJobs)
     app.steps["consumer"].add(StreamLane)
     app.m3q_settings = s  # type: ignore[attr-defined]

@@ -1,10 +1,10 @@
-"""One job's life cycle in a worker, the same on every lane: the Celery tasks (:mod:`worker.tasks`), the
-query lane (:mod:`worker.query_lane`) and the stream lane (:mod:`worker.stream_lane`).
+"""One job's life cycle in a worker, the same on both transports: the Celery tasks (:mod:`worker.tasks`) and
+the query stream (:mod:`worker.stream_lane`).
 
-A lane makes a :class:`Job` when it takes a job (the queue wait is observed from the ``m3q_sent`` header),
+A transport makes a :class:`Job` when it takes a job (the queue wait is observed from the ``m3q_sent`` header),
 lets it count its delivery (a job that keeps killing its worker becomes a :class:`PoisonJob`) and pass the
 test crash hook, then ends it once: :meth:`Job.ok` or :meth:`Job.failed` (counters, metrics and, for a
-failure, the record `m3q status` shows). The ``m3q.info`` answer is here too: every lane gives the same.
+failure, the record `m3q status` shows). The ``m3q.info`` answer is here too: both transports give the same.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Job:
-    """One job in this worker, from the moment a lane takes it to its outcome."""
+    """One job in this worker, from the moment it is taken to its outcome."""
 
     rt: Runtime
     task: str
@@ -37,19 +37,18 @@ class Job:
             rt.metrics.queue_wait_s.labels(task).observe(max(0.0, time.time() - float(sent)))
         return cls(rt, task, job_id or "?")
 
-    def check_deliveries(self, allowed: int, uncounted: int = 0) -> None:
+    def check_deliveries(self, allowed: int) -> None:
         """Count one more delivery; past ``allowed`` deliveries the job is a :class:`PoisonJob`.
 
-        Acks are late, so a job that kills its worker comes back; this stops it looping. ``uncounted``:
-        earlier deliveries that were not counted in Redis (the query lane counts redeliveries only).
+        Acks are late, so a job that kills its worker comes back; this stops it looping.
         """
         try:
             counted = count_delivery(self.rt.settings, self.rt.redis(), self.job_id)
         except Exception as e:  # noqa: BLE001 - Redis restarting: run the job uncounted rather than fail it
             log.warning("could not count the deliveries of job %s (%s); running it anyway", self.job_id, e)
             return
-        if counted + uncounted > allowed:
-            raise poison(self.rt, self.job_id, counted + uncounted)
+        if counted > allowed:
+            raise poison(self.rt, self.job_id, counted)
 
     def run_test_hook(self, payload: Any) -> None:
         """The test crash hook (:mod:`worker.testing`), armed only under ``M3Q_TESTING=1``."""
@@ -82,5 +81,5 @@ def poison(rt: Runtime, job_id: str, deliveries: int) -> PoisonJob:
 
 
 def info_answer(rt: Runtime) -> dict:
-    """What a worker answers to ``m3q.info``, on every lane: the encoder, its host, the model's identity."""
+    """What a worker answers to ``m3q.info``, on both transports: the encoder, its host, the model's identity."""
     return {**rt.encoder.info(), "hostname": rt.hostname, "model_identity": wire.model_identity(rt.encoder.name)}

@@ -17,7 +17,6 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,8 @@ from producer.contract import stream, wire
 from producer.contract.wire import PayloadError
 from worker import runtime
 from worker.jobs import Job, poison
-from worker.tasks import encode_options, encode_result
+from worker.lane_stats import LaneStats
+from worker.tasks import INSTANT_TASKS, encode_options, encode_result
 
 log = logging.getLogger(__name__)
 
@@ -54,74 +54,6 @@ class Done:
     error: Exception | None = None
 
 
-class LaneStats:
-    """Running totals of the lane, for the status heartbeat and Prometheus."""
-
-    def __init__(self, registry=None) -> None:
-        self.reads = self.entries = self.replies = self.claimed = self.poison = 0
-        self._recent: deque[tuple[float, int]] = deque()  # (time, replies) of each write
-        self._lock = threading.Lock()  # the writer appends while the heartbeat thread reads
-        self._prom = _prometheus(registry) if registry is not None else None
-
-    def read(self, n: int) -> None:
-        """Count one XREADGROUP that returned ``n`` entries."""
-        self.reads += 1
-        self.entries += n
-        if self._prom:
-            self._prom["reads"].inc()
-            self._prom["entries"].inc(n)
-
-    def replied(self, n: int) -> None:
-        """Count ``n`` replies written in one pipeline."""
-        self.replies += n
-        with self._lock:
-            self._recent.append((time.monotonic(), n))
-        if self._prom:
-            self._prom["replies"].inc(n)
-
-    def reclaimed(self, n: int, poison: int) -> None:
-        """Count entries claimed from dead workers, ``poison`` of them given up on."""
-        self.claimed += n
-        self.poison += poison
-        if self._prom:
-            self._prom["claimed"].inc(n)
-
-    def watch_pending(self, held) -> None:
-        """Let Prometheus read the number of held entries from ``held()``."""
-        if self._prom:
-            self._prom["pending"].set_function(held)
-
-    def replies_per_s(self, window_s: float = 60.0) -> float:
-        """Replies per second over the last ``window_s`` (or since the first reply)."""
-        now = time.monotonic()
-        with self._lock:
-            while self._recent and now - self._recent[0][0] > window_s:
-                self._recent.popleft()
-            recent = list(self._recent)
-        span = max(1.0, min(window_s, now - recent[0][0])) if recent else window_s
-        return sum(n for _, n in recent) / span
-
-
-_PROMETHEUS: dict[int, dict[str, Any]] = {}
-
-
-def _prometheus(registry) -> dict[str, Any]:
-    # Once per registry: a lane started again in the same process (a consumer restart) reuses its metrics.
-    if id(registry) not in _PROMETHEUS:
-        from prometheus_client import Counter, Gauge
-
-        _PROMETHEUS[id(registry)] = {
-            "reads": Counter("m3q_lane_reads", "XREADGROUP calls of the stream lane that returned entries",
-                             registry=registry),
-            "entries": Counter("m3q_lane_entries", "Query jobs the stream lane read", registry=registry),
-            "replies": Counter("m3q_lane_replies", "Replies the stream lane wrote", registry=registry),
-            "claimed": Counter("m3q_lane_claimed", "Query jobs claimed from dead workers", registry=registry),
-            "pending": Gauge("m3q_lane_pending", "Query jobs the stream lane took and has not acknowledged yet",
-                             registry=registry),
-        }
-    return _PROMETHEUS[id(registry)]
-
-
 class Lane:
     """The reader and writer threads of one worker's stream lane."""
 
@@ -130,16 +62,17 @@ class Lane:
         self.s = rt.settings
         self.r = rt.redis()
         self.name = rt.hostname  # the heartbeat hostname: the dead-worker sweep tells live consumers by it
-        self.stream = stream.stream_key(self.s)
+        # The stream every worker reads, and this worker's device's own (queries routed to the device).
+        self.streams = [stream.stream_key(self.s), stream.stream_key(self.s, self.s.device)]
         self.reply_prefix = stream.reply_key(self.s, "")
         self.stats = LaneStats(getattr(rt.metrics, "registry", None))
-        self._held: dict[bytes, float] = {}  # entries taken and not yet acknowledged -> when taken
+        self._held: dict[tuple[str, bytes], float] = {}  # (stream, entry) taken, not acknowledged -> when
         self._cond = threading.Condition()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = threading.Event()  # the reader takes nothing more
         self._drain_until = float("inf")  # past this, the writer gives up on Redis and leaves entries pending
         self._writer_stop = threading.Event()
-        self._group_ready = False
+        self._groups_ready = False
         self._reader = threading.Thread(target=self._read_loop, name="m3q-lane-reader", daemon=True)
         self._writer = threading.Thread(target=self._write_loop, name="m3q-lane-writer", daemon=True)
 
@@ -150,7 +83,8 @@ class Lane:
         self.stats.watch_pending(lambda: len(self._held))
         self._writer.start()
         self._reader.start()
-        log.info("stream lane reading %s as %s (prefetch %d)", self.stream, self.name, self.s.query_prefetch)
+        log.info("query stream: reading %s as %s (prefetch %d)", " and ".join(self.streams), self.name,
+                 self.s.query_prefetch)
 
     def running(self) -> bool:
         """Whether the reader still runs."""
@@ -178,9 +112,9 @@ class Lane:
         st = self.stats
         with self._cond:
             held = len(self._held)
-        return {"stream": self.stream, "pending": held, "reads": st.reads, "entries": st.entries,
-                "replies": st.replies, "replies_per_s": st.replies_per_s(), "claimed": st.claimed,
-                "poison": st.poison}
+        return {"stream": self.streams[0], "streams": self.streams, "pending": held, "reads": st.reads,
+                "entries": st.entries, "replies": st.replies, "replies_per_s": st.replies_per_s(),
+                "claimed": st.claimed, "poison": st.poison}
 
     # ---- the reader --------------------------------------------------------------------------------------
 
@@ -189,7 +123,7 @@ class Lane:
         failing = False
         while self._taking():
             try:
-                self._ensure_group()
+                self._ensure_groups()
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + wire.heartbeat_s(self.s)
                     self._sweep()
@@ -199,8 +133,8 @@ class Lane:
                 failing = False
             except redis.ResponseError as e:
                 if _stream_gone(e):  # deleted, or lost by a Redis without persistence: make it again
-                    log.warning("stream lane: %s is gone (%s); creating it and its group again", self.stream, e)
-                    self._group_ready = False
+                    log.warning("query stream: a stream is gone (%s); creating it and its group again", e)
+                    self._groups_ready = False
                     continue
                 failing = self._pause(e, failing)
             except redis.RedisError as e:
@@ -221,16 +155,17 @@ class Lane:
         self._stopping.wait(RETRY_S)
         return True
 
-    def _ensure_group(self) -> None:
-        if self._group_ready:
+    def _ensure_groups(self) -> None:
+        if self._groups_ready:
             return
-        try:
-            # From "0": entries added before the group existed are read too.
-            self.r.xgroup_create(self.stream, stream.GROUP, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
-        self._group_ready = True
+        for key in self.streams:
+            try:
+                # From "0": entries added before the group existed are read too.
+                self.r.xgroup_create(key, stream.GROUP, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+        self._groups_ready = True
 
     def _wait_capacity(self, until: float) -> int:
         """Free prefetch; when none, wait for a completion (or ``until``, the next sweep)."""
@@ -246,23 +181,28 @@ class Lane:
         return 0
 
     def _read(self, count: int) -> None:
-        response = self.r.xreadgroup(stream.GROUP, self.name, {self.stream: ">"}, count=count, block=BLOCK_MS)
-        for _, entries in _streams(response):
+        response = self.r.xreadgroup(stream.GROUP, self.name, {key: ">" for key in self.streams}, count=count,
+                                     block=BLOCK_MS)
+        for key, entries in _streams(response):
             if entries:
                 self.stats.read(len(entries))
             for entry_id, fields in entries:
-                self._take(entry_id, fields)
+                self._take(_text(key), entry_id, fields)
 
-    def _take(self, entry_id: bytes, fields: dict | None) -> None:
-        """Check one entry and queue it for the device; a bad one is answered with why."""
-        request = stream.read_request(entry_id, fields or {})
-        with self._cond:
-            self._held[entry_id] = time.monotonic()
-        job = Job.start(self.rt, TASK, request.job_id, request.sent)
-        if request.error:
-            self._done.put(Done(request, job, error=PayloadError(request.error)))
-            return
+    def _take(self, key: str, entry_id: bytes, fields: dict | None) -> None:
+        """Check one entry and queue it for the device (or answer it at once: :data:`INSTANT_TASKS`); a bad
+        one is answered with why."""
+        request = self._held_request(key, entry_id, fields)
+        instant = INSTANT_TASKS.get(request.task)  # no device, and not counted as a job
+        job = Job.start(self.rt, request.task if instant else TASK, request.job_id, None if instant else request.sent)
         try:
+            if request.error:
+                raise PayloadError(request.error)
+            if instant:
+                self._done.put(Done(request, job, instant(self.rt, request.payload)))
+                return
+            if request.task != TASK:
+                raise PayloadError(f"task {request.task!r} does not travel on the query stream")
             payload, options = encode_options(self.rt, request.payload)
             job.run_test_hook(payload)
             future = self.rt.engine.submit(payload["texts"], "queries", **options)
@@ -272,28 +212,38 @@ class Lane:
         # Runs on the device thread: only a queue put there; results are serialized by the writer.
         future.add_done_callback(lambda f: self._done.put((request, job, f)))
 
+    def _held_request(self, key: str, entry_id: bytes, fields: dict | None) -> stream.Request:
+        request = stream.read_request(entry_id, fields or {})
+        request.stream = key
+        with self._cond:
+            self._held[(key, entry_id)] = time.monotonic()
+        return request
+
     # ---- dead workers --------------------------------------------------------------------------------------
 
     def _sweep(self) -> None:
         """Claim and answer the entries of dead workers; forget dead consumers that hold nothing."""
-        ttl_ms = int(wire.heartbeat_ttl_s(self.s) * 1000)
+        for key in self.streams:
+            self._sweep_stream(key, int(wire.heartbeat_ttl_s(self.s) * 1000))
+
+    def _sweep_stream(self, key: str, ttl_ms: int) -> None:
         live: set[str] | None = None
-        pending = self.r.xpending_range(self.stream, stream.GROUP, "-", "+", 1000, idle=ttl_ms)
+        pending = self.r.xpending_range(key, stream.GROUP, "-", "+", 1000, idle=ttl_ms)
         if pending:
             live = self._live()
             with self._cond:
                 held = set(self._held)
             # Ours but not held: a reply this process failed to write (Redis was down at its shutdown drain).
             lost = [p for p in pending if _text(p["consumer"]) not in live
-                    or (_text(p["consumer"]) == self.name and p["message_id"] not in held)]
+                    or (_text(p["consumer"]) == self.name and (key, p["message_id"]) not in held)]
             if lost:
-                self._claim(lost, ttl_ms)
-        self._forget_consumers(ttl_ms, live)
+                self._claim(key, lost, ttl_ms)
+        self._forget_consumers(key, ttl_ms, live)
 
     def _live(self) -> set[str]:
         return {str(w.get("hostname")) for w in wire.live_workers(self.s, self.r)} | {self.name}
 
-    def _claim(self, lost: list[dict], ttl_ms: int) -> None:
+    def _claim(self, key: str, lost: list[dict], ttl_ms: int) -> None:
         allowed = self.s.task_max_retries + 1
         # XCLAIM counts one more delivery: the count this claim makes.
         poison = {p["message_id"]: p["times_delivered"] + 1 for p in lost if p["times_delivered"] + 1 > allowed}
@@ -304,36 +254,34 @@ class Lane:
         if not ids:
             return
         # min-idle again: of several live workers sweeping at once, only the first claims an entry.
-        claimed = self.r.xclaim(self.stream, stream.GROUP, self.name, ttl_ms, ids)
+        claimed = self.r.xclaim(key, stream.GROUP, self.name, ttl_ms, ids)
         given_up = 0
         for entry_id, fields in claimed:
             if entry_id in poison:
-                self._give_up(entry_id, fields, poison[entry_id])
+                self._give_up(key, entry_id, fields, poison[entry_id])
                 given_up += 1
             else:
-                self._take(entry_id, fields)
+                self._take(key, entry_id, fields)
         if claimed:
             self.stats.reclaimed(len(claimed), given_up)
             log.warning("claimed %d query job(s) from dead workers on %s (%d given up as poison)", len(claimed),
-                        self.stream, given_up)
+                        key, given_up)
 
-    def _give_up(self, entry_id: bytes, fields: dict | None, deliveries: int) -> None:
-        request = stream.read_request(entry_id, fields or {})
-        with self._cond:
-            self._held[entry_id] = time.monotonic()
+    def _give_up(self, key: str, entry_id: bytes, fields: dict | None, deliveries: int) -> None:
+        request = self._held_request(key, entry_id, fields)
         self._done.put(Done(request, Job.start(self.rt, TASK, request.job_id),
                             error=poison(self.rt, request.job_id, deliveries)))
 
-    def _forget_consumers(self, ttl_ms: int, live: set[str] | None) -> None:
+    def _forget_consumers(self, key: str, ttl_ms: int, live: set[str] | None) -> None:
         # A dead worker's consumer with nothing pending is deleted, so the group does not grow without bound.
-        idle = [_text(c["name"]) for c in self.r.xinfo_consumers(self.stream, stream.GROUP)
+        idle = [_text(c["name"]) for c in self.r.xinfo_consumers(key, stream.GROUP)
                 if not c.get("pending") and int(c.get("idle", 0)) > ttl_ms and _text(c["name"]) != self.name]
         if not idle:
             return
         live = self._live() if live is None else live
         for name in idle:
             if name not in live:
-                self.r.xgroup_delconsumer(self.stream, stream.GROUP, name)
+                self.r.xgroup_delconsumer(key, stream.GROUP, name)
 
     # ---- the writer --------------------------------------------------------------------------------------
 
@@ -376,16 +324,19 @@ class Lane:
         for key, values in replies.items():
             pipe.rpush(key, *values)
             pipe.expire(key, stream.REPLY_TTL_S)
-        ids = [done.request.entry_id for done in batch]
-        pipe.xack(self.stream, stream.GROUP, *ids)
-        pipe.xdel(self.stream, *ids)
+        taken: dict[str, list[bytes]] = {}
+        for done in batch:
+            taken.setdefault(done.request.stream, []).append(done.request.entry_id)
+        for key, ids in taken.items():
+            pipe.xack(key, stream.GROUP, *ids)
+            pipe.xdel(key, *ids)
         if self._execute(pipe, len(batch)):
             self.stats.replied(sum(len(v) for v in replies.values()))
             for done in batch:
                 self._account(done)
         with self._cond:
-            for entry_id in ids:
-                self._held.pop(entry_id, None)
+            for done in batch:
+                self._held.pop((done.request.stream, done.request.entry_id), None)
             self._cond.notify_all()
 
     def _reply_to(self, request: stream.Request) -> str | None:

@@ -3,7 +3,7 @@ or sink them (:mod:`worker.sink`).
 
 A bad text is an item error in the result; a bad payload (unknown option, too big, too many texts) fails
 the whole job with a :class:`~producer.contract.wire.PayloadError` before anything is encoded. The life cycle around
-a job (deliveries, metrics, failure records) is :mod:`worker.jobs`; the query lanes run the same encode
+a job (deliveries, metrics, failure records) is :mod:`worker.jobs`; the query stream runs the same encode
 body (:func:`encode_options`, then the device loop, then :func:`encode_result`).
 """
 from __future__ import annotations
@@ -117,7 +117,7 @@ def encode_job(rt: Runtime, payload: Any, kind: str) -> wire.EncodeAnswer:
 
 
 def encode_result(rt: Runtime, result) -> wire.EncodeAnswer:
-    """An encode job's answer, on any lane: items (vectors as bytes, bad texts as errors), counts, the stamp."""
+    """An encode job's answer, on either transport: items (vectors as bytes, bad texts as errors), counts, the stamp."""
     return {"items": [encode_item(i) for i in result.items], "truncated": result.truncated,
             "tokens": result.tokens, **stamp(rt)}
 
@@ -165,7 +165,7 @@ def _ids_problem(ids: Any, vocab_size: int) -> str | None:
 
 INSTANT_TASKS = {wire.TASK_INFO: lambda rt, payload: info_answer(rt), wire.TASK_TOKENIZE: tokenize_job,
                  wire.TASK_DECODE: decode_job}
-"""Jobs that need no device: the query lane answers them as it reads them."""
+"""Jobs that need no device: the query stream answers them as it reads them (Celery runs them as any task)."""
 
 
 # ---- indexing ----------------------------------------------------------------------------------------

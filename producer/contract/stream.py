@@ -1,11 +1,12 @@
-"""The query lane's wire contract: queries on a Redis stream, replies on one list per client process.
+"""The query stream's wire contract: queries on a Redis stream, replies on one list per client process.
 
 Both sides import this module (it needs neither torch nor Celery). The flow:
 
 - A producer ``XADD``s one entry per query job to :func:`stream_key` (fields below; the payload is msgpack,
-  exactly an ``m3q.encode_queries`` payload). ``MAXLEN ~`` :data:`settings.query_stream_max` caps the stream
-  when no worker reads it.
-- Workers read the stream in one consumer group (:data:`GROUP`), each under its heartbeat hostname, many
+  exactly an ``m3q.encode_queries`` payload), or to a device's own stream when the caller routes it there.
+  The tokenizer's tasks and ``m3q.info`` travel the same way (:data:`F_TASK`). ``MAXLEN ~``
+  :data:`settings.query_stream_max` caps a stream when no worker reads it.
+- Workers read the streams in one consumer group (:data:`GROUP`), each under its heartbeat hostname, many
   entries per ``XREADGROUP``; the device loop batches them across jobs.
 - A worker answers a job by ``RPUSH``ing :func:`encode_reply` to the entry's reply list (one per client
   process, :func:`reply_key`), refreshing that list's TTL (:data:`REPLY_TTL_S`), then ``XACK`` + ``XDEL``
@@ -24,19 +25,25 @@ import msgpack
 
 from producer.contract.settings import Settings
 
+TASK_DEFAULT = "m3q.encode_queries"
+"""The task of an entry without a ``task`` field (the same name as ``wire.TASK_ENCODE_QUERIES``)."""
+
 GROUP = "m3q-workers"
 """The consumer group of every worker on a stream."""
 
 REPLY_TTL_S = 600
 """A reply list outlives its last reply by this much, so a client process that went away leaves nothing."""
 
-F_ID, F_REPLY, F_BODY, F_SENT = b"id", b"reply", b"body", b"sent"
-"""The fields of a stream entry: job id, reply list, msgpack payload, the producer's send time (Unix s)."""
+F_ID, F_REPLY, F_BODY, F_SENT, F_TASK = b"id", b"reply", b"body", b"sent", b"task"
+"""The fields of a stream entry: job id, reply list, msgpack payload, the producer's send time (Unix s), and
+the task (``m3q.encode_queries`` when absent; ``m3q.info``, ``m3q.tokenize`` and ``m3q.decode`` are answered
+at once, without the device)."""
 
 
-def stream_key(s: Settings) -> str:
-    """The stream of query jobs."""
-    return f"{s.queue_prefix}:lane:queries"
+def stream_key(s: Settings, device: str | None = None) -> str:
+    """The stream of query jobs that every worker reads, or (``device``) the one that only the workers of
+    that device read (``m3q worker --device``): a worker reads both in one ``XREADGROUP``."""
+    return f"{s.queue_prefix}:lane:queries" + (f":device:{device}" if device else "")
 
 
 def reply_key(s: Settings, client_id: str) -> str:
@@ -49,11 +56,14 @@ def new_client_id() -> str:
     return uuid.uuid4().hex
 
 
-def request_fields(job_id: str, reply_to: str, payload: dict[str, Any],
-                   body: bytes | None = None) -> dict[bytes, bytes]:
-    """The fields of the stream entry for one query job (``body``: ``payload`` already packed, if it is)."""
-    return {F_ID: job_id.encode(), F_REPLY: reply_to.encode(), F_BODY: body or msgpack.packb(payload),
-            F_SENT: repr(time.time()).encode()}
+def request_fields(job_id: str, reply_to: str, payload: dict[str, Any], body: bytes | None = None,
+                   task: str = TASK_DEFAULT) -> dict[bytes, bytes]:
+    """The fields of the stream entry for one job (``body``: ``payload`` already packed, if it is)."""
+    fields = {F_ID: job_id.encode(), F_REPLY: reply_to.encode(), F_BODY: body or msgpack.packb(payload),
+              F_SENT: repr(time.time()).encode()}
+    if task != TASK_DEFAULT:
+        fields[F_TASK] = task.encode()
+    return fields
 
 
 @dataclass
@@ -66,12 +76,16 @@ class Request:
     payload: Any
     sent: float | None
     error: str | None = None
+    task: str = TASK_DEFAULT
+    stream: str = ""
+    """The stream it was read from (set by the reader)."""
 
 
 def read_request(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
     """Decode one entry; a malformed one comes back with ``error`` set (still answered when it has a reply list)."""
     job_id = fields.get(F_ID, b"?").decode(errors="replace")
     reply_to = fields.get(F_REPLY, b"").decode(errors="replace")
+    task = fields.get(F_TASK, TASK_DEFAULT.encode()).decode(errors="replace")
     try:
         sent = float(fields[F_SENT]) if F_SENT in fields else None
     except ValueError:
@@ -79,10 +93,10 @@ def read_request(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
     try:
         payload = msgpack.unpackb(fields[F_BODY], raw=False, strict_map_key=False)
     except KeyError:
-        return Request(entry_id, job_id, reply_to, None, sent, "the entry has no 'body' field")
+        return Request(entry_id, job_id, reply_to, None, sent, "the entry has no 'body' field", task)
     except Exception as e:  # noqa: BLE001 - pickle, JSON or garbage: refused, never decoded further
-        return Request(entry_id, job_id, reply_to, None, sent, f"the body is not msgpack ({type(e).__name__})")
-    return Request(entry_id, job_id, reply_to, payload, sent)
+        return Request(entry_id, job_id, reply_to, None, sent, f"the body is not msgpack ({type(e).__name__})", task)
+    return Request(entry_id, job_id, reply_to, payload, sent, task=task)
 
 
 def encode_reply(job_id: str, result: dict[str, Any] | None = None, error: str | None = None) -> bytes:

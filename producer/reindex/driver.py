@@ -1,8 +1,10 @@
 """Driving a re-index: create the job, send its batches (paced, a bounded number in flight), record each
 as it finishes, then switch the alias. All of it under the job's driver lock.
 
-Batches go through :meth:`producer.client.Client.submit`, as every producer job does (payload-size check,
-retries while Redis restarts), with the task id recorded in the checkpoint before the send.
+Batches go through :meth:`producer.client.Client.submit` and :func:`producer.pipeline.window`, as every
+producer job does (payload-size check, retries while Redis restarts, a bounded number in flight, a job a worker
+lost as it took it sent again), with the task id recorded in the checkpoint before the send; a batch an
+earlier run sent is waited for through :meth:`~producer.client.Client.attach`, with the same watch.
 """
 from __future__ import annotations
 
@@ -11,14 +13,14 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
 from typing import Any, Callable, NamedTuple, NoReturn
 
 import redis
 from celery import states
-from celery.result import AsyncResult
 
-from producer.client import Client, Handle
+from producer import pipeline
+from producer.celery_jobs import Handle
+from producer.client import Client
 from producer.contract import milvus, wire
 from producer.contract.errors import ConfigError, JobFailed, PayloadError, ReindexFailed, ReindexInterrupted
 from producer.contract.settings import Settings
@@ -211,18 +213,19 @@ def _drive(client: Client, mc: Any, job: dict[str, Any], lock: DriverLock, progr
     done, sent, tasks = cp.progress()
     pace = _Pacer(float(job.get("rate_limit_docs_s") or 0))
     rate = _Rate()
-    window: deque[tuple[Batch, Handle | None, bool]] = deque()  # (batch, its job, sent by an earlier run)
     resend = lambda batch: _submit(client, cp, job, batch)  # noqa: E731
+
+    def send(batch: Batch) -> tuple[Handle | None, bool]:
+        """The batch's job, and whether an earlier run sent it."""
+        pace.wait(batch.size)
+        lock.ensure_held()  # a driver whose lock may be another's by now sends nothing more
+        handle = _send(client, cp, job, batch, tasks.get(batch.number), batch.number in sent)
+        return handle, handle is not None and handle.id == tasks.get(batch.number)
+
     with _bar(int(job["total"]) or None, int(job["done"]), progress) as bar:
-        for batch in batches.pending(mc, job, done):
-            if len(window) >= client.settings.max_in_flight:
-                _record(cp, *window.popleft(), rate, bar, resend)
-            pace.wait(batch.size)
-            lock.ensure_held()  # a driver whose lock may be another's by now sends nothing more
-            handle = _send(client, cp, job, batch, tasks.get(batch.number), batch.number in sent)
-            window.append((batch, handle, handle is not None and handle.id == tasks.get(batch.number)))
-        while window:
-            _record(cp, *window.popleft(), rate, bar, resend)
+        for batch, (handle, earlier) in pipeline.window(batches.pending(mc, job, done), send,
+                                                        client.settings.max_in_flight):
+            _record(cp, batch, handle, earlier, rate, bar, resend)
 
 
 def _send(client: Client, cp: Checkpoint, job: dict[str, Any], batch: Batch, task_id: str | None,
@@ -231,7 +234,7 @@ def _send(client: Client, cp: Checkpoint, job: dict[str, Any], batch: Batch, tas
     if not batch.rows:
         return None
     if task_id and was_sent:
-        earlier = _sent_earlier(client, batch, task_id)
+        earlier = _sent_earlier(client, job, batch, task_id)
         if earlier is not None:
             return earlier
     elif task_id:
@@ -239,13 +242,13 @@ def _send(client: Client, cp: Checkpoint, job: dict[str, Any], batch: Batch, tas
     return _submit(client, cp, job, batch)
 
 
-def _sent_earlier(client: Client, batch: Batch, task_id: str) -> Handle | None:
+def _sent_earlier(client: Client, job: dict[str, Any], batch: Batch, task_id: str) -> Handle | None:
     """The job an earlier run sent for ``batch``, unless it failed (then the batch is sent again)."""
-    result = AsyncResult(task_id, app=client.app)
-    if result.state == states.FAILURE:
+    handle = client.attach(wire.TASK_INDEX_DOCUMENTS, task_id, batch.payload(str(job["target"])), batch.positions[0])
+    if handle.async_result.state == states.FAILURE:
         return None
-    return Handle(result, wire.TASK_INDEX_DOCUMENTS, len(batch.rows), client.settings.job_timeout_s,
-                  batch.positions[0], batch.positions)
+    handle.rows = batch.positions
+    return handle
 
 
 def _submit(client: Client, cp: Checkpoint, job: dict[str, Any], batch: Batch) -> Handle:
