@@ -28,12 +28,20 @@ def collect(s: Settings) -> dict[str, Any]:
         w["silent"] = w["silent_s"] > 2 * wire.heartbeat_s(s)
     queues = {q: r.llen(q) for q in _queues(s, r)}
     failures = [json.loads(v) for v in r.lrange(wire.failures_key(s), 0, 19)]
-    # Jobs of workers whose heartbeat has just expired, until a running worker's sweep puts them back.
-    orphans = wire.unheld_jobs(s, r, 2 * wire.heartbeat_s(s), workers)
     stream = lane_status(s, r, workers)
     return {"workers": sorted(workers, key=lambda w: w["hostname"]), "queues": queues, "failures": failures,
-            "held_by_dead": len(orphans), "dead_worker_s": s.dead_worker_s, "lane": stream,
+            "held_by_dead": held_by_dead(s, workers), "dead_worker_s": s.dead_worker_s, "lane": stream,
             "reindex": _reindex_jobs(s)}
+
+
+def held_by_dead(s: Settings, workers: list[dict[str, Any]]) -> int:
+    """Jobs taken over two heartbeats ago that no live worker holds: their worker died before its heartbeat
+    listed them, and a running worker's sweep puts them back. Read from the heartbeats (``unheld``: what each
+    worker's last sweep found held by none), so `m3q status` needs a live worker to count them."""
+    listed = {tag for w in workers for tag in w.get("held", ())}
+    before = time.time() - 2 * wire.heartbeat_s(s)
+    return len({tag for w in workers for tag, taken in (w.get("unheld") or {}).items()
+                if taken < before and tag not in listed})
 
 
 def lane_status(s: Settings, r: redis.Redis, workers: list[dict[str, Any]]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from celery import Celery, signals
 
 from producer.contract import wire
 from producer.contract.settings import Settings
-from worker import broker, runtime
+from worker import celery_internals, runtime
 from worker.query_lane import QueryLane
 from worker.reclaim import HeldJobs, Reclaimer
 from worker.stream_lane import StreamLane
@@ -35,14 +35,19 @@ def make_app(s: Settings) -> Celery:
         worker_concurrency=s.worker_threads,
         task_queues=[wire.kombu_queue(q) for q in worker_queues(s)],
     )
-    if transport := broker.transport_for(s.broker_url):
-        app.conf.broker_transport = transport  # acknowledgements after a reconnect (worker.broker)
+    if transport := celery_internals.transport_for(s.broker_url):
+        app.conf.broker_transport = transport  # acknowledgements after a reconnect (worker.celery_internals)
     register(app)
     app.steps["consumer"].add(QueryLane)
     app.steps["consumer"].add(HeldJobs)
     app.steps["consumer"].add(StreamLane)
     app.m3q_settings = s  # type: ignore[attr-defined]
     return app
+
+
+@signals.worker_init.connect
+def _check_versions(**_: object) -> None:
+    celery_internals.check_versions()  # a warning only: the worker starts whatever the versions
 
 
 @signals.worker_init.connect

@@ -120,7 +120,7 @@ class Runtime:
         return {**self.encoder.info(), "hostname": self.hostname, "pid": os.getpid(), "jobs": self.counters.jobs,
                 "texts": self.counters.texts, "tokens": self.counters.tokens, "errors": self.counters.errors,
                 **self.counters.rate(), "pending": self.engine.pending(), "held": [], "held_jobs": [], **self.held(),
-                "lane": self.lane(), "time": time.time()}
+                "unheld": self.reclaimer.unheld if self.reclaimer else {}, "lane": self.lane(), "time": time.time()}
 
     def _key(self) -> str:
         return wire.heartbeat_key(self.settings, self.hostname)
@@ -135,15 +135,15 @@ class Runtime:
 
     def _beat(self) -> None:
         while not self._stop.is_set():
+            self._sweep()  # first: the heartbeat then carries what the sweep found (`m3q status` counts it)
             self.beat()
-            self._sweep()
             self._stop.wait(wire.heartbeat_s(self.settings))
 
     def _sweep(self) -> None:
         if self.reclaimer is None or self._stop.is_set():
             return
         try:
-            self.reclaimer.sweep(self.redis())
+            self.reclaimer.sweep(self.redis(), also_held=self.held().get("held", ()))
         except Exception as e:  # noqa: BLE001 - Redis may be restarting; the next beat sweeps again
             log.warning("sweep for jobs of dead workers failed: %s", e)
             self.reclaimer.close()

@@ -443,7 +443,9 @@ def _text(value: bytes | str) -> str:
 
 def _shutting_down() -> bool:
     """Whether Celery was told to stop (a warm or cold shutdown), from the moment of the signal."""
-    return worker_state.should_stop is not None or worker_state.should_terminate is not None
+    from worker import celery_internals
+
+    return celery_internals.shutdown_requested()
 
 
 def _worker_stopping(c) -> bool:
