@@ -34,9 +34,8 @@ Celery's worker:
 - ``celery.worker.state.should_stop`` and ``should_terminate``: set by Celery's signal handlers at a warm
   and a cold shutdown (``None`` or ``False`` until then); :func:`shutdown_requested`. Celery 5.3.0 to 5.7.0.
 - ``Consumer.task_consumer``: the kombu consumer of Celery's own queues, set by the consumer's
-  ``celery.worker.consumer.tasks:Tasks`` step (which ``worker.reclaim.HeldJobs`` requires), and
-  ``Consumer.steps`` with each ``ConsumerStep``'s ``consumers`` (the query lane's); their channels' QoS is
-  read above (:func:`consumer_channels`). Celery 5.3.0 to 5.7.0.
+  ``celery.worker.consumer.tasks:Tasks`` step (which ``worker.reclaim.HeldJobs`` requires); its channel's
+  QoS is read above (:func:`task_channel`). Celery 5.3.0 to 5.7.0.
 - ``app.amqp.queues.consume_from``: the queues a worker consumes (``task_queues``, or ``-Q``);
   :func:`consumed_queues`. Celery 5.3.0 to 5.7.0.
 """
@@ -117,15 +116,10 @@ def transport_for(broker_url: str) -> str | None:
 
 # ---- unacknowledged messages ---------------------------------------------------------------------------
 
-def consumer_channels(consumer) -> set[Any]:
-    """The channels of Celery's own task consumer and of every consumer step's kombu consumers."""
-    channels = set()
-    if getattr(consumer, "task_consumer", None) is not None:
-        channels.add(consumer.task_consumer.channel)
-    for step in getattr(consumer, "steps", None) or ():
-        for k in getattr(step, "consumers", None) or ():  # bootsteps.ConsumerStep lanes (the query lane)
-            channels.add(k.channel)
-    return channels
+def task_channel(consumer) -> Any | None:
+    """The channel of Celery's own task consumer (None before the consumer's Tasks step has started)."""
+    task_consumer = getattr(consumer, "task_consumer", None)
+    return None if task_consumer is None else task_consumer.channel
 
 
 def delivered(channel) -> list[tuple[Any, Any]]:
@@ -172,5 +166,5 @@ def _set(flag: object) -> bool:
 
 
 def consumed_queues(app) -> list[str]:
-    """The queues Celery's consumer reads in this worker (``task_queues``, or ``-Q``)."""
-    return list(app.amqp.queues.consume_from or ())
+    """The queues Celery's consumer reads in this worker (``task_queues``, or ``-Q``), sorted."""
+    return sorted(app.amqp.queues.consume_from or ())

@@ -27,22 +27,21 @@ log = logging.getLogger(__name__)
 
 
 def held(consumer) -> dict[str, list[str]]:
-    """The messages this worker holds unacknowledged, on every channel it consumes: their delivery tags
+    """The messages this worker holds unacknowledged on Celery's task consumer: their delivery tags
     (``held``, for the sweep) and their job ids (``held_jobs``, for a producer looking for its job)."""
+    channel = internals.task_channel(consumer)
     tags: list[str] = []
     jobs: list[str] = []
-    for channel in internals.consumer_channels(consumer):
-        for tag, message in internals.delivered(channel):
-            tags.append(str(tag))
-            jobs.append(str((getattr(message, "headers", None) or {}).get("id", "")))
+    for tag, message in internals.delivered(channel) if channel is not None else ():
+        tags.append(str(tag))
+        jobs.append(str((getattr(message, "headers", None) or {}).get("id", "")))
     return {"held": tags, "held_jobs": [j for j in jobs if j]}
 
 
-def consumed(consumer, s: Settings) -> list[str]:
-    """The queues this worker consumes: Celery's own (``task_queues``, or ``-Q``) and the query queue, which
-    the query lane step (worker/query_lane.py) reads in every worker. The heartbeat lists them, so a producer
-    judges by what a worker reads, not by its device's name."""
-    return sorted({*internals.consumed_queues(consumer.app), wire.query_queue(s)})
+def consumed(consumer) -> list[str]:
+    """The queues this worker consumes (Celery's ``task_queues``, or ``-Q``). The heartbeat lists them, so a
+    producer judges by what a worker reads, not by its device's name."""
+    return internals.consumed_queues(consumer.app)
 
 
 def unheld_jobs(s: Settings, r, older_than_s: float, workers: list[dict[str, Any]] | None = None,
@@ -71,7 +70,7 @@ class HeldJobs(bootsteps.StartStopStep):
         from worker import runtime
 
         rt = runtime.current()
-        rt.held = lambda: {**held(c), "queues": consumed(c, rt.settings)}
+        rt.held = lambda: {**held(c), "queues": consumed(c)}
         rt.beat()  # the queues it reads, from now on rather than from the next beat
 
 

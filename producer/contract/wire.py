@@ -216,7 +216,7 @@ class Heartbeat(TypedDict, total=False):
     lane: dict[str, Any]
     """The stream lane's figures (consumer name, prefetch, replies per second)."""
     queues: list[str]
-    """The queues it consumes (Celery's and the query queue; not the query stream, which every worker reads)."""
+    """The queues Celery's consumer reads in it (not the query stream, which every worker reads)."""
     time: float
 
 
