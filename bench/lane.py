@@ -1,13 +1,14 @@
-"""Query-lane benchmark: single queries from many blocking threads and from many asyncio tasks, one worker.
+"""Query-stream benchmark: single queries from many blocking threads and from many asyncio tasks, one worker.
 
     python bench/lane.py [--model tests/data/tiny-bge-m3] [--seconds 15] [--path celery,lane]
 
 Each client shape runs ``--seconds``: ``--threads`` threads of blocking ``Client.encode_queries([q])``, then
 ``--tasks`` asyncio tasks in one event loop of ``await client.aencode_queries([q])``. Prints q/s, p50, p99,
 the client's CPU per query (``time.process_time`` of this process), the worker's (/proc of its pid) and the
-most threads this process had. ``--path celery`` is the path before the query lane: each query a Celery task
-on the query queue (``Client.submit_encode``), awaited as the old ``aencode`` did, one thread per await
-(``asyncio.to_thread``); ``--path lane`` is today's ``encode_queries`` / ``aencode_queries``. Last, the
+most threads this process had. ``--path celery`` is a Celery-native caller's path: each query an
+``m3q.encode_queries`` task sent with ``app.send_task`` to the query queue and waited for with Celery's ``get``,
+one thread per await (``asyncio.to_thread``); ``--path lane`` is ``encode_queries`` / ``aencode_queries`` on
+the query stream. Last, the
 in-process rate of the same encoder (its device loop, ``--threads`` threads, no queue) for the ratio.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from bench import corpus  # noqa: E402
 from bench.infra import bench_settings, percentile, start_workers, threads_shape  # noqa: E402
 from bench.load import _proc_cpu  # noqa: E402
 from producer.client import Client  # noqa: E402
+from producer.contract import wire  # noqa: E402
 
 
 @dataclass
@@ -103,8 +105,12 @@ def askers(client: Client, path: str) -> tuple[Callable, Callable]:
     """(blocking, awaitable) single-query calls of ``path``."""
     if path == "lane":
         return (lambda q: client.encode_queries([q])), (lambda q: client.aencode_queries([q]))
-    # Before the lane: a Celery task on the query queue; the old aencode ran the blocking call on a thread.
-    old = lambda q: client.submit_encode([q], "queries").result()  # noqa: E731
+    # A Celery-native caller: an ordinary task on the query queue, its result read from the backend.
+    queue = wire.query_queue(client.settings)
+
+    def old(q: str) -> list:
+        result = client.app.send_task(wire.TASK_ENCODE_QUERIES, args=[{"texts": [q]}], queue=queue)
+        return [wire.decode_item(d) for d in result.get(timeout=60)["items"]]
     return old, (lambda q: asyncio.to_thread(old, q))
 
 

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from dataclasses import fields
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 from producer.contract.errors import ConfigError, M3QError
 from producer.contract.settings import Settings
@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         commands.append(p)
         return p
 
+    for add in (_queue_commands, _reindex_command, _service_commands):
+        add(command)
+    for p in commands:
+        _add_settings(p)
+    return parser
+
+
+def _queue_commands(command) -> None:
     p = command("worker", cmd_worker, "Run a worker pinned to one device (loads the model before taking jobs).")
     p.add_argument("--queues",
                    help="Comma-separated queues to consume (default: queries, documents, this device's queue)")
@@ -112,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "one output line per input line; each line is answered as soon as its job is done.")
     p.add_argument("--local", action="store_true", help="Encode in this process instead of through the queue")
     p.add_argument("--kind", choices=["documents", "queries"], default="documents",
-                   help="documents (long, for indexing) or queries (short, the query lane); default: documents")
+                   help="documents (long, for indexing) or queries (short, the query stream); default: documents")
     p.add_argument("--colbert", action="store_true", help="Also output ColBERT vectors")
     p.add_argument("--route-device", help="Send the jobs to this device's queue only")
 
@@ -139,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Model size (large: BGE-M3's own shapes); default: small")
     p.add_argument("--seed", type=int, default=0, help="Seed of the random weights (default: 0)")
 
+
+def _reindex_command(command) -> None:
     p = command("reindex", cmd_reindex, "Re-index a file or milvus:COLLECTION into a new collection behind an "
                 "alias, resumably; the alias switches when every document is in.")
     p.add_argument("--from", dest="source", help="File (JSONL, CSV, Parquet) or milvus:COLLECTION")
@@ -155,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-field", default="id", help=ID_FIELD_HELP)
     p.add_argument("--no-progress", action="store_true", help="No progress bar")
 
+
+def _service_commands(command) -> None:
     command("milvus", cmd_milvus, "Run the embedded Milvus Lite server (for several workers on one machine).")
     p = command("serve", cmd_serve, "Run the HTTP gateway: OpenAI- and TEI-compatible embeddings, encode, index and "
                 "search over HTTP, enqueued on Redis for the workers (README: HTTP gateway).")
@@ -163,9 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log", action="store_true", help="Log every request (off by default: /metrics counts them)")
     p = command("demo", cmd_demo, "The whole job end to end on embedded defaults: index a sample corpus, search it.")
     p.add_argument("--collection", default="m3q_demo", help="Collection for the sample corpus (default: m3q_demo)")
-    for p in commands:
-        _add_settings(p)
-    return parser
 
 
 def _add_settings(p: argparse.ArgumentParser) -> None:
@@ -199,7 +208,7 @@ def _bool(raw: str) -> bool:
 # ---- worker ---------------------------------------------------------------------------------------------
 
 def cmd_worker(args: argparse.Namespace, s: Settings) -> int:
-    """Run a Celery worker with the threads pool, consuming the lanes and the device queue."""
+    """Run a Celery worker with the threads pool, reading the query stream, the Celery queues and the device queue."""
     import os
     import socket
 
@@ -217,68 +226,23 @@ def cmd_worker(args: argparse.Namespace, s: Settings) -> int:
 
 def cmd_encode(args: argparse.Namespace, s: Settings) -> int:
     """JSONL in, JSONL out, one output line per input line, in order."""
+    from producer import jsonl
+
     encode = _local_encoder(s, args) if args.local else _remote_encoder(s, args)
     truncated = 0
-    for chunk in _ready_batches(_read_jsonl(sys.stdin), 1024):
+    for chunk in jsonl.ready_batches(jsonl.read_lines(sys.stdin), 1024):
         good = [i for i, (_, _, error) in enumerate(chunk) if error is None]
         items, n = encode([chunk[i][1] for i in good]) if good else ([], 0)
         by_line = dict(zip(good, items))
         truncated += n
         for i, (doc_id, _, error) in enumerate(chunk):
-            line = _item_json(doc_id, error, by_line.get(i), args.colbert)
+            line = jsonl.item_json(doc_id, error, by_line.get(i), args.colbert)
             sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
         sys.stdout.flush()
     if truncated:
         limit = s.query_max_length if args.kind == "queries" else s.document_max_length
         print(f"m3q encode: {truncated} text(s) truncated to {limit} tokens", file=sys.stderr)
     return 0
-
-
-def _ready_batches(items: Iterator, size: int) -> Iterator[list]:
-    """Batches of up to ``size`` items, each of what has arrived by then: a batch never waits for more input
-    once it has one item, so a line typed at a terminal is answered at once, and a piped file still goes
-    in full batches. A daemon thread reads ahead (the reading cannot be interrupted otherwise)."""
-    import queue
-    import threading
-
-    ahead: queue.Queue = queue.Queue(maxsize=4 * size)
-    end = object()
-
-    def pump() -> None:
-        try:
-            for item in items:
-                ahead.put((item, None))
-        except Exception as e:  # noqa: BLE001 - handed to the main thread, which raises it
-            ahead.put((end, e))
-        ahead.put((end, None))
-
-    threading.Thread(target=pump, name="m3q-encode-stdin", daemon=True).start()
-    batch: list = []
-    while True:
-        item, error = ahead.get() if not batch else _next_ready(ahead)
-        if item is None and error is None:  # nothing more has arrived: send what we have
-            yield batch
-            batch = []
-            continue
-        if item is end:
-            if batch:
-                yield batch
-            if error is not None:
-                raise error
-            return
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-
-
-def _next_ready(ahead) -> tuple[Any, Exception | None]:
-    import queue
-
-    try:
-        return ahead.get_nowait()
-    except queue.Empty:
-        return None, None
 
 
 def _local_encoder(s: Settings, args: argparse.Namespace):
@@ -301,34 +265,6 @@ def _remote_encoder(s: Settings, args: argparse.Namespace):
         items = client.encode(texts, args.kind, colbert=args.colbert, device=args.route_device)
         return items, sum(getattr(i, "truncated", False) for i in items)
     return encode
-
-
-def _read_jsonl(stream) -> Iterator[tuple[Any, Any, str | None]]:
-    """(id, text, error) per input line; a bad line keeps its place with an error."""
-    from producer.sources import json_problem
-
-    for n, line in enumerate(stream, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield None, None, json_problem(n, e)
-            continue
-        if not isinstance(row, dict) or "text" not in row:
-            yield (row.get("id") if isinstance(row, dict) else None), None, f"line {n} has no 'text' field"
-            continue
-        yield row.get("id"), row["text"], None
-
-
-def _item_json(doc_id: Any, error: str | None, item: Any, colbert: bool) -> dict:
-    from producer.contract.wire import ItemError
-
-    if error or isinstance(item, ItemError):
-        return {"id": doc_id, "error": error or item.reason}
-    out: dict[str, Any] = {"id": doc_id, "dense": item.dense.tolist(),
-                           "sparse": {str(k): v for k, v in item.sparse_dict().items()}}
-    if colbert:
-        out["colbert"] = item.colbert.tolist()
-    return out
 
 
 # ---- index, search, status ------------------------------------------------------------------------------

@@ -49,11 +49,11 @@ class RemoteBGEM3EmbeddingFunction:
         return dict(self.client.dims())
 
     def encode_queries(self, queries: Sequence[str]) -> dict:
-        """Encode queries on the query lane."""
+        """Encode queries on the query stream."""
         return self._encode(queries, "queries")
 
     def encode_documents(self, documents: Sequence[str]) -> dict:
-        """Encode documents on the document lane."""
+        """Encode documents as Celery jobs."""
         return self._encode(documents, "documents")
 
     def _encode(self, texts: Sequence[str], kind: str) -> dict:

@@ -1,4 +1,4 @@
-"""Search for web apps: encode the query on the workers (query lane), then search Milvus."""
+"""Search for web apps: encode the query on the workers (the query stream), then search Milvus."""
 from __future__ import annotations
 
 import asyncio

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from producer.contract import checks
 from producer.contract.errors import SourceError
 
 SNIFF_BYTES = 8192
@@ -149,18 +150,10 @@ def _csv(path: Path, text_field: str, id_field: str) -> Iterator[Document]:
         reader = csv.DictReader(f)
         for row in reader:
             line = reader.line_num
-            if any(_has_surrogate(v) for v in [*row.values(), *row.keys()] if isinstance(v, str)):
+            if any(checks.surrogate(v) for v in [*row.values(), *row.keys()] if isinstance(v, str)):
                 yield Document(f"{path.name}:{line}", None, error=f"line {line} is not valid UTF-8")
             else:
                 yield _row(row, line, path, text_field, id_field)
-
-
-def _has_surrogate(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
 
 
 def _require_column(path: Path, text_field: str, columns: list[str]) -> None:

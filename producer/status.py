@@ -28,15 +28,23 @@ def collect(s: Settings) -> dict[str, Any]:
         w["silent"] = w["silent_s"] > 2 * wire.heartbeat_s(s)
     queues = {q: r.llen(q) for q in _queues(s, r)}
     failures = [json.loads(v) for v in r.lrange(wire.failures_key(s), 0, 19)]
-    # Jobs of workers whose heartbeat has just expired, until a running worker's sweep puts them back.
-    orphans = wire.unheld_jobs(s, r, 2 * wire.heartbeat_s(s), workers)
-    stream = lane_status(s, r, workers)
+    stream = stream_status(s, r, workers)
     return {"workers": sorted(workers, key=lambda w: w["hostname"]), "queues": queues, "failures": failures,
-            "held_by_dead": len(orphans), "dead_worker_s": s.dead_worker_s, "lane": stream,
+            "held_by_dead": held_by_dead(s, workers), "dead_worker_s": s.dead_worker_s, "query_stream": stream,
             "reindex": _reindex_jobs(s)}
 
 
-def lane_status(s: Settings, r: redis.Redis, workers: list[dict[str, Any]]) -> dict[str, Any]:
+def held_by_dead(s: Settings, workers: list[dict[str, Any]]) -> int:
+    """Jobs taken over two heartbeats ago that no live worker holds: their worker died before its heartbeat
+    listed them, and a running worker's sweep puts them back. Read from the heartbeats (``unheld``: what each
+    worker's last sweep found held by none), so `m3q status` needs a live worker to count them."""
+    listed = {tag for w in workers for tag in w.get("held", ())}
+    before = time.time() - 2 * wire.heartbeat_s(s)
+    return len({tag for w in workers for tag, taken in (w.get("unheld") or {}).items()
+                if taken < before and tag not in listed})
+
+
+def stream_status(s: Settings, r: redis.Redis, workers: list[dict[str, Any]]) -> dict[str, Any]:
     """The query stream: entries in it (waiting or taken), taken and not yet answered, replies per second."""
     from producer.contract import stream
 
@@ -45,8 +53,10 @@ def lane_status(s: Settings, r: redis.Redis, workers: list[dict[str, Any]]) -> d
         pending = int(r.xpending(key, stream.GROUP)["pending"]) if r.exists(key) else 0
     except redis.ResponseError:  # no consumer group yet: no worker has read the stream
         pending = 0
+    devices = sorted(k.decode() for k in r.scan_iter(match=stream.stream_key(s, "*"), count=1000))
     return {"stream": key, "depth": int(r.xlen(key)), "pending": pending,
-            "replies_per_s": sum(float((w.get("lane") or {}).get("replies_per_s", 0)) for w in workers)}
+            "devices": {k: int(r.xlen(k)) for k in devices},
+            "replies_per_s": sum(float((w.get("query_stream") or {}).get("replies_per_s", 0)) for w in workers)}
 
 
 def _reindex_jobs(s: Settings) -> list[dict[str, Any]]:
@@ -94,10 +104,11 @@ def render(status: dict[str, Any]) -> str:
                          f"{status.get('dead_worker_s', 30):.0f}s of its death (M3Q_DEAD_WORKER_S)")
     lines.append("QUEUES")
     lines += [f"  {name}: {depth} waiting" for name, depth in status["queues"].items()]
-    if status.get("lane"):
-        ln = status["lane"]
+    if status.get("query_stream"):
+        ln = status["query_stream"]
         lines.append(f"  {ln['stream']} (query stream): {ln['depth'] - ln['pending']} waiting, {ln['pending']} taken "
                      f"and not yet answered, {ln['replies_per_s']:.1f} replies/s")
+        lines += [f"  {key} (a device's query stream): {depth} in it" for key, depth in ln.get("devices", {}).items()]
     if status.get("held_by_dead"):
         lines.append(f"  {status['held_by_dead']} job(s) held by a dead worker, going back to their queues")
     if status["failures"]:

@@ -117,6 +117,22 @@ def shared_worker(tmp_path_factory, redis_client):
     w.stop()
 
 
+@pytest.fixture(scope="module")
+def encoder():
+    """The tiny checkpoint in this process: what a worker's answers are compared with."""
+    from worker.encoder import Encoder
+
+    return Encoder.load(str(TINY), "cpu", "float32")
+
+
+@pytest.fixture(scope="module")
+def client(shared_worker):
+    """A producer client on the module's shared worker."""
+    from producer.client import Client
+
+    return Client(shared_worker.settings)
+
+
 @pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory):
     """A real Milvus Lite server on a free port, for the whole session."""

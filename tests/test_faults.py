@@ -29,7 +29,7 @@ from producer.contract.settings import Settings
 from producer.contract.wire import Embedding, ItemError, PayloadError
 from producer.status import collect
 from tests.conftest import ROOT, Worker, WorkerProcess, free_port, make_settings, settings_env, wait_for
-from worker import broker, sink
+from worker import celery_internals, sink
 
 TIMEOUT_S = 180
 LONG_DOC = "word alpha beta " * 3000  # over 8192 tokens: cut to 8192, about a second of encoding each
@@ -230,7 +230,7 @@ def test_an_acknowledgement_on_a_closed_connection_is_a_connection_error_and_the
 
     server = private_redis("--appendonly", "yes")
     url = server.url()
-    for transport in (None, broker.TRANSPORT):  # kombu's own, then the worker's
+    for transport in (None, celery_internals.TRANSPORT):  # kombu's own, then the worker's
         queue = kombu.Queue("ack-after-close-" + uuid.uuid4().hex[:8])
         with kombu.Connection(url) as sender:
             sender.Producer().publish({"job": 1}, routing_key=queue.name, declare=[queue])

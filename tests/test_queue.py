@@ -20,18 +20,6 @@ TEXTS = ["What is BGE-M3?", "Milvus stores dense and sparse vectors.", "Прив
          "word " * 700, "short"]
 
 
-@pytest.fixture(scope="module")
-def encoder():
-    from worker.encoder import Encoder
-
-    return Encoder.load(str(TINY), "cpu", "float32")
-
-
-@pytest.fixture(scope="module")
-def client(shared_worker):
-    return Client(shared_worker.settings)
-
-
 def _close(a: Embedding, b: Embedding, tol: float = 1e-6) -> None:
     assert np.abs(a.dense - b.dense).max() <= tol
     assert a.sparse_dict().keys() == b.sparse_dict().keys()

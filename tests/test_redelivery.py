@@ -28,6 +28,7 @@ from tests.test_faults import (
     in_thread,
     stored_count,
 )
+from worker import reclaim
 
 RESTORED = "held by a dead worker back on their queues"
 
@@ -126,7 +127,7 @@ def test_twenty_kills_during_a_3000_document_index_store_every_document_once(wor
     print(f"index done {finished_s:.1f}s after the last kill")
     # The survivor alone then has the rest of the work: the bound plus the time to encode what was left.
     assert finished_s <= s.dead_worker_s + 120
-    assert not wire.unheld_jobs(s, redis_py.Redis.from_url(s.broker_url), 0), "a job is still held by a dead worker"
+    assert not reclaim.unheld_jobs(s, redis_py.Redis.from_url(s.broker_url), 0), "a job is still held by a dead worker"
 
 
 @pytest.mark.slow
@@ -182,7 +183,7 @@ def test_a_job_a_worker_popped_but_never_recorded_is_sent_again(workers, wait):
     handle = Client(s).submit_encode(["a job popped by a worker that died at once"], "documents")
     r = redis_py.Redis.from_url(s.broker_url)
     assert r.brpop([wire.document_queue(s)], timeout=10), "the job was not in its queue"
-    assert not wire.unheld_jobs(s, r, 0), "the popped job must be in no unacknowledged record"
+    assert not reclaim.unheld_jobs(s, r, 0), "the popped job must be in no unacknowledged record"
     w = workers(s)
     started = time.monotonic()
     (item,) = handle.result(TIMEOUT_S) if wait == "blocking" else asyncio.run(handle.aresult(TIMEOUT_S))

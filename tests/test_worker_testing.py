@@ -1,7 +1,7 @@
 """The worker's test-only hooks (worker/testing.py) stay off without their one switch, M3Q_TESTING=1.
 
 The hooks themselves run in real worker processes elsewhere: the crash hook in tests/test_faults.py,
-tests/test_redelivery.py and tests/test_stream_lane.py, the stand-in in tests/test_scale.py.
+tests/test_redelivery.py and tests/test_query_stream.py, the stand-in in tests/test_scale.py.
 """
 from __future__ import annotations
 

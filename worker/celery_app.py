@@ -13,9 +13,9 @@ from celery import Celery, signals
 
 from producer.contract import wire
 from producer.contract.settings import Settings
-from worker import broker, runtime
+from worker import celery_internals, runtime
+from worker.query_stream import QueryStreamStep
 from worker.reclaim import HeldJobs, Reclaimer
-from worker.stream_lane import StreamLane
 from worker.tasks import register
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def worker_queues(s: Settings) -> list[str]:
     """Queues of Celery's own consumer: documents, this device's queue, and the query queue, where Celery
     callers (``send_task("m3q.encode_queries")``) send queries as ordinary tasks. The producer client sends
-    queries on the query stream instead (:mod:`worker.stream_lane`), where they never wait behind documents."""
+    queries on the query stream instead (:mod:`worker.query_stream`), where they never wait behind documents."""
     return [wire.query_queue(s), wire.document_queue(s), wire.device_queue(s, s.device)]
 
 
@@ -36,13 +36,18 @@ def make_app(s: Settings) -> Celery:
         worker_concurrency=s.worker_threads,
         task_queues=[wire.kombu_queue(q) for q in worker_queues(s)],
     )
-    if transport := broker.transport_for(s.broker_url):
-        app.conf.broker_transport = transport  # acknowledgements after a reconnect (worker.broker)
+    if transport := celery_internals.transport_for(s.broker_url):
+        app.conf.broker_transport = transport  # acknowledgements after a reconnect (worker.celery_internals)
     register(app)
     app.steps["consumer"].add(HeldJobs)
-    app.steps["consumer"].add(StreamLane)
+    app.steps["consumer"].add(QueryStreamStep)
     app.m3q_settings = s  # type: ignore[attr-defined]
     return app
+
+
+@signals.worker_init.connect
+def _check_versions(**_: object) -> None:
+    celery_internals.check_versions()  # a warning only: the worker starts whatever the versions
 
 
 @signals.worker_init.connect

@@ -1,5 +1,5 @@
 """One job's life cycle in a worker, the same on both transports: the Celery tasks (:mod:`worker.tasks`) and
-the query stream (:mod:`worker.stream_lane`).
+the query stream (:mod:`worker.query_stream`).
 
 A transport makes a :class:`Job` when it takes a job (the queue wait is observed from the ``m3q_sent`` header),
 lets it count its delivery (a job that keeps killing its worker becomes a :class:`PoisonJob`) and pass the

@@ -67,7 +67,7 @@ class Runtime:
         self._milvus = None
         self._redis = None
         self.held: Callable[[], dict[str, list[str]]] = dict  # jobs held now (set by worker.reclaim.HeldJobs)
-        self.lane: Callable[[], dict] = dict  # the stream lane's figures (set by worker.stream_lane.StreamLane)
+        self.query_stream: Callable[[], dict] = dict  # its figures (set by worker.query_stream.QueryStreamStep)
         self.reclaimer = reclaimer  # a worker.reclaim.Reclaimer: jobs of dead workers go back at each heartbeat
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="m3q-heartbeat", daemon=True)
@@ -120,7 +120,8 @@ class Runtime:
         return {**self.encoder.info(), "hostname": self.hostname, "pid": os.getpid(), "jobs": self.counters.jobs,
                 "texts": self.counters.texts, "tokens": self.counters.tokens, "errors": self.counters.errors,
                 **self.counters.rate(), "pending": self.engine.pending(), "held": [], "held_jobs": [], **self.held(),
-                "lane": self.lane(), "time": time.time()}
+                "unheld": self.reclaimer.unheld if self.reclaimer else {}, "query_stream": self.query_stream(),
+                "time": time.time()}
 
     def _key(self) -> str:
         return wire.heartbeat_key(self.settings, self.hostname)
@@ -135,15 +136,15 @@ class Runtime:
 
     def _beat(self) -> None:
         while not self._stop.is_set():
+            self._sweep()  # first: the heartbeat then carries what the sweep found (`m3q status` counts it)
             self.beat()
-            self._sweep()
             self._stop.wait(wire.heartbeat_s(self.settings))
 
     def _sweep(self) -> None:
         if self.reclaimer is None or self._stop.is_set():
             return
         try:
-            self.reclaimer.sweep(self.redis())
+            self.reclaimer.sweep(self.redis(), also_held=self.held().get("held", ()))
         except Exception as e:  # noqa: BLE001 - Redis may be restarting; the next beat sweeps again
             log.warning("sweep for jobs of dead workers failed: %s", e)
             self.reclaimer.close()

@@ -120,7 +120,7 @@ def row_problem(row: dict, dense_dim: int | None = None) -> str | None:
     rid, text = row.get("id"), row.get("text")
     if not isinstance(rid, str) or not rid or not isinstance(text, str):
         return "id must be a non-empty string and text a string"
-    if not _is_utf8(rid) or not _is_utf8(text):
+    if checks.surrogate(rid) or checks.surrogate(text):
         return "id or text has a lone surrogate (not valid UTF-8)"
     if len(rid.encode("utf-8")) > ID_MAX_BYTES:
         return f"id is over {ID_MAX_BYTES} UTF-8 bytes"
@@ -133,14 +133,6 @@ def row_problem(row: dict, dense_dim: int | None = None) -> str | None:
     if not np.isfinite(dense).all():
         return "dense has a NaN or infinite value"
     return _sparse_problem(row.get("sparse")) or checks.metadata_problem(row.get("metadata"))
-
-
-def _is_utf8(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def _sparse_problem(sparse: object) -> str | None:

@@ -35,14 +35,14 @@ def text_problem(value: object, max_chars: int) -> str | None:
     nul = value.find("\x00")
     if nul >= 0:
         return f"text contains a NUL character at offset {nul}"
-    return _surrogate(value)
+    return surrogate(value)
 
 
 def unsendable_text(value: object) -> str | None:
     """Why ``value`` cannot even travel on the wire (so the producer answers it), or None."""
     if not isinstance(value, _SENDABLE):
         return f"text must be a string, got {type(value).__name__}"
-    return _surrogate(value) if isinstance(value, str) else None
+    return surrogate(value) if isinstance(value, str) else None
 
 
 def id_problem(value: object, max_chars: int) -> str | None:
@@ -51,7 +51,7 @@ def id_problem(value: object, max_chars: int) -> str | None:
         return f"id must be a non-empty string or integer, got {type(value).__name__}"
     if len(str(value)) > max_chars:
         return f"id is {len(str(value))} characters, over the limit of {max_chars} (M3Q_MAX_ID_CHARS)"
-    return _surrogate(str(value), "id")
+    return surrogate(str(value), "id")
 
 
 def metadata_problem(value: object) -> str | None:
@@ -83,7 +83,8 @@ def repeat_of(first: dict[str, int], item_id: object, position: int) -> int | No
     return None if earlier == position else earlier
 
 
-def _surrogate(value: str, what: str = "text") -> str | None:
+def surrogate(value: str, what: str = "text") -> str | None:
+    """Why ``value`` cannot be encoded as UTF-8 (a lone surrogate, which JSON can carry), or None."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:

@@ -49,7 +49,7 @@ class Settings:
     queue_prefix: str = field(default="m3q", metadata={"doc": "Prefix of every queue and key, to share one Redis."})
     worker_threads: int = field(default=2, metadata={"doc": "Document/index jobs one worker holds at once (threads: one encodes while the next is tokenized).", "min": 1})
     query_stream_max: int = field(default=100_000, metadata={"doc": "Most query jobs the query stream keeps while no worker reads it (approximate); older ones are dropped and their callers time out.", "min": 1})
-    query_prefetch: int = field(default=64, metadata={"doc": "Query jobs a worker takes at once on its query lane (merged into few forward passes).", "min": 1})
+    query_prefetch: int = field(default=64, metadata={"doc": "Query jobs a worker takes at once from the query stream (merged into few forward passes).", "min": 1})
     batch_wait_ms: float = field(default=2.0, metadata={"doc": "How long the device waits for more queries to batch together, when queries come concurrently (a lone query on an idle device runs at once).", "min": 0})
     cross_job_batching: bool = field(default=True, metadata={"doc": "Merge texts of concurrent jobs into one forward pass."})
     preempt_ms: float = field(default=25.0, metadata={"doc": "While queries arrive, document steps run in slices of about this much device work, and waiting queries run between slices (0: whole steps).", "min": 0})

@@ -6,6 +6,7 @@ accepted too); pickle is refused on both sides. Vectors travel as raw little-end
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass
 from typing import Any, Sequence, TypedDict
 
@@ -102,19 +103,10 @@ def celery_config(s: Settings) -> dict[str, Any]:
         task_routes={task: {"queue": query_queue(s)} for task in QUERY_TASKS},
     )
     if s.broker_url.startswith("rediss://"):
-        config["broker_use_ssl"] = _tls(s)
+        config["broker_use_ssl"] = tls_options(s)
     if s.backend_url.startswith("rediss://"):
-        config["redis_backend_use_ssl"] = _tls(s)
+        config["redis_backend_use_ssl"] = tls_options(s)
     return config
-
-
-def _tls(s: Settings) -> dict[str, Any]:
-    import ssl
-
-    tls: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
-    if s.redis_tls_ca_file:
-        tls["ssl_ca_certs"] = s.redis_tls_ca_file
-    return tls
 
 
 def make_celery(s: Settings, name: str = "m3q") -> Celery:
@@ -144,10 +136,19 @@ def redis_options(s: Settings) -> dict[str, Any]:
     """Connection options of :func:`redis_client` (the asyncio clients use the same)."""
     kwargs: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5, "health_check_interval": 30}
     if s.broker_url.startswith("rediss://"):
-        kwargs["ssl_cert_reqs"] = "required"
-        if s.redis_tls_ca_file:
-            kwargs["ssl_ca_certs"] = s.redis_tls_ca_file
+        kwargs.update(tls_options(s))
     return kwargs
+
+
+def tls_options(s: Settings) -> dict[str, Any]:
+    """The TLS options of every Redis connection to a rediss:// URL, from the ``M3Q_REDIS_TLS_*`` settings: the
+    server's certificate is always checked, against ``M3Q_REDIS_TLS_CA_FILE`` when set (else the system's CAs).
+    In the form redis-py's clients take as keyword arguments, which Celery's ``broker_use_ssl`` and
+    ``redis_backend_use_ssl`` take as they are."""
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if s.redis_tls_ca_file:
+        options["ssl_ca_certs"] = s.redis_tls_ca_file
+    return options
 
 
 def failures_key(s: Settings) -> str:
@@ -209,20 +210,17 @@ class Heartbeat(TypedDict, total=False):
     held: list[str]
     """kombu delivery tags this worker holds (not yet acknowledged): a dead worker's are put back."""
     held_jobs: list[str]
-    lane: dict[str, Any]
-    """The stream lane's figures (consumer name, prefetch, replies per second)."""
+    unheld: dict[str, float]
+    """Jobs this worker's last sweep found held by no live worker, too recent yet to put back: delivery tag ->
+    when a worker took it (epoch s). A tag still unheld two heartbeats after it was taken is a dead worker's."""
+    query_stream: dict[str, Any]
+    """The query stream's figures (streams read, entries held, reads, replies per second)."""
     queues: list[str]
-    """The queues it consumes (Celery's and the query queue; not the query stream, which every worker reads)."""
+    """The queues Celery's consumer reads in it (not the query stream, which every worker reads)."""
     time: float
 
 
 # ---- workers and the jobs they hold ---------------------------------------------------------------------
-
-# kombu's Redis transport keeps every delivered, not yet acknowledged message in one hash per database
-# (delivery tag -> [message, exchange, routing key]), indexed by delivery time in a sorted set.
-UNACKED_KEY = "unacked"
-UNACKED_INDEX_KEY = "unacked_index"
-
 
 def heartbeat_key(s: Settings, hostname: str) -> str:
     """Redis key of one worker's heartbeat: its status as JSON, including the delivery tags it holds."""
@@ -249,36 +247,14 @@ def live_workers(s: Settings, r) -> list[Heartbeat]:
     return [json.loads(v) for v in (r.mget(keys) if keys else []) if v]
 
 
-def unheld_jobs(s: Settings, r, older_than_s: float, workers: list[dict[str, Any]] | None = None) -> list[str]:
-    """Delivery tags of this prefix's jobs that a worker took over ``older_than_s`` ago and no live worker holds."""
-    import json
-    import time
-
-    ceiling = time.time() - older_than_s
-    tags = [t.decode() for t in r.zrangebyscore(UNACKED_INDEX_KEY, "-inf", ceiling)]
-    if not tags:
-        return []
-    held = {tag for w in (live_workers(s, r) if workers is None else workers) for tag in w.get("held", ())}
-    tags = [t for t in tags if t not in held]
-    if not tags:
-        return []
-    ours = (query_queue(s), document_queue(s))
-    device = f"{s.queue_prefix}.device."
-    unheld = []
-    for tag, raw in zip(tags, r.hmget(UNACKED_KEY, tags)):
-        routing_key = json.loads(raw)[2] if raw else ""  # another app's job on the same database is left alone
-        if routing_key in ours or routing_key.startswith(device):
-            unheld.append(tag)
-    return unheld
-
-
 def serves(worker: dict[str, Any], s: Settings, queue: str) -> bool:
-    """Whether ``worker`` consumes ``queue`` (a lane, or a device's own queue), judged by its heartbeat."""
+    """Whether ``worker`` consumes ``queue`` (the query or document queue, or a device's own), judged by its
+    heartbeat."""
     if worker.get("queues"):
         return queue in worker["queues"]
     device_prefix = device_queue(s, "")
     if not queue.startswith(device_prefix):
-        return True  # every m3q worker serves the query and document lanes
+        return True  # every m3q worker serves the query and document queues (and the query stream)
     # Heartbeats without queues name the resolved device ("cuda:0" for a worker started on "cuda").
     device, served = queue[len(device_prefix):], str(worker.get("device", ""))
     return served == device or served.split(":")[0] == device

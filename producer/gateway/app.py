@@ -1,8 +1,8 @@
 """The gateway's ASGI app: one producer :class:`~producer.client.Client` per process, shared by every request.
 
 Requests never wait on a thread of their own: encoding goes through the client's native asyncio paths (the
-query lane's reader task, the result backend's pub/sub connection). Only the blocking calls that have no
-asyncio form (Milvus, a worker check, the submission of index jobs) run on the event loop's default
+process's reply reader for the query stream, the result backend's pub/sub connection). Only the blocking
+calls that have no asyncio form (Milvus, a worker check, the submission of index jobs) run on the event loop's default
 executor, a small fixed pool.
 """
 from __future__ import annotations

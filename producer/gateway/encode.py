@@ -1,10 +1,10 @@
 """Encoding over HTTP: OpenAI's ``/v1/embeddings`` and ``/v1/models``, and m3-queue's own ``/v1/encode``
 (TEI's routes are :mod:`.tei`).
 
-OpenAI's and TEI's routes encode as queries, on the query lane (a Redis stream, awaited natively by the
+OpenAI's and TEI's routes encode as queries, on the query stream (awaited natively by the
 client: no thread): their vectors are ``Client.encode_queries``' bit for bit, and their token limit is
 ``M3Q_QUERY_MAX_LENGTH``. Longer texts go through ``/v1/encode`` with ``"kind": "documents"`` (up to
-``M3Q_DOCUMENT_MAX_LENGTH`` tokens, on the document lane) or ``/v1/index``.
+``M3Q_DOCUMENT_MAX_LENGTH`` tokens, as Celery jobs) or ``/v1/index``.
 """
 from __future__ import annotations
 
@@ -65,42 +65,41 @@ def checked(items: list, field: str, truncate: bool, limit: int) -> list[Embeddi
     return items
 
 
-def add_routes(app: FastAPI, gw: Any) -> None:
-    """Add the encoding routes of gateway ``gw`` (a ``producer.gateway.app.Gateway``)."""
-    s = gw.settings
-    limit = s.gateway_max_body_bytes
+class EncodeRoutes(http.Routes):
+    """The encoding routes of gateway ``gw`` (a ``producer.gateway.app.Gateway``), one method each."""
 
-    created = int(time.time())
+    def __init__(self, gw: Any) -> None:
+        super().__init__(gw)
+        self.created = int(time.time())
 
-    def model_card() -> dict[str, Any]:
-        return {"id": gw.model, "object": "model", "created": created, "owned_by": OWNER}
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.gw.model, "object": "model", "created": self.created, "owned_by": OWNER}
 
-    @http.route(app, "GET", "/v1/models")
-    async def models(request: Request) -> Response:
+    @http.endpoint("GET", "/v1/models")
+    async def models(self, request: Request) -> Response:
         """OpenAI's model list: the one model the workers serve."""
-        return http.json_response({"object": "list", "data": [model_card()]})
+        return http.json_response({"object": "list", "data": [self._model_card()]})
 
-    @http.route(app, "GET", "/v1/models/{model_id:path}")
-    async def model(request: Request) -> Response:
+    @http.endpoint("GET", "/v1/models/{model_id:path}")
+    async def model(self, request: Request) -> Response:
         """OpenAI's model lookup; 404 for any other name."""
         name = request.path_params["model_id"]
-        if name != gw.model:
-            raise ApiError(404, f"model {name!r} is not served here; this gateway serves {gw.model!r}",
+        if name != self.gw.model:
+            raise ApiError(404, f"model {name!r} is not served here; this gateway serves {self.gw.model!r}",
                            param="model", code="model_not_found")
-        return http.json_response(model_card())
+        return http.json_response(self._model_card())
 
-    @http.route(app, "POST", "/v1/embeddings")
-    @http.route(app, "POST", "/embeddings")
-    async def openai_embeddings(request: Request) -> Response:
+    @http.endpoint("POST", "/v1/embeddings", "/embeddings")
+    async def openai_embeddings(self, request: Request) -> Response:
         """OpenAI's embeddings API (also the default ``openai`` client, which asks for base64)."""
-        body = await http.read_object(request, limit)
-        texts = texts_of(http.required(body, "input"), "input", s.max_job_texts, s.max_text_chars)
+        body = await http.read_object(request, self.limit)
+        texts = texts_of(http.required(body, "input"), "input", self.s.max_job_texts, self.s.max_text_chars)
         http.get_str(body, "model")
         http.get_str(body, "user")
         encoding = http.get_choice(body, "encoding_format", ("float", "base64"), "float")
         dimensions = http.get_int(body, "dimensions", None, 1, None)
-        items = checked(await gw.client.aencode_queries(texts, dense=True, sparse=False), "input",
-                        http.get_bool(body, "truncate", True), s.query_max_length)
+        items = checked(await self.gw.client.aencode_queries(texts, dense=True, sparse=False), "input",
+                        http.get_bool(body, "truncate", True), self.s.query_max_length)
         size = len(items[0].dense)
         if dimensions is not None and dimensions != size:
             raise invalid("dimensions", f"this model gives {size}-dimensional vectors, not {dimensions}; "
@@ -112,19 +111,19 @@ def add_routes(app: FastAPI, gw: Any) -> None:
             vectors = [item.dense for item in items]
         tokens = sum(item.n_tokens for item in items)
         return http.json_response({
-            "object": "list", "model": gw.model,
+            "object": "list", "model": self.gw.model,
             "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    @http.route(app, "POST", "/v1/encode")
-    async def encode(request: Request) -> Response:
+    @http.endpoint("POST", "/v1/encode")
+    async def encode(self, request: Request) -> Response:
         """m3-queue's own: queries or documents; dense, sparse, ColBERT; JSON or msgpack (``Accept``)."""
-        body = await http.read_object(request, limit)
+        body = await http.read_object(request, self.limit)
         texts = http.required(body, "texts")
         if not isinstance(texts, list) or not texts:
             raise invalid("texts", "must be a non-empty list of strings")
-        if len(texts) > s.max_job_texts:
-            raise ApiError(413, f"texts has {len(texts):,} items, over the limit of {s.max_job_texts:,} "
+        if len(texts) > self.s.max_job_texts:
+            raise ApiError(413, f"texts has {len(texts):,} items, over the self.limit of {self.s.max_job_texts:,} "
                                 "(M3Q_MAX_JOB_TEXTS)", param="texts", code="too_large")
         kind = http.get_choice(body, "kind", ("queries", "documents"), "queries")
         options = {"dense": http.get_bool(body, "dense", True), "sparse": http.get_bool(body, "sparse", True),
@@ -137,14 +136,19 @@ def add_routes(app: FastAPI, gw: Any) -> None:
         options["normalize"] = None if http.get_bool(body, "normalize", True) else False
         if not (options["dense"] or options["sparse"] or options["colbert"]):
             raise invalid("dense", "ask for at least one of dense, sparse and colbert")
-        run = gw.client.aencode_queries if kind == "queries" else gw.client.aencode_documents
+        run = self.gw.client.aencode_queries if kind == "queries" else self.gw.client.aencode_documents
         items = await run(texts, **options)
         binary = http.wants_msgpack(request)
         tokens = sum(item.n_tokens for item in items if isinstance(item, Embedding))
-        out = {"model": gw.model, "kind": kind, "items": [encoded(i, item, binary) for i, item in enumerate(items)],
+        out = {"model": self.gw.model, "kind": kind,
+               "items": [encoded(i, item, binary) for i, item in enumerate(items)],
                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
         return http.msgpack_response(out) if binary else http.json_response(out)
 
+
+def add_routes(app: FastAPI, gw: Any) -> None:
+    """Add the encoding routes of gateway ``gw``."""
+    EncodeRoutes(gw).add_to(app)
 
 
 def encoded(index: int, item: Any, binary: bool) -> dict[str, Any]:

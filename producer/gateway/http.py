@@ -231,6 +231,29 @@ def route(app: Any, method: str, path: str) -> Callable[[Endpoint], Endpoint]:
     return register
 
 
+def endpoint(method: str, *paths: str) -> Callable[[Endpoint], Endpoint]:
+    """Mark a method of a :class:`Routes` family as the endpoint of ``method`` on ``paths``."""
+    def mark(function: Endpoint) -> Endpoint:
+        function.m3q_routes = [(method, path) for path in paths]  # type: ignore[attr-defined]
+        return function
+    return mark
+
+
+class Routes:
+    """A family of routes, one method each, marked with :func:`endpoint`."""
+
+    def __init__(self, gw: Any) -> None:
+        self.gw = gw  # the gateway (``producer.gateway.app.Gateway``): its client, settings, model name
+        self.s = gw.settings
+        self.limit = gw.settings.gateway_max_body_bytes
+
+    def add_to(self, app: Any) -> None:
+        """Register each marked method on ``app``."""
+        for name in dir(type(self)):
+            for method, path in getattr(getattr(type(self), name), "m3q_routes", ()):
+                route(app, method, path)(getattr(self, name))
+
+
 def wants_msgpack(request: Request) -> bool:
     """Whether the client asked for the compact binary form (``Accept: application/msgpack``)."""
     return "msgpack" in request.headers.get("accept", "")

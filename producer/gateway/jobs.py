@@ -141,55 +141,58 @@ def progress(record: dict[str, Any], metas: list[dict[str, Any] | None]) -> dict
             "rejected": sorted(rejected, key=lambda r: r["index"])}
 
 
-def add_routes(app: FastAPI, gw: Any) -> None:
-    """Add the collection routes of gateway ``gw`` (a ``producer.gateway.app.Gateway``)."""
-    s = gw.settings
+class CollectionRoutes(http.Routes):
+    """The collection routes of gateway ``gw`` (a ``producer.gateway.app.Gateway``), one method each."""
 
-    def collection_of(body: dict[str, Any]) -> str:
+    def _collection_of(self, body: dict[str, Any]) -> str:
         name = http.get_str(body, "collection", need=True)
         if not COLLECTION_NAME.fullmatch(name):
             raise invalid("collection", f"{name!r} is not a Milvus collection name (a letter or _, then letters, "
                                         "digits or _; at most 255)")
         return name
 
-    @http.route(app, "POST", "/v1/index")
-    async def index(request: Request) -> Response:
+    @http.endpoint("POST", "/v1/index")
+    async def index(self, request: Request) -> Response:
         """Enqueue documents into a collection; 202 with the job's id, rejected documents named."""
-        body = await http.read_object(request, s.gateway_max_body_bytes)
-        collection = collection_of(body)
-        rows, rejected = rows_of(http.required(body, "documents"), s)
+        body = await http.read_object(request, self.s.gateway_max_body_bytes)
+        collection = self._collection_of(body)
+        rows, rejected = rows_of(http.required(body, "documents"), self.s)
         if not rows:
             raise http.refuse_items(422, "documents", rejected, len(rejected), "documents were rejected")
-        tasks = await asyncio.to_thread(submit, gw.client, collection, rows, s.job_texts)
+        tasks = await asyncio.to_thread(submit, self.gw.client, collection, rows, self.s.job_texts)
         record = {"id": uuid.uuid4().hex, "collection": collection, "created": time.time(),
                   "documents": len(body["documents"]), "tasks": tasks, "rejected": rejected}
-        await gw.jobs.save(record)
+        await self.gw.jobs.save(record)
         return http.json_response({"id": record["id"], "url": f"/v1/jobs/{record['id']}", "state": "pending",
                                    "collection": collection, "documents": record["documents"],
                                    "accepted": len(rows), "jobs": len(tasks), "rejected": rejected}, 202)
 
-    @http.route(app, "GET", "/v1/jobs/{job_id}")
-    async def job(request: Request) -> Response:
+    @http.endpoint("GET", "/v1/jobs/{job_id}")
+    async def job(self, request: Request) -> Response:
         """An index job's progress: state pending, done or failed; stored; rejected documents with reasons."""
         job_id = request.path_params["job_id"]
-        record = await gw.jobs.load(job_id)
+        record = await self.gw.jobs.load(job_id)
         if record is None:
             raise ApiError(404, f"no index job {job_id!r}: unknown, or older than M3Q_RESULT_EXPIRES_S "
-                                f"({s.result_expires_s} s)", param="job_id", code="no_job")
-        return http.json_response(progress(record, await gw.jobs.results([t["task"] for t in record["tasks"]])))
+                                f"({self.s.result_expires_s} s)", param="job_id", code="no_job")
+        return http.json_response(progress(record, await self.gw.jobs.results([t["task"] for t in record["tasks"]])))
 
-    @http.route(app, "POST", "/v1/search")
-    async def search(request: Request) -> Response:
-        """Dense, sparse or hybrid search: the query encoded on the query lane, then Milvus."""
-        body = await http.read_object(request, s.gateway_max_body_bytes)
+    @http.endpoint("POST", "/v1/search")
+    async def search(self, request: Request) -> Response:
+        """Dense, sparse or hybrid search: the query encoded on the query stream, then Milvus."""
+        body = await http.read_object(request, self.s.gateway_max_body_bytes)
         query = http.get_str(body, "query", need=True)
-        if len(query) > s.max_text_chars:
-            raise ApiError(413, f"query is {len(query):,} characters, over the limit of {s.max_text_chars:,} "
+        if len(query) > self.s.max_text_chars:
+            raise ApiError(413, f"query is {len(query):,} characters, over the self.limit of {self.s.max_text_chars:,} "
                                 "(M3Q_MAX_TEXT_CHARS)", param="query", code="too_large")
-        collection = collection_of(body)
+        collection = self._collection_of(body)
         mode = http.get_choice(body, "mode", ("hybrid", "dense", "sparse"), "hybrid")
         k = http.get_int(body, "k", 10, 1, MAX_K)
-        hits = await gw.searcher.asearch(query, collection, mode, k)
+        hits = await self.gw.searcher.asearch(query, collection, mode, k)
         return http.json_response({"collection": collection, "mode": mode, "hits": [
             {"id": h.id, "score": h.score, "text": h.text, "metadata": h.metadata} for h in hits]})
 
+
+def add_routes(app: FastAPI, gw: Any) -> None:
+    """Add the collection routes of gateway ``gw``."""
+    CollectionRoutes(gw).add_to(app)

@@ -81,70 +81,72 @@ def answers(raw: dict[str, Any], field: str, key: str) -> list[Any]:
     return [item[key] for item in items]
 
 
-def add_routes(app: FastAPI, gw: Any) -> None:
-    """Add TEI's routes of gateway ``gw`` (a ``producer.gateway.app.Gateway``)."""
-    s = gw.settings
-    limit = s.gateway_max_body_bytes
+class TeiRoutes(http.Routes):
+    """TEI's routes of gateway ``gw`` (a ``producer.gateway.app.Gateway``), one method each."""
 
-    async def inputs(request: Request) -> tuple[dict[str, Any], list[str]]:
-        body = await http.read_object(request, limit)
-        return body, texts_of(http.required(body, "inputs"), "inputs", s.max_job_texts, s.max_text_chars)
+    async def _inputs(self, request: Request) -> tuple[dict[str, Any], list[str]]:
+        body = await http.read_object(request, self.limit)
+        return body, texts_of(http.required(body, "inputs"), "inputs", self.s.max_job_texts, self.s.max_text_chars)
 
-    @http.route(app, "POST", "/")
-    @http.route(app, "POST", "/invocations")
-    @http.route(app, "POST", "/embed")
-    async def embed(request: Request) -> Response:
+    @http.endpoint("POST", "/", "/invocations", "/embed")
+    async def embed(self, request: Request) -> Response:
         """One dense vector per input (``"normalize": false``: the raw CLS state)."""
-        body, texts = await inputs(request)
+        body, texts = await self._inputs(request)
         truncate, job = options(body, normalize=True)
-        items = await gw.client.aencode_queries(texts, dense=True, sparse=False, **job)
-        return http.json_response([item.dense for item in checked(items, "inputs", truncate, s.query_max_length)])
+        items = await self.gw.client.aencode_queries(texts, dense=True, sparse=False, **job)
+        return http.json_response([item.dense for item in checked(items, "inputs", truncate, self.s.query_max_length)])
 
-    @http.route(app, "POST", "/embed_sparse")
-    async def embed_sparse(request: Request) -> Response:
+    @http.endpoint("POST", "/embed_sparse")
+    async def embed_sparse(self, request: Request) -> Response:
         """``[{"index": token id, "value": weight}, ...]`` per input, by token id."""
-        body, texts = await inputs(request)
+        body, texts = await self._inputs(request)
         truncate, job = options(body)
-        items = await gw.client.aencode_queries(texts, dense=False, sparse=True, **job)
-        return http.json_response([sparse_values(i) for i in checked(items, "inputs", truncate, s.query_max_length)])
+        items = await self.gw.client.aencode_queries(texts, dense=False, sparse=True, **job)
+        items = checked(items, "inputs", truncate, self.s.query_max_length)
+        return http.json_response([sparse_values(i) for i in items])
 
-    @http.route(app, "POST", "/embed_all")
-    async def embed_all(request: Request) -> Response:
+    @http.endpoint("POST", "/embed_all")
+    async def embed_all(self, request: Request) -> Response:
         """BGE-M3's ColBERT vectors: per input, one vector per token after CLS."""
-        body, texts = await inputs(request)
+        body, texts = await self._inputs(request)
         truncate, job = options(body)
-        items = await gw.client.aencode_queries(texts, dense=False, sparse=False, colbert=True, **job)
-        return http.json_response([i.colbert for i in checked(items, "inputs", truncate, s.query_max_length)])
+        items = await self.gw.client.aencode_queries(texts, dense=False, sparse=False, colbert=True, **job)
+        return http.json_response([i.colbert for i in checked(items, "inputs", truncate, self.s.query_max_length)])
 
-    @http.route(app, "POST", "/tokenize")
-    async def tokenize(request: Request) -> Response:
+    @http.endpoint("POST", "/tokenize")
+    async def tokenize(self, request: Request) -> Response:
         """Per input, its tokens: ``{"id", "text", "special", "start", "stop"}`` (byte offsets, as TEI)."""
-        body, texts = await inputs(request)
+        body, texts = await self._inputs(request)
         if body.get("prompt_name") is not None:
             raise invalid("prompt_name", "is not supported by BGE-M3 (no prompts); omit it")
-        raw = await gw.client.acall(wire.TASK_TOKENIZE, {
+        raw = await self.gw.client.acall(wire.TASK_TOKENIZE, {
             "texts": texts, "add_special_tokens": http.get_bool(body, "add_special_tokens", True)})
         return http.json_response([[token(p) for p in pieces] for pieces in answers(raw, "inputs", "tokens")])
 
-    @http.route(app, "POST", "/decode")
-    async def decode(request: Request) -> Response:
+    @http.endpoint("POST", "/decode")
+    async def decode(self, request: Request) -> Response:
         """The text of each list of token ids."""
-        body = await http.read_object(request, limit)
-        sequences = sequences_of(http.required(body, "ids"), s.max_job_texts)
-        raw = await gw.client.acall(wire.TASK_DECODE, {
+        body = await http.read_object(request, self.limit)
+        sequences = sequences_of(http.required(body, "ids"), self.s.max_job_texts)
+        raw = await self.gw.client.acall(wire.TASK_DECODE, {
             "sequences": sequences, "skip_special_tokens": http.get_bool(body, "skip_special_tokens", True)})
         return http.json_response(answers(raw, "ids", "text"))
 
-    @http.route(app, "GET", "/info")
-    async def info(request: Request) -> Response:
+    @http.endpoint("GET", "/info")
+    async def info(self, request: Request) -> Response:
         """From the settings and the first live worker's heartbeat."""
-        workers = await asyncio.to_thread(gw.client.workers)
+        workers = await asyncio.to_thread(self.gw.client.workers)
         worker = workers[0] if workers else {}
         return http.json_response({
-            "model_id": gw.model, "model_sha": None, "model_dtype": worker.get("dtype", s.dtype),
-            "served_model_name": gw.model, "model_type": {"embedding": {"pooling": "cls"}},
-            "max_concurrent_requests": s.gateway_max_in_flight, "max_input_length": s.query_max_length,
-            "max_batch_tokens": s.max_batch_tokens, "max_batch_requests": None,
-            "max_client_batch_size": s.max_job_texts, "auto_truncate": False, "tokenization_workers": len(workers),
+            "model_id": self.gw.model, "model_sha": None, "model_dtype": worker.get("dtype", self.s.dtype),
+            "served_model_name": self.gw.model, "model_type": {"embedding": {"pooling": "cls"}},
+            "max_concurrent_requests": self.s.gateway_max_in_flight, "max_input_length": self.s.query_max_length,
+            "max_batch_tokens": self.s.max_batch_tokens, "max_batch_requests": None,
+            "max_client_batch_size": self.s.max_job_texts, "auto_truncate": False, "tokenization_workers": len(workers),
             "version": TEI_VERSION, "sha": None, "docker_label": None,
             "m3q": {"workers": len(workers), "dims": worker.get("dims"), "device": worker.get("device")}})
+
+
+def add_routes(app: FastAPI, gw: Any) -> None:
+    """Add tEI's routes of gateway ``gw``."""
+    TeiRoutes(gw).add_to(app)

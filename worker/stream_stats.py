@@ -1,4 +1,4 @@
-"""The query stream's running totals, for the status heartbeat and Prometheus (:mod:`worker.stream_lane`)."""
+"""The query stream's running totals, for the status heartbeat and Prometheus (:mod:`worker.query_stream`)."""
 from __future__ import annotations
 
 import threading
@@ -7,8 +7,8 @@ from collections import deque
 from typing import Any
 
 
-class LaneStats:
-    """Running totals of the lane, for the status heartbeat and Prometheus."""
+class StreamStats:
+    """Running totals of the query stream, for the status heartbeat and Prometheus."""
 
     def __init__(self, registry=None) -> None:
         self.reads = self.entries = self.replies = self.claimed = self.poison = 0
@@ -59,17 +59,17 @@ _PROMETHEUS: dict[int, dict[str, Any]] = {}
 
 
 def _prometheus(registry) -> dict[str, Any]:
-    # Once per registry: a lane started again in the same process (a consumer restart) reuses its metrics.
+    # Once per registry: a query stream started again in the same process (a consumer restart) reuses its metrics.
     if id(registry) not in _PROMETHEUS:
         from prometheus_client import Counter, Gauge
 
         _PROMETHEUS[id(registry)] = {
-            "reads": Counter("m3q_lane_reads", "XREADGROUP calls of the stream lane that returned entries",
+            "reads": Counter("m3q_query_stream_reads", "XREADGROUP calls of the query stream that returned entries",
                              registry=registry),
-            "entries": Counter("m3q_lane_entries", "Query jobs the stream lane read", registry=registry),
-            "replies": Counter("m3q_lane_replies", "Replies the stream lane wrote", registry=registry),
-            "claimed": Counter("m3q_lane_claimed", "Query jobs claimed from dead workers", registry=registry),
-            "pending": Gauge("m3q_lane_pending", "Query jobs the stream lane took and has not acknowledged yet",
+            "entries": Counter("m3q_query_stream_entries", "Query jobs the query stream read", registry=registry),
+            "replies": Counter("m3q_query_stream_replies", "Replies the query stream wrote", registry=registry),
+            "claimed": Counter("m3q_query_stream_claimed", "Query jobs claimed from dead workers", registry=registry),
+            "pending": Gauge("m3q_query_stream_pending", "Query jobs taken and not acknowledged yet",
                              registry=registry),
         }
     return _PROMETHEUS[id(registry)]

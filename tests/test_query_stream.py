@@ -63,8 +63,8 @@ def lane_status(s: Settings, r: redis_py.Redis, until=lambda figures: True, time
     """The stream lane's figures in the heartbeat of a live worker, once ``until`` holds for them."""
     def check() -> dict | None:
         for beat in wire.live_workers(s, r):
-            if beat.get("lane") and until(beat["lane"]):
-                return beat["lane"]
+            if beat.get("query_stream") and until(beat["query_stream"]):
+                return beat["query_stream"]
         return None
 
     return wait_for(check, timeout_s, "the stream lane's figures in a heartbeat")

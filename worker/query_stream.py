@@ -1,4 +1,5 @@
-"""The stream lane: query jobs on a Redis stream, many per round trip, answered on per-client reply lists.
+"""The query stream, a worker's side: query jobs on Redis streams, many per round trip, answered on per-client
+reply lists.
 
 The wire contract is :mod:`producer.contract.stream`. One reader thread takes up to the free prefetch
 (``M3Q_QUERY_PREFETCH`` minus the jobs it holds) in one ``XREADGROUP``, checks each payload exactly as the
@@ -6,7 +7,7 @@ Celery path does and hands it to the device loop, which batches across jobs. One
 job finished by then in one pipeline: the replies first, then one ``XACK`` and one ``XDEL`` (at least once:
 a worker that dies before the acknowledgement leaves its entries pending).
 
-A dead worker's entries come back within ``M3Q_DEAD_WORKER_S``, like the Celery lanes' jobs: at each
+A dead worker's entries come back within ``M3Q_DEAD_WORKER_S``, like Celery jobs: at each
 heartbeat the reader lists the entries pending longer than a heartbeat's lifetime on consumers whose
 heartbeat has expired, claims them (``XCLAIM``) and answers them. Their times-delivered count bounds poison
 queries: past ``M3Q_TASK_MAX_RETRIES + 1`` deliveries a job is answered with a PoisonJob error instead.
@@ -23,13 +24,12 @@ from typing import Any
 
 import redis
 from celery import bootsteps
-from celery.worker import state as worker_state
 
 from producer.contract import stream, wire
 from producer.contract.wire import PayloadError
-from worker import runtime
+from worker import celery_internals, runtime
 from worker.jobs import Job, poison
-from worker.lane_stats import LaneStats
+from worker.stream_stats import StreamStats
 from worker.tasks import INSTANT_TASKS, encode_options, encode_result
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,8 @@ class Done:
     error: Exception | None = None
 
 
-class Lane:
-    """The reader and writer threads of one worker's stream lane."""
+class StreamReader:
+    """The reader and writer threads of one worker's query stream."""
 
     def __init__(self, rt: runtime.Runtime) -> None:
         self.rt = rt
@@ -65,7 +65,7 @@ class Lane:
         # The stream every worker reads, and this worker's device's own (queries routed to the device).
         self.streams = [stream.stream_key(self.s), stream.stream_key(self.s, self.s.device)]
         self.reply_prefix = stream.reply_key(self.s, "")
-        self.stats = LaneStats(getattr(rt.metrics, "registry", None))
+        self.stats = StreamStats(getattr(rt.metrics, "registry", None))
         self._held: dict[tuple[str, bytes], float] = {}  # (stream, entry) taken, not acknowledged -> when
         self._cond = threading.Condition()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
@@ -73,8 +73,8 @@ class Lane:
         self._drain_until = float("inf")  # past this, the writer gives up on Redis and leaves entries pending
         self._writer_stop = threading.Event()
         self._groups_ready = False
-        self._reader = threading.Thread(target=self._read_loop, name="m3q-lane-reader", daemon=True)
-        self._writer = threading.Thread(target=self._write_loop, name="m3q-lane-writer", daemon=True)
+        self._reader = threading.Thread(target=self._read_loop, name="m3q-stream-reader", daemon=True)
+        self._writer = threading.Thread(target=self._write_loop, name="m3q-stream-writer", daemon=True)
 
     # ---- life cycle ------------------------------------------------------------------------------------
 
@@ -104,11 +104,11 @@ class Lane:
         self._writer_stop.set()
         self._writer.join(10)
         if left:
-            log.warning("stream lane stopped with %d query job(s) unanswered: they stay pending for another worker",
+            log.warning("query stream stopped with %d query job(s) unanswered: they stay pending for another worker",
                         left)
 
     def status(self) -> dict:
-        """The lane as the heartbeat shows it: entries held (taken, not acknowledged), reads, replies."""
+        """The query stream as the heartbeat shows it: entries held (taken, not acknowledged), reads, replies."""
         st = self.stats
         with self._cond:
             held = len(self._held)
@@ -139,19 +139,19 @@ class Lane:
                 failing = self._pause(e, failing)
             except redis.RedisError as e:
                 failing = self._pause(e, failing)
-            except Exception:  # noqa: BLE001 - a bug must not silently end the lane
-                log.exception("stream lane reader failed; going on")
+            except Exception:  # noqa: BLE001 - a bug must not silently end the reader
+                log.exception("query stream reader failed; going on")
                 self._stopping.wait(RETRY_S)
 
     def _taking(self) -> bool:
         # A warm or cold shutdown stops the reads at once: Celery stops this step only after its own pool,
         # and a worker asked to stop must not keep taking queries meanwhile.
-        return not self._stopping.is_set() and not _shutting_down()
+        return not self._stopping.is_set() and not celery_internals.shutdown_requested()
 
     def _pause(self, error: Exception, failing: bool) -> bool:
         # One warning per outage, not one a second.
         if not failing:
-            log.warning("stream lane cannot reach Redis (%s: %s); retrying", type(error).__name__, error)
+            log.warning("query stream cannot reach Redis (%s: %s); retrying", type(error).__name__, error)
         self._stopping.wait(RETRY_S)
         return True
 
@@ -301,8 +301,8 @@ class Lane:
                     break
             try:
                 self._answer([self._settle(item) for item in batch])
-            except Exception:  # noqa: BLE001 - a bug must not end the lane; the entries stay pending
-                log.exception("stream lane writer failed on %d job(s)", len(batch))
+            except Exception:  # noqa: BLE001 - a bug must not end the writer; the entries stay pending
+                log.exception("query stream writer failed on %d job(s)", len(batch))
 
     def _settle(self, item: Done | tuple[stream.Request, Job, Future]) -> Done:
         if isinstance(item, Done):
@@ -310,7 +310,7 @@ class Lane:
         request, job, future = item
         try:
             return Done(request, job, encode_result(self.rt, future.result()))
-        except Exception as e:  # noqa: BLE001 - the step failed: this job fails, the lane goes on
+        except Exception as e:  # noqa: BLE001 - the step failed: this job fails, the stream goes on
             return Done(request, job, error=e)
 
     def _answer(self, batch: list[Done]) -> None:
@@ -353,7 +353,7 @@ class Lane:
             try:
                 for result in pipe.execute(raise_on_error=False):
                     if isinstance(result, Exception):
-                        log.error("stream lane reply command failed: %s", result)
+                        log.error("query stream reply command failed: %s", result)
                 return True
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 if time.monotonic() >= self._drain_until:
@@ -392,42 +392,29 @@ def _text(value: bytes | str) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def _shutting_down() -> bool:
-    """Whether Celery was told to stop (a warm or cold shutdown), from the moment of the signal."""
-    return worker_state.should_stop is not None or worker_state.should_terminate is not None
+class QueryStreamStep(bootsteps.StartStopStep):
+    """A consumer step that runs the query stream beside Celery's own consumers.
 
-
-def _worker_stopping(c) -> bool:
-    """Whether the worker shuts down (rather than its consumer restarting after a broker error)."""
-    if _shutting_down():
-        return True
-    blueprint = getattr(getattr(c, "controller", None), "blueprint", None)
-    return blueprint is None or blueprint.state != bootsteps.RUN
-
-
-class StreamLane(bootsteps.StartStopStep):
-    """A consumer step that runs the stream lane beside Celery's own consumers.
-
-    The lane has its own Redis connection: a consumer restart after a broker error leaves it running (it
+    The reader has its own Redis connection: a consumer restart after a broker error leaves it running (it
     reconnects itself); a worker shutdown stops it, answering what it took first.
     """
 
     def __init__(self, parent, **kwargs) -> None:
         super().__init__(parent, **kwargs)
-        self.lane: Lane | None = None
+        self.reader: StreamReader | None = None
 
     def start(self, c) -> None:
-        if self.lane is not None and self.lane.running():
+        if self.reader is not None and self.reader.running():
             return
         rt = runtime.current()
-        self.lane = Lane(rt)
-        rt.lane = self.lane.status
-        self.lane.start()
+        self.reader = StreamReader(rt)
+        rt.query_stream = self.reader.status
+        self.reader.start()
 
     def stop(self, c) -> None:
-        if self.lane is not None and self.lane.running() and _worker_stopping(c):
-            self.lane.stop(0.0 if worker_state.should_terminate is not None else DRAIN_S)
+        if self.reader is not None and self.reader.running() and celery_internals.worker_stopping(c):
+            self.reader.stop(0.0 if celery_internals.cold_shutdown_requested() else DRAIN_S)
 
     def shutdown(self, c) -> None:
-        if self.lane is not None and self.lane.running():
-            self.lane.stop()
+        if self.reader is not None and self.reader.running():
+            self.reader.stop()
