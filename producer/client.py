@@ -10,10 +10,12 @@ documents and index batches as Celery jobs (:mod:`producer.celery_jobs`); :mod:`
 call's jobs in flight, :mod:`producer.liveness` finds the workers, :mod:`producer.index_batches` reports what
 an index stored, :mod:`producer.redis_errors` sorts an outage from a refusal. Every send returns a handle at
 once; a blocking call waits with ``handle.result()``, an asyncio one with ``await handle``: the same jobs,
-the same code, two ways to wait.
+the same code, two ways to wait (and, for queries, an event loop's own reader and sender: see
+:mod:`producer.query_stream`).
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Callable, Iterable, Sequence
 
 import msgpack
@@ -26,9 +28,9 @@ from producer.contract.settings import Settings
 from producer.contract.wire import Item, PayloadError
 from producer.index_batches import IndexReport, Row  # noqa: F401 - re-exported
 from producer.liveness import Liveness
-from producer.query_stream import QueryStream, StreamHandle
+from producer.query_stream import LoopSender, QueryStream, StreamHandle
 from producer.redis_errors import check_broker  # noqa: F401 - re-exported
-from producer.replies import AsyncResults
+from producer.replies import AsyncResults, LoopReplies
 
 Job = Handle | StreamHandle
 """A job in flight, on either transport: ``.result()`` blocks, ``await job`` does not."""
@@ -138,7 +140,8 @@ class Client:
               task_id: str | None = None) -> Job:
         body = self._check_size(payload)
         if task in wire.QUERY_TASKS:
-            return self.queries.submit(task, payload, body, device, first_index)
+            loop = asyncio.get_running_loop() if background else None
+            return self.queries.submit(task, payload, body, device, first_index, loop)
         return self.jobs.submit(task, payload, self.liveness.queue_of(task, device), first_index, task_id=task_id,
                                 background=background)
 
@@ -217,6 +220,8 @@ class Client:
         """:meth:`close`, plus this event loop's Celery-result listener (a web app's shutdown hook); its
         pending awaits are cancelled."""
         await AsyncResults.close_loop(self.settings)
+        await LoopSender.close_loop(self.settings)
+        await LoopReplies.close_loop(self.settings)
         self.close()
 
 

@@ -2,11 +2,13 @@
 tokenizer's and ``m3q.info``'s jobs, as entries on a Redis stream (wire contract:
 :mod:`producer.contract.stream`).
 
-A send never blocks its caller: :meth:`QueryStream.submit` registers the job's waiter with the process's one
-reply reader (:class:`~producer.replies.ReplyReader`), hands the entry to the process's one sending thread
-(:class:`StreamSender`, which puts every entry queued by then in one pipeline), and returns a
-:class:`StreamHandle`. ``handle.result()`` blocks on the reply; ``await handle`` awaits the same reply on the
-event loop, without a thread of its own.
+A send never blocks its caller: :meth:`QueryStream.submit` registers the job's waiter with a reply reader,
+hands the entry to a sender, which puts every entry queued by then in one pipeline, and returns a
+:class:`StreamHandle`: ``handle.result()`` blocks on the reply, ``await handle`` awaits it without a thread.
+A blocking caller's reader and sender are the process's threads (:class:`~producer.replies.ReplyReader`,
+:class:`StreamSender`); an asyncio caller's are tasks of its event loop
+(:class:`~producer.replies.LoopReplies`, :class:`LoopSender`), since a thread that takes the GIL from a busy
+loop costs it measurably (the docstrings give the figures).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ from producer.contract import stream, wire
 from producer.contract.errors import JobFailed, JobTimeout
 from producer.contract.settings import Settings
 from producer.contract.wire import Item, PayloadError, decode_item
-from producer.replies import Reply, reply_reader
+from producer.replies import LoopReplies, PerLoop, Reply, async_redis, fail, reply_reader
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,8 @@ class StreamHandle:
     """A job sent on the query stream; its reply comes through this process's reader."""
 
     id: str
-    reply: Future
+    reply: Future | asyncio.Future
+    """Resolved by the process's reply reader: a thread future, or the sending loop's own future."""
     forget: Callable[[str], None]
     task: str
     size: int
@@ -51,6 +55,8 @@ class StreamHandle:
 
     def raw(self, timeout_s: float | None = None) -> dict:
         """The job's result as the worker sent it, waiting up to the timeout."""
+        if isinstance(self.reply, asyncio.Future):
+            raise TypeError("this job was sent from an event loop: await it")
         timeout_s = timeout_s or self.timeout_s
         started = time.monotonic()
         while not self.reply.done():
@@ -68,8 +74,9 @@ class StreamHandle:
     async def araw(self, timeout_s: float | None = None) -> dict:
         """:meth:`raw` for asyncio, without a thread: the reader's future, awaited on this loop."""
         timeout_s = timeout_s or self.timeout_s
+        waiter = self.reply if isinstance(self.reply, asyncio.Future) else asyncio.wrap_future(self.reply)
         try:
-            reply = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self.reply)), timeout_s)
+            reply = await asyncio.wait_for(waiter, timeout_s)
         except asyncio.TimeoutError:
             self.forget(self.id)
             raise JobTimeout(timeout_message(self.id, self.task, self.size, timeout_s)) from None
@@ -109,20 +116,18 @@ class StreamSender:
     def __init__(self, s: Settings) -> None:
         self.settings = s
         self._redis = wire.redis_client(s)
-        self._outbox: list[tuple[str, dict[bytes, bytes], Future]] = []
+        self._outbox: list[Entry] = []
         self._cond = threading.Condition()
         self._running = False
 
-    def send(self, key: str, fields: dict[bytes, bytes]) -> Future:
-        """Queue one ``XADD`` to ``key``; the future resolves once Redis has it (or with why it never will)."""
-        sent: Future = Future()
+    def send(self, key: str, fields: dict[bytes, bytes], failed: Callable[[BaseException], None]) -> None:
+        """Queue one ``XADD`` to ``key``; ``failed(why)`` if Redis refuses it or stays away too long."""
         with self._cond:
-            self._outbox.append((key, fields, sent))
+            self._outbox.append((key, fields, failed))
             if not self._running:
                 self._running = True
                 threading.Thread(target=self._run, name="m3q-stream-sender", daemon=True).start()
             self._cond.notify()
-        return sent
 
     def _run(self) -> None:
         while True:
@@ -133,24 +138,72 @@ class StreamSender:
                 batch, self._outbox = self._outbox, []
             self._flush(batch)
 
-    def _flush(self, batch: list[tuple[str, dict[bytes, bytes], Future]]) -> None:
-        s = self.settings
-        backoff = redis_errors.Backoff(s, f"{len(batch)} job(s) on the query stream")
+    def _flush(self, batch: list[Entry]) -> None:
+        backoff = redis_errors.Backoff(self.settings, f"{len(batch)} job(s) on the query stream")
         while True:
             try:
-                pipe = self._redis.pipeline(transaction=False)
-                for key, fields, _ in batch:
-                    pipe.xadd(key, fields, maxlen=s.query_stream_max, approximate=True)
-                pipe.execute()
-                [sent.set_result(None) for _, _, sent in batch]
+                _xadds(self._redis.pipeline(transaction=False), batch, self.settings).execute()
                 return
             except Exception as e:  # noqa: BLE001 - sorted by Backoff: unreachable is retried, the rest raised
-                try:
-                    delay_s = backoff.after(e)
-                except Exception as final:  # noqa: BLE001 - refused, or past the deadline: every sender is told
-                    [sent.set_exception(final) for _, _, sent in batch]
-                    return
+                delay_s = _retry_after(backoff, e, batch)
+            if delay_s is None:
+                return
             time.sleep(delay_s)
+
+
+class LoopSender(PerLoop):
+    """An event loop's sends on the query stream, in one pipeline per round trip on the loop itself: the
+    asyncio side of :class:`StreamSender`, with the same batches, retry and failures. Why a loop sends and
+    reads (:class:`~producer.replies.LoopReplies`) on its own: a thread that takes the GIL from a busy loop
+    at every batch cost the gateway 8-16% of its rate."""
+
+    _instances = weakref.WeakKeyDictionary()
+
+    def __init__(self, s: Settings) -> None:
+        self.settings = s
+        self._redis = async_redis(s)
+        self._outbox: list[Entry] = []
+        self._reader: asyncio.Task | None = None  # the flushing task (PerLoop cancels it at aclose)
+
+    def send(self, key: str, fields: dict[bytes, bytes], failed: Callable[[BaseException], None]) -> None:
+        """Queue one ``XADD`` to ``key``; ``failed(why)`` if Redis refuses it or stays away too long."""
+        self._outbox.append((key, fields, failed))
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._outbox:
+            batch, self._outbox = self._outbox, []
+            backoff = redis_errors.Backoff(self.settings, f"{len(batch)} job(s) on the query stream")
+            while True:
+                try:
+                    await _xadds(self._redis.pipeline(transaction=False), batch, self.settings).execute()
+                    break
+                except Exception as e:  # noqa: BLE001 - sorted by Backoff: unreachable is retried, the rest raised
+                    delay_s = _retry_after(backoff, e, batch)
+                if delay_s is None:
+                    break
+                await asyncio.sleep(delay_s)
+
+
+Entry = tuple[str, dict[bytes, bytes], Callable[[BaseException], None]]
+"""(stream key, fields, what to call if it is never sent) of one queued ``XADD``."""
+
+
+def _xadds(pipe: Any, batch: list[Entry], s: Settings) -> Any:
+    for key, fields, _ in batch:
+        pipe.xadd(key, fields, maxlen=s.query_stream_max, approximate=True)
+    return pipe
+
+
+def _retry_after(backoff: redis_errors.Backoff, error: Exception, batch: list[Entry]) -> float | None:
+    """The pause before the batch is sent again, or None once every sender was told why it never will be."""
+    try:
+        return backoff.after(error)
+    except Exception as final:  # noqa: BLE001 - refused, or past the deadline: every sender is told
+        for _, _, failed in batch:
+            failed(final)
+        return None
 
 
 _senders: dict[tuple[int, str, str], StreamSender] = {}
@@ -172,27 +225,31 @@ class QueryStream:
     def __init__(self, s: Settings, watch: Callable[[str], Callable[[float], None]]) -> None:
         self.settings = s
         self._watch = watch
+        self._ends: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> (its replies, its sender)
+
+    def _loop_ends(self, loop: asyncio.AbstractEventLoop) -> tuple[LoopReplies, LoopSender]:
+        ends = self._ends.get(loop)
+        if ends is None or ends[0].closed or ends[1].closed:  # closed by Client.aclose: open new ones
+            ends = self._ends[loop] = (LoopReplies.for_loop(self.settings), LoopSender.for_loop(self.settings))
+        return ends
 
     def submit(self, task: str, payload: dict[str, Any], body: bytes, device: str | None = None,
-               first_index: int = 0) -> StreamHandle:
+               first_index: int = 0, loop: asyncio.AbstractEventLoop | None = None) -> StreamHandle:
         """Send one job (``body``: ``payload`` packed, size-checked) on the stream every worker reads, or on
-        ``device``'s own; the handle waits for its reply."""
+        ``device``'s own; the handle waits for its reply (``loop``: the running loop, which awaits it)."""
         s = self.settings
-        reader = reply_reader(s)
+        replies, sender = self._loop_ends(loop) if loop is not None else (reply_reader(s), stream_sender(s))
         job_id = str(uuid.uuid4())
-        reply = reader.expect(job_id)  # before the send: a fast worker's reply must find its waiter
-        sent = stream_sender(s).send(stream.stream_key(s, device),
-                                     stream.request_fields(job_id, reader.key, payload, body, task))
-        sent.add_done_callback(lambda f: _fail_unsent(f, reply, reader.forget, job_id))
+        reply = replies.expect(job_id)  # before the send: a fast worker's reply must find its waiter
+
+        def failed(why: BaseException) -> None:
+            replies.forget(job_id)
+            fail(reply, why)
+        sender.send(stream.stream_key(s, device), stream.request_fields(job_id, replies.key, payload, body, task),
+                    failed)
         queue = wire.device_queue(s, device) if device else wire.query_queue(s)
         size = len(payload.get("texts") or payload.get("sequences") or ())
-        return StreamHandle(job_id, reply, reader.forget, task, size, s.job_timeout_s, first_index,
+        return StreamHandle(job_id, reply, replies.forget, task, size, s.job_timeout_s, first_index,
                             watch=self._watch(queue))
 
 
-def _fail_unsent(sent: Future, reply: Future, forget: Callable[[str], None], job_id: str) -> None:
-    error = sent.exception()
-    if error is not None:
-        forget(job_id)
-        if not reply.done():
-            reply.set_exception(error)

@@ -127,11 +127,11 @@ def test_two_hundred_concurrent_document_awaits_and_await_handle(client, encoder
     assert watch.most <= before_threads + 2, (before_threads, watch.most)  # not one per await
 
 
-def test_aclose_stops_the_loops_result_listener_and_the_client_works_after(shared_worker, encoder):
+def test_aclose_stops_the_loops_reader_and_listener_and_the_client_works_after(shared_worker, encoder):
     client = Client(shared_worker.settings)
 
     def ours() -> set[str]:
-        return {t.get_name() for t in asyncio.all_tasks() if t.get_name() == "m3q-results"}
+        return {t.get_name() for t in asyncio.all_tasks() if t.get_name() in ("m3q-replies", "m3q-results")}
 
     async def run():
         (query,), (document,) = await asyncio.gather(client.aencode_queries(["close me"]),
@@ -145,8 +145,8 @@ def test_aclose_stops_the_loops_result_listener_and_the_client_works_after(share
         return query, document, running, left, again
 
     query, document, running, left, again = asyncio.run(run())
-    # The result listener may already have stopped by itself; after aclose it is gone.
-    assert running <= {"m3q-results"} and left == set()
+    # The reply reader idles for a while before it stops; the result listener may already have stopped.
+    assert "m3q-replies" in running and left == set()
     (expected_query,), (expected_document,) = encoder.encode(["close me"], "queries").items, \
         encoder.encode(["close me too"], "documents").items
     _close(query, expected_query), _close(again, expected_query), _close(document, expected_document)
