@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 import uuid
@@ -30,7 +29,7 @@ from producer.contract import stream, wire
 from producer.contract.errors import JobFailed, JobTimeout
 from producer.contract.settings import Settings
 from producer.contract.wire import Item, PayloadError, decode_item
-from producer.replies import LoopReplies, PerLoop, Reply, async_redis, fail, reply_reader
+from producer.replies import LoopReplies, PerLoop, Reply, async_redis, fail, per_process, reply_reader
 
 log = logging.getLogger(__name__)
 
@@ -206,17 +205,9 @@ def _retry_after(backoff: redis_errors.Backoff, error: Exception, batch: list[En
         return None
 
 
-_senders: dict[tuple[int, str, str], StreamSender] = {}
-_senders_lock = threading.Lock()
-
-
 def stream_sender(s: Settings) -> StreamSender:
-    """This process's sender for ``s``'s Redis and queue prefix (created on first use)."""
-    key = (os.getpid(), s.broker_url, s.queue_prefix)  # the pid: a forked child gets one of its own
-    with _senders_lock:
-        if key not in _senders:
-            _senders[key] = StreamSender(s)
-        return _senders[key]
+    """This process's sender for ``s``'s Redis and queue prefix."""
+    return per_process(StreamSender, s)
 
 
 class QueryStream:
@@ -225,6 +216,7 @@ class QueryStream:
     def __init__(self, s: Settings, watch: Callable[[str], Callable[[float], None]]) -> None:
         self.settings = s
         self._watch = watch
+        self._watches: dict[str, Callable[[float], None]] = {}  # queue -> its watch (the same for every job)
         self._ends: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> (its replies, its sender)
 
     def _loop_ends(self, loop: asyncio.AbstractEventLoop) -> tuple[LoopReplies, LoopSender]:
@@ -247,9 +239,14 @@ class QueryStream:
             fail(reply, why)
         sender.send(stream.stream_key(s, device), stream.request_fields(job_id, replies.key, payload, body, task),
                     failed)
-        queue = wire.device_queue(s, device) if device else wire.query_queue(s)
         size = len(payload.get("texts") or payload.get("sequences") or ())
         return StreamHandle(job_id, reply, replies.forget, task, size, s.job_timeout_s, first_index,
-                            watch=self._watch(queue))
+                            watch=self._watch_of(device))
+
+    def _watch_of(self, device: str | None) -> Callable[[float], None]:
+        queue = wire.device_queue(self.settings, device) if device else wire.query_queue(self.settings)
+        if queue not in self._watches:
+            self._watches[queue] = self._watch(queue)
+        return self._watches[queue]
 
 

@@ -134,17 +134,23 @@ def fail(future: Future | asyncio.Future, error: BaseException) -> None:
         future.set_exception(error)
 
 
-_readers: dict[tuple[int, str, str], ReplyReader] = {}
-_readers_lock = threading.Lock()
+_per_process: dict[tuple[type, int, str, str], Any] = {}
+_per_process_lock = threading.Lock()
+
+
+def per_process(cls: type, s: Settings) -> Any:
+    """This process's one ``cls(s)`` for ``s``'s Redis and queue prefix (created on first use; a forked child
+    gets its own)."""
+    key = (cls, *_settings_key(s))
+    with _per_process_lock:
+        if key not in _per_process:
+            _per_process[key] = cls(s)
+        return _per_process[key]
 
 
 def reply_reader(s: Settings) -> ReplyReader:
-    """This process's reader for ``s``'s Redis and queue prefix (created on first use)."""
-    key = _settings_key(s)
-    with _readers_lock:
-        if key not in _readers:
-            _readers[key] = ReplyReader(s)
-        return _readers[key]
+    """This process's reader for ``s``'s Redis and queue prefix."""
+    return per_process(ReplyReader, s)
 
 
 def _decoded(raw: bytes) -> tuple[str, Reply]:
