@@ -1,4 +1,5 @@
-"""The ``m3q`` command line. Every setting is an ``M3Q_*`` variable and also a ``--flag`` of each command."""
+"""The ``m3q`` command line. Every setting is an ``M3Q_*`` variable, and a ``--flag`` of each command that reads
+it (``COMMAND_SETTINGS`` in producer.contract.settings)."""
 from __future__ import annotations
 
 import argparse
@@ -8,19 +9,23 @@ import sys
 from dataclasses import fields
 from typing import Sequence
 
+from producer.cli_support import CommandParser, check_command, install_hint, show_wait_progress
 from producer.contract.errors import ConfigError, M3QError
-from producer.contract.settings import Settings
+from producer.contract.settings import Settings, command_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``m3q``."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    check_command(parser, argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.command in ("worker", "demo", "milvus", "serve") else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # pymilvus logs a traceback for errors that m3q already reports in one clear line.
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+    show_wait_progress(args.command)
     try:
         settings = Settings.from_env(**{f.name: getattr(args, f.name, None) for f in fields(Settings)})
         _check_broker(args, settings)
@@ -32,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if extra is None:
             raise
         print(f"m3q {args.command}: needs {e.name}, which is not installed: install the {extra} extra: "
-              f"pip install 'm3-queue[{extra}]'", file=sys.stderr)
+              f"{install_hint(extra)}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - one clear line instead of a traceback for expected failures
         if _expected(e):
@@ -80,32 +85,33 @@ def _extra_providing(module: str) -> str | None:
     return min(extras, key=lambda e: (sizes[e], e)) if extras else None
 
 
-INDEX_EXIT_RULE = ("Exit status: 0 when at least one document was stored (rejected rows are listed, not fatal); "
-                   "1 when rows were read but none was stored; 2 for an error before indexing (the file, Milvus, "
-                   "the collection); 130 when interrupted.")
+INDEX_EXIT_RULE = ("Exit status: 0 when at least one document was stored or skipped as unchanged (rejected rows are "
+                   "listed, not fatal); 1 when rows were read but none was stored or skipped; 2 for an error before "
+                   "indexing (the file, Milvus, the collection); 130 when interrupted.")
 """How `m3q index` exits, stated in its --help."""
 TEXT_FIELD_HELP = "Field (JSONL) or column (CSV, Parquet) holding the text (default: text)"
 ID_FIELD_HELP = "Field or column holding the id (default: id; without one, FILE:LINE)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """All sub-commands: each one's own options first, then every setting as a flag in a group of its own."""
+    """All sub-commands: each one's own options first, then the settings it reads as flags in a group of their
+    own."""
     parser = argparse.ArgumentParser(prog="m3q",
                                      description="BGE-M3 embeddings on a Celery + Redis queue, into Milvus.")
     parser.add_argument("--version", action="version", version=f"m3q {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    commands: list[argparse.ArgumentParser] = []
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
+    commands: dict[str, argparse.ArgumentParser] = {}
 
     def command(name: str, run, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, epilog=epilog)
         p.set_defaults(run=run)
-        commands.append(p)
+        commands[name] = p
         return p
 
     for add in (_queue_commands, _reindex_command, _service_commands):
         add(command)
-    for p in commands:
-        _add_settings(p)
+    for name, p in commands.items():
+        _add_settings(p, command_settings(name))
     return parser
 
 
@@ -130,6 +136,8 @@ def _queue_commands(command) -> None:
     p.add_argument("--collection", required=True, help="Collection to write (created on first use)")
     p.add_argument("--text-field", default="text", help=TEXT_FIELD_HELP)
     p.add_argument("--id-field", default="id", help=ID_FIELD_HELP)
+    p.add_argument("--force", action="store_true",
+                   help="Encode every document, also those the collection holds unchanged (skipped by default)")
 
     p = command("search", cmd_search, "Search a collection with a query encoded by the workers.")
     p.add_argument("text", help="The query")
@@ -177,12 +185,16 @@ def _service_commands(command) -> None:
     p.add_argument("--collection", default="m3q_demo", help="Collection for the sample corpus (default: m3q_demo)")
 
 
-def _add_settings(p: argparse.ArgumentParser) -> None:
-    """Every setting as a flag, in a group after the command's own options; the usage line names the
-    command's own options only (30 settings would bury them)."""
+def _add_settings(p: argparse.ArgumentParser, names: list[str]) -> None:
+    """The settings ``names`` as flags, in a group after the command's own options; the usage line names the
+    command's own options only (the settings would bury them)."""
+    if not names:
+        return
     p.usage = p.format_usage().removeprefix("usage: ").strip() + " [settings]"
     group = p.add_argument_group("settings (also M3Q_* variables)")
     for f in fields(Settings):
+        if f.name not in names:
+            continue
         kind = {"int": int, "float": float, "bool": _bool}.get(str(f.type), str)
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
                            help=f.metadata["doc"], metavar=f.name.upper())
@@ -276,12 +288,12 @@ def cmd_index(args: argparse.Namespace, s: Settings) -> int:
 
     interrupt_on_sigterm()  # SIGTERM (a job scheduler, `kill`) gets the summary that Ctrl-C gets
     try:
-        report = index_file(s, args.file, args.collection, args.text_field, args.id_field)
+        report = index_file(s, args.file, args.collection, args.text_field, args.id_field, force=args.force)
     except IndexInterrupted as stopped:
         print(f"m3q index: {stopped}", file=sys.stderr)
         return 130
     print(report.summary())
-    return 0 if report.stored or not (report.rejected or report.source_errors) else 1
+    return 0 if report.stored or report.skipped or not (report.rejected or report.source_errors) else 1
 
 
 def cmd_search(args: argparse.Namespace, s: Settings) -> int:

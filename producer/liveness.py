@@ -26,6 +26,12 @@ from producer.contract.settings import Settings
 from producer.replies import call_once_per_loop
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger("m3q.progress")
+"""A record each whole second while a call waits for a worker (its ``m3q_wait`` attribute: seconds waited, or None
+once the wait is over). Silent unless a handler is attached: the `m3q` CLI shows it on stderr; a web app
+using the Client prints nothing."""
+progress.propagate = False
+progress.addHandler(logging.NullHandler())
 
 WORKER_NOTICE_S = 30.0
 """While a job waits and no worker serving its queue is alive, the producer logs a notice this often."""
@@ -120,24 +126,35 @@ class Liveness:
     def require(self, queue: str, device: str | None, grace_s: float) -> list[dict]:
         """The live workers of ``queue``, waiting up to ``grace_s`` for one; :class:`NoWorker` if none comes."""
         self.check_redis()
-        deadline = time.monotonic() + grace_s
-        told = False
-        while True:
-            try:
-                every = wire.live_workers(self.settings, self.redis())
-            except (redis.ConnectionError, redis.TimeoutError):
-                return []  # Redis unreachable: not judged here, the send waits for Redis to come back
-            found = [w for w in every if wire.serves(w, self.settings, queue)]
-            if found:
-                self._served_at[queue] = time.monotonic()
-                return found
-            if time.monotonic() >= deadline:
-                raise NoWorker(self._no_worker_message(queue, device, grace_s, every))
-            if not told:
-                log.info("no live worker on %s yet; waiting up to %.0fs for one (M3Q_NO_WORKER_GRACE_S)",
-                         queue, grace_s)
-                told = True
-            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        started = time.monotonic()
+        told = -1  # the last whole second of the wait shown on the progress logger
+        try:
+            while True:
+                try:
+                    every = wire.live_workers(self.settings, self.redis())
+                except (redis.ConnectionError, redis.TimeoutError):
+                    return []  # Redis unreachable: not judged here, the send waits for Redis to come back
+                found = [w for w in every if wire.serves(w, self.settings, queue)]
+                if found:
+                    self._served_at[queue] = time.monotonic()
+                    return found
+                waited = time.monotonic() - started
+                if waited >= grace_s:
+                    raise NoWorker(self._no_worker_message(queue, device, grace_s, every))
+                if int(waited) > told:
+                    told = int(waited)
+                    self._waiting(queue, told, grace_s)
+                time.sleep(min(0.5, max(0.0, grace_s - waited)))
+        finally:
+            if told >= 0:
+                progress.info("", extra={"m3q_wait": None})  # the wait is over (a terminal's line is cleared)
+
+    def _waiting(self, queue: str, waited_s: int, grace_s: float) -> None:
+        if waited_s == 0:
+            log.info("no live worker on %s yet; waiting up to %.0fs for one (M3Q_NO_WORKER_GRACE_S)", queue, grace_s)
+        progress.info("waiting for a worker on queue %s (Redis at %s) ... %d s of %.0f s (M3Q_NO_WORKER_GRACE_S)",
+                      queue, maybe_sanitize_url(self.settings.broker_url), waited_s, grace_s,
+                      extra={"m3q_wait": waited_s})
 
     def _no_worker_message(self, queue: str, device: str | None, grace_s: float, others: list[dict]) -> str:
         where = f"device {device} (queue {queue})" if device else queue

@@ -204,6 +204,7 @@ def test_json_errors_are_whole_sentences(worker, tmp_path):
 
 # ---- item 8: interruptions -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_in_index_prints_what_was_stored_and_nothing_is_lost(worker, mc, tmp_path, sig):
     collection, n = name(), 4000
@@ -230,6 +231,7 @@ def test_ctrl_c_in_index_prints_what_was_stored_and_nothing_is_lost(worker, mc, 
     assert again.returncode == 0 and milvus.count(mc, collection) == n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_in_reindex_prints_the_resume_line_and_status_says_interrupted(worker, mc, tmp_path, sig):
     alias, job_id, n = name(), "j" + uuid.uuid4().hex[:8], 600
@@ -315,6 +317,7 @@ def test_sigterm_on_m3q_milvus_stops_the_server(tmp_path):
     assert not port_open("127.0.0.1", port)
 
 
+@pytest.mark.slow
 def test_sigterm_on_m3q_demo_stops_the_worker_and_milvus(tmp_path, redis_client):
     port, data = free_port(), tmp_path / "demo-milvus"
     s = make_settings(milvus_port=port, milvus_data_dir=str(data), model=str(TINY))
@@ -355,8 +358,12 @@ def test_each_commands_own_options_come_first_with_help_and_settings_are_grouped
         own = [a for g in sub._action_groups if not g.title.startswith("settings") for a in g._group_actions]
         assert all(a.help for a in own), (command, [a.dest for a in own if not a.help])
         text = sub.format_help()
-        assert "settings (also M3Q_* variables):" in text and "--broker-url" not in text.split("settings (")[0]
-        assert "--broker-url" not in sub.format_usage()
+        setting = "--milvus-uri" if command == "milvus" else "--broker-url"  # a setting the command reads
+        if command == "replica":  # reads no setting: no settings group
+            assert "settings (" not in text
+            continue
+        assert "settings (also M3Q_* variables):" in text and setting in text.split("settings (")[1]
+        assert setting not in text.split("settings (")[0] and setting not in sub.format_usage()
     assert "Exit status: 0 when at least one document was stored" in " ".join(commands["index"].format_help().split())
     done = subprocess.run([sys.executable, "-m", "producer.cli", "--version"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and done.stdout.startswith("m3q 0.")

@@ -30,9 +30,14 @@ def m3q(s, *args: str, stdin: str = "", env: dict[str, str] | None = None) -> tu
     return out, time.monotonic() - started
 
 
-def one_line(out: subprocess.CompletedProcess) -> str:
-    """The single line on stderr (no traceback, no retry warnings)."""
+def one_line(out: subprocess.CompletedProcess, waited: bool = False) -> str:
+    """The single line on stderr (no traceback, no retry warnings); with ``waited``, after the lines that showed
+    the wait for a worker (one each few seconds, stderr not being a terminal)."""
     lines = out.stderr.strip().splitlines()
+    if waited:
+        waits = [line for line in lines if ": waiting for a worker on queue " in line]
+        assert waits and lines[:len(waits)] == waits, out.stderr
+        lines = lines[len(waits):]
     assert len(lines) == 1, out.stderr
     return lines[0]
 
@@ -49,6 +54,7 @@ def cpu_worker(tmp_path_factory, redis_client):
 
 # ---- 1. no worker alive -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["encode"], ["search", "what is a queue?", "--collection", "first_hour"]])
 def test_no_worker_is_one_line_in_seconds_naming_m3q_worker(redis_client, milvus_server, command):
     s = make_settings(milvus_uri=milvus_server)  # the default grace, M3Q_NO_WORKER_GRACE_S=10
@@ -57,8 +63,8 @@ def test_no_worker_is_one_line_in_seconds_naming_m3q_worker(redis_client, milvus
         sink.ensure_collection(client, "first_hour", 8, "any-model")
         client.close()
     out, took = m3q(s, *command, stdin=LINE)
-    line = one_line(out)
-    print(f"\n$ m3q {command[0]}  ({took:.1f}s)\n{line}")
+    line = one_line(out, waited=True)
+    print(f"\n$ m3q {command[0]}  ({took:.1f}s)\n{out.stderr}")
     assert out.returncode == 2 and took < s.no_worker_grace_s + 10, (took, line)
     queue = wire.query_queue(s) if command[0] == "search" else wire.document_queue(s)
     assert f"no worker is consuming {queue}" in line
@@ -69,7 +75,7 @@ def test_no_worker_is_one_line_in_seconds_naming_m3q_worker(redis_client, milvus
 def test_a_device_nobody_serves_is_named_with_the_devices_that_are(cpu_worker):
     s = cpu_worker.settings.replace(no_worker_grace_s=1.0)
     out, took = m3q(s, "encode", "--route-device", "cuda:7", stdin=LINE)
-    line = one_line(out)
+    line = one_line(out, waited=True)
     print(f"\n$ m3q encode --route-device cuda:7  ({took:.1f}s)\n{line}")
     assert out.returncode == 2 and took < 15
     assert "device cuda:7" in line and "`m3q worker --device cuda:7`" in line and "serve cpu only" in line
@@ -107,6 +113,7 @@ def test_library_gets_no_worker_early_and_a_worker_that_is_starting_gets_the_gra
     assert isinstance(result["items"][0], Embedding)
 
 
+@pytest.mark.slow
 def test_without_require_worker_the_job_waits_and_a_notice_names_the_queue(redis_client, caplog):
     s = make_settings(require_worker=False, job_timeout_s=7.0)
     client = Client(s)

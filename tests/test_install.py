@@ -71,4 +71,13 @@ def test_the_bare_package_encodes_through_a_real_worker(tmp_path, spawn_worker):
         lines = done.stderr.strip().splitlines()
         print(f"\n$ m3q {command[0]}  (bare install)\n{done.stderr.strip()}")
         assert done.returncode == 2 and len(lines) == 1, done.stderr
-        assert "install the worker extra: pip install 'm3-queue[worker]'" in lines[0]
+        # m3-queue is on no package index: the hint names the folder this copy was installed from.
+        assert f"install the worker extra: pip install 'm3-queue[worker] @ {(tmp_path / 'm3-queue').as_uri()}'" \
+            in lines[0], lines[0]
+
+    # Run from a checkout (the package next to its pyproject.toml), the hint is the checkout's editable install.
+    done = subprocess.run([str(bin_dir / "python"), "-m", "producer.cli", "worker"], env=bare_env(s), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    print(f"\n$ python -m producer.cli worker  (bare install, in the checkout)\n{done.stderr.strip()}")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.strip().endswith(f"install the worker extra: cd {ROOT} && pip install -e '.[worker]'")

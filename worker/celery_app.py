@@ -12,11 +12,12 @@ import os
 from celery import Celery, signals
 
 from producer.contract import wire
+from producer.contract.redis_check import check_broker
 from producer.contract.settings import Settings
 from worker import celery_internals, runtime
 from worker.query_stream import QueryStreamStep
 from worker.reclaim import HeldJobs, Reclaimer
-from worker.tasks import register
+from worker.tasks import register, summary
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def make_app(s: Settings) -> Celery:
     if transport := celery_internals.transport_for(s.broker_url):
         app.conf.broker_transport = transport  # acknowledgements after a reconnect (worker.celery_internals)
     register(app)
+    celery_internals.short_success_lines(summary)  # one short line per job at INFO, not its 64 ids
     app.steps["consumer"].add(HeldJobs)
     app.steps["consumer"].add(QueryStreamStep)
     app.m3q_settings = s  # type: ignore[attr-defined]
@@ -57,6 +59,7 @@ def _load_model(sender=None, **_: object) -> None:
         return
     s: Settings = getattr(sender.app, "m3q_settings", None) or Settings.from_env()
     try:
+        check_broker(s)  # before the model: a broker or result backend it cannot use ends it in one line
         rt = runtime.Runtime(s, runtime.load_encoder(s), hostname=getattr(sender, "hostname", None),
                              reclaimer=Reclaimer(sender.app, s))
     except Exception as e:  # noqa: BLE001 - any load failure ends the worker with the reason

@@ -13,9 +13,11 @@ kombu's Redis transport (``kombu.transport.redis``):
   acknowledgement is logged as lost, the job comes back), instead of kombu's ``AttributeError``
   ("'NoneType' object has no attribute 'hostname'"), which Celery takes for a bug and stops the worker on.
   kombu 5.2.4 to 5.7.0.
-- ``QoS._delivered`` (from ``kombu.transport.virtual.base.QoS``): delivery tag -> message, the messages a
-  channel holds unacknowledged; :func:`delivered` reads it for the heartbeat's list of held jobs. kombu
-  5.2.4 to 5.7.0.
+- ``QoS._delivered`` and ``QoS._dirty`` (from ``kombu.transport.virtual.base.QoS``): delivery tag -> message,
+  the messages a channel was delivered, and the set of those acknowledged since. An acknowledged tag only
+  goes into ``_dirty``; it leaves ``_delivered`` at the channel's next delivery, so an idle worker keeps its
+  last jobs there. :func:`delivered` reads the first less the second for the heartbeat's list of held jobs.
+  kombu 5.2.4 to 5.7.0.
 - ``QoS.restore_by_tag(tag)``: puts one unacknowledged message back on its queue, in a transaction on the
   ``unacked`` hash (so two workers restoring the same tag push it once); :func:`restore`. kombu 5.2.4 to
   5.7.0.
@@ -40,6 +42,10 @@ Celery's worker:
 - ``Consumer.task_consumer``: the kombu consumer of Celery's own queues, set by the consumer's
   ``celery.worker.consumer.tasks:Tasks`` step (which ``worker.reclaim.HeldJobs`` requires); its channel's
   QoS is read above (:func:`task_channel`). Celery 5.3.0 to 5.7.0.
+- ``celery.app.trace.LOG_SUCCESS``: the format of the line the ``celery.app.trace`` logger writes at INFO for
+  each job that succeeded, with a dict of ``name``, ``id``, ``runtime`` and ``return_value`` (the result's
+  repr) as its argument; :func:`short_success_lines` puts a summary in place of the result. Celery 5.3.0 to
+  5.7.0.
 - ``app.amqp.queues.consume_from``: the queues a worker consumes (``task_queues``, or ``-Q``);
   :func:`consumed_queues`. Celery 5.3.0 to 5.7.0.
 """
@@ -48,10 +54,11 @@ from __future__ import annotations
 import json
 import logging
 from importlib import metadata
-from typing import Any
+from typing import Any, Callable
 
 import redis
-from celery import bootsteps
+from celery import bootsteps, signals
+from celery.app import trace
 from celery.worker import state as worker_state
 from kombu.transport import redis as kombu_redis
 
@@ -129,14 +136,19 @@ def task_channel(consumer) -> Any | None:
 
 def delivered(channel) -> list[tuple[Any, Any]]:
     """(delivery tag, message) of each message ``channel`` holds unacknowledged."""
-    pending = channel.qos._delivered
+    qos = channel.qos
+    acked = set(_snapshot(lambda: list(qos._dirty)))  # first: a tag acked in between is listed, never lost
+    return [(tag, message) for tag, message in _snapshot(lambda: list(qos._delivered.items())) if tag not in acked]
+
+
+def _snapshot(read: Callable[[], list]) -> list:
     # Written by the consumer thread while the heartbeat thread reads: retry a copy that raced a change.
     for _ in range(10):
         try:
-            return list(pending.items())
+            return read()
         except RuntimeError:
             continue
-    return list(pending.copy().items())
+    return read()
 
 
 def restore(channel, tag: str) -> None:
@@ -186,3 +198,34 @@ def _set(flag: object) -> bool:
 def consumed_queues(app) -> list[str]:
     """The queues Celery's consumer reads in this worker (``task_queues``, or ``-Q``), sorted."""
     return sorted(app.amqp.queues.consume_from or ())
+
+
+# ---- Celery's line for each job that succeeded ---------------------------------------------------------
+
+SUCCESS_LINE = "Task %(name)s[%(id)s] succeeded in %(runtime).3fs: %(summary)s"
+"""The worker's INFO line for a job that succeeded: Celery's, with a summary in place of the whole result."""
+
+_summaries: dict[str, str] = {}  # job id -> summary, from task_success (sent just before the line is logged)
+
+
+class _ShortSuccess(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = record.args
+        if record.msg != trace.LOG_SUCCESS or not isinstance(context, dict):
+            return True
+        summary = _summaries.pop(str(context.get("id")), "done")
+        log.debug("Task %s[%s] result: %s", context.get("name"), context.get("id"), context.get("return_value"))
+        record.msg, record.args = SUCCESS_LINE, {**context, "summary": summary, "runtime": float(context["runtime"])}
+        return True
+
+
+def short_success_lines(summarize: Callable[[Any], str]) -> None:
+    """Celery's INFO line for each job that succeeded says ``summarize(result)`` instead of the whole result
+    (an index job's 64 ids); the whole result goes to this module's logger at DEBUG. Once per process."""
+    def remember(sender=None, result: Any = None, **_: object) -> None:
+        _summaries[str(sender.request.id)] = summarize(result)
+
+    signals.task_success.connect(remember, weak=False, dispatch_uid=f"{__name__}.short_success_lines")
+    trace_log = logging.getLogger(trace.logger.name)
+    if not any(isinstance(f, _ShortSuccess) for f in trace_log.filters):
+        trace_log.addFilter(_ShortSuccess())

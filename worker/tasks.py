@@ -50,6 +50,18 @@ def register(app: Celery) -> None:
         return _guarded(self, payload, lambda rt: decode_job(rt, payload))
 
 
+def summary(result: Any) -> str:
+    """A job's result in a few words, for the worker's INFO line (the whole result is logged at DEBUG)."""
+    if not isinstance(result, dict):
+        return type(result).__name__
+    if "ids" in result:
+        return (f"{len(result['ids'])} ids, {result.get('stored', 0)} stored, {len(result.get('errors') or ())} "
+                f"rejected, {result.get('truncated', 0)} truncated")
+    if "items" in result:
+        return f"{len(result['items'])} items, {result.get('truncated', 0)} truncated"
+    return f"{len(result)} fields"
+
+
 def _guarded(task: Task, payload: Any, run) -> dict:
     """Run a Celery job through its life cycle (:mod:`worker.jobs`): deliveries counted, outcome recorded."""
     rt = current()

@@ -2,15 +2,18 @@
 
 Nothing here is read at import time. Every field maps to ``M3Q_<FIELD NAME IN CAPITALS>`` and to a CLI
 flag ``--<field-name>``; README's settings table lists them all. A field's ``min``, ``max`` or ``above``
-(exclusive) bound is checked when the settings are built: a value outside it is a one-line ConfigError
-naming the variable.
+(exclusive) bound is checked when the settings are built, and so is the form of the Redis URLs: a value outside
+it is a one-line ConfigError naming the variable. :data:`COMMAND_SETTINGS` says which settings each ``m3q``
+command reads (its ``--help`` lists those only).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from producer.contract.errors import ConfigError
 
@@ -68,6 +71,8 @@ class Settings:
             if problem:
                 raise ConfigError(f"{ENV_PREFIX}{f.name.upper()} (--{f.name.replace('_', '-')}) is "
                                   f"{getattr(self, f.name)!r}: {problem}")
+        for name in ("broker_url", "result_backend"):
+            _check_redis_url(name, getattr(self, name))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
@@ -114,6 +119,65 @@ def _out_of_range(meta: Mapping[str, Any], value: Any) -> str | None:
     if "max" in meta and value > meta["max"]:
         return f"it must be at most {meta['max']}"
     return None
+
+
+REDIS_URL_FORM = "redis://[:PASSWORD@]HOST[:PORT][/DB], or rediss://... for TLS"
+"""The form of M3Q_BROKER_URL and M3Q_RESULT_BACKEND, as an error names it."""
+
+
+def _check_redis_url(name: str, url: str) -> None:
+    """A ConfigError naming the variable unless ``url`` is a Redis URL with a host (the result backend may be
+    empty): m3-queue's heartbeats, query stream and sweep live in Redis, so no other broker can serve."""
+    if name == "result_backend" and not url:
+        return
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as e:
+        problem = "its port is not a number" if "Port" in str(e) else f"it does not parse ({e})"
+    else:
+        problem = ("not a Redis URL" if parts.scheme not in ("redis", "rediss") else
+                   "no host after the scheme" if not parts.hostname else None)
+    if problem:
+        masked = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1**@", url)  # as kombu masks it, which fails on a bad port
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()} (--{name.replace('_', '-')}) is {masked!r}: {problem}; "
+                          f"expected {REDIS_URL_FORM}")
+
+
+SETTING_GROUPS: dict[str, tuple[str, ...]] = {
+    "redis": ("broker_url", "result_backend", "redis_tls_ca_file", "queue_prefix", "visibility_timeout_s",
+              "dead_worker_s", "result_expires_s"),
+    "producer": ("job_texts", "max_in_flight", "job_timeout_s", "require_worker", "no_worker_grace_s",
+                 "query_stream_max", "max_payload_bytes"),
+    "milvus": ("milvus_uri", "milvus_token", "milvus_port", "milvus_data_dir"),
+    "model": ("model", "device", "dtype"),
+    "limits": ("max_batch_tokens", "query_max_length", "document_max_length", "max_text_chars", "max_job_texts",
+               "max_id_chars"),
+    "worker": ("worker_threads", "query_prefetch", "batch_wait_ms", "cross_job_batching", "preempt_ms",
+               "metrics_port", "index_retries", "index_retry_backoff_s", "task_max_retries", "max_payload_bytes"),
+    "gateway": ("api_keys", "gateway_max_in_flight", "gateway_max_body_bytes"),
+}
+"""Settings by the part of m3-queue that reads them."""
+
+COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
+    "worker": ("redis", "model", "limits", "worker", "milvus"),
+    "encode": ("redis", "producer", "model", "limits"),  # the model and limits for --local
+    "index": ("redis", "producer", "model", "milvus"),
+    "search": ("redis", "producer", "model", "milvus"),
+    "status": ("redis",),
+    "reindex": ("redis", "producer", "model", "milvus"),
+    "replica": (),
+    "milvus": ("milvus",),
+    "serve": ("redis", "producer", "model", "limits", "milvus", "gateway"),
+    "demo": ("redis", "producer", "model", "limits", "worker", "milvus"),
+}
+"""The setting groups each ``m3q`` command reads: its ``--help`` lists those settings, no others."""
+
+
+def command_settings(command: str) -> list[str]:
+    """The settings ``command`` reads, in :class:`Settings`' order."""
+    names = {name for group in COMMAND_SETTINGS.get(command, ()) for name in SETTING_GROUPS[group]}
+    return [f.name for f in fields(Settings) if f.name in names]
 
 
 def settings_table() -> list[tuple[str, str, str]]:
