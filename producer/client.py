@@ -181,19 +181,23 @@ class Client:
 
     def index(self, collection: str, texts: Sequence[object], ids: Sequence[object],
               metadata: Sequence[object] | None = None, *, job_texts: int | None = None,
-              progress: Callable[[int], None] | None = None) -> IndexReport:
-        """Index documents; rejected ones are reported with their input position, never dropped silently."""
+              progress: Callable[[int], None] | None = None, force: bool = False) -> IndexReport:
+        """Index documents; rejected ones are reported with their input position, never dropped silently.
+        Documents stored unchanged (same id, text and metadata) are skipped, unless ``force``."""
         if len(ids) != len(texts) or (metadata is not None and len(metadata) != len(texts)):
             raise ConfigError("texts, ids (and metadata) must have the same length")
         report = IndexReport()
         rows = ((i, texts[i], ids[i], None if metadata is None else metadata[i]) for i in range(len(texts)))
         return self.index_rows(collection, index_batches.first_of_each_id(rows, report), job_texts=job_texts,
-                               progress=progress, report=report)
+                               progress=progress, report=report, force=force)
 
     def index_rows(self, collection: str, rows: Iterable[Row], *, job_texts: int | None = None,
-                   progress: Callable[[int], None] | None = None, report: IndexReport | None = None) -> IndexReport:
-        """Index (position, text, id, metadata) rows in jobs of ``job_texts``, a bounded number in flight."""
-        return index_batches.index_rows(self, collection, rows, job_texts=job_texts, progress=progress, report=report)
+                   progress: Callable[[int], None] | None = None, report: IndexReport | None = None,
+                   force: bool = False) -> IndexReport:
+        """Index (position, text, id, metadata) rows in jobs of ``job_texts``, a bounded number in flight;
+        rows stored unchanged are skipped, unless ``force``."""
+        return index_batches.index_rows(self, collection, rows, job_texts=job_texts, progress=progress, report=report,
+                                        force=force)
 
     # ---- live workers ----------------------------------------------------------------------------------------
 

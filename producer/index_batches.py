@@ -1,5 +1,9 @@
 """Index batches: rows checked here, sent as index jobs (a bounded number in flight), and a report of what was
-stored and rejected, each rejection with its input position (:meth:`producer.client.Client.index`)."""
+stored, skipped and rejected, each rejection with its input position (:meth:`producer.client.Client.index`).
+
+A row whose id the collection already holds with the same content hash (text and metadata,
+:func:`producer.contract.milvus.content_hash`) is skipped: it is never encoded again. Its ids are looked up
+LOOKUP_ROWS at a time, before its jobs are sent; ``force`` sends every row."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,28 +11,38 @@ from typing import Any, Callable, Iterable, Iterator
 
 from producer import pipeline
 from producer.contract import checks, wire
+from producer.contract.settings import Settings
 
 Row = tuple[int, object, object, object]
 """(input position, text, id, metadata) of one document."""
+LOOKUP_ROWS = 1000
+"""Ids looked up in Milvus in one query to find the documents stored unchanged."""
 
 
 @dataclass
 class IndexReport:
-    """What an index call stored and rejected."""
+    """What an index call stored, skipped (stored unchanged already) and rejected, and any notes on how it ran
+    (one line each, e.g. why nothing could be skipped)."""
 
     stored: int = 0
     rejected: list[tuple[int, str]] = field(default_factory=list)
     truncated: int = 0
     jobs: int = 0
+    skipped: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 def index_rows(client: Any, collection: str, rows: Iterable[Row], *, job_texts: int | None = None,
-               progress: Callable[[int], None] | None = None, report: IndexReport | None = None) -> IndexReport:
+               progress: Callable[[int], None] | None = None, report: IndexReport | None = None,
+               force: bool = False) -> IndexReport:
     """Index rows in jobs of ``job_texts``, a bounded number in flight, through ``client`` (a
-    :class:`~producer.client.Client`: :meth:`~producer.client.Client.index_rows` calls this)."""
+    :class:`~producer.client.Client`: :meth:`~producer.client.Client.index_rows` calls this). Rows stored
+    unchanged are skipped (``progress`` counts them too), unless ``force``."""
     report = report or IndexReport()
-    batches = _first_checked(client, pipeline.chunked((row for row in rows if _sendable(row, report)),
-                                                      job_texts or client.settings.job_texts))
+    sendable = (row for row in rows if _sendable(row, report))
+    if not force:
+        sendable = skip_unchanged(client.settings, collection, sendable, report, progress)
+    batches = _first_checked(client, pipeline.chunked(sendable, job_texts or client.settings.job_texts))
     for batch, handle in pipeline.window(batches, lambda batch: _submit(client, collection, batch),
                                          client.settings.max_in_flight):
         raw = handle.raw()
@@ -40,6 +54,55 @@ def index_rows(client: Any, collection: str, rows: Iterable[Row], *, job_texts: 
         if progress:
             progress(len(batch))
     return report
+
+
+def skip_unchanged(s: Settings, collection: str, rows: Iterable[Row], report: IndexReport,
+                   progress: Callable[[int], None] | None = None) -> Iterator[Row]:
+    """The rows that ``collection`` does not hold unchanged; the others are counted in ``report.skipped`` and
+    ``progress``. Where nothing can be looked up (no such collection, or one without content hashes, or a
+    Milvus Lite file only the worker opens), every row, with a line in ``report.notes`` saying why."""
+    from producer.contract import milvus  # pymilvus: loaded by indexing, never by `import producer`
+
+    mc = _hash_reader(s, collection, report)
+    if mc is None:
+        yield from rows
+        return
+    try:
+        for chunk in pipeline.chunked(rows, LOOKUP_ROWS):
+            stored = milvus.stored_hashes(mc, collection, [str(row[2]) for row in chunk])
+            fresh = [row for row in chunk if not _unchanged(row, stored, milvus.content_hash)]
+            report.skipped += len(chunk) - len(fresh)
+            if progress and len(fresh) < len(chunk):
+                progress(len(chunk) - len(fresh))
+            yield from fresh
+    finally:
+        mc.close()
+
+
+def _hash_reader(s: Settings, collection: str, report: IndexReport) -> Any:
+    """A Milvus client to read ``collection``'s content hashes with, or None (and why, in the notes)."""
+    from producer.contract import milvus
+
+    if "://" not in milvus.milvus_uri(s):
+        report.notes.append("note: unchanged documents are not skipped, all are encoded: M3Q_MILVUS_URI is a "
+                            "Milvus Lite file, which only the worker opens (serve it with `m3q milvus` to skip them)")
+        return None
+    mc = milvus.connect(s)
+    if not milvus.has_collection(mc, collection):
+        mc.close()
+        return None  # a new collection: nothing is stored yet
+    if milvus.HASH_FIELD in milvus.collection_fields(mc, collection):
+        return mc
+    mc.close()
+    report.notes.append(f"note: collection {collection!r} has no {milvus.HASH_FIELD} field, so unchanged documents "
+                        "cannot be skipped and all are encoded; `m3q reindex` it into a new collection to get the "
+                        "field, or pass --force (force=True) to encode all without this note")
+    return None
+
+
+def _unchanged(row: Row, stored: dict[str, str | None], content_hash: Callable[[object, object], str | None]) -> bool:
+    digest = content_hash(row[1], row[3])
+    return digest is not None and stored.get(str(row[2])) == digest
 
 
 def _submit(client: Any, collection: str, batch: list[Row]):

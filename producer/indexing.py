@@ -21,19 +21,21 @@ class FileReport(IndexReport):
     total: int = 0
 
     def summary(self) -> str:
-        """Stored, rejected (with reasons), truncated."""
+        """Stored, rejected (with reasons), skipped as stored unchanged, truncated; then the notes."""
         rejected = sorted(self.source_errors + self.rejected)
         lines = [f"stored {self.stored} of {self.total} documents; rejected {len(rejected)}"
+                 + (f"; {self.skipped} skipped (unchanged)" if self.skipped else "")
                  + (f"; {self.truncated} truncated to the document token limit" if self.truncated else "")]
         lines += [f"  row {row}: {reason}" for row, reason in rejected[:50]]
         if len(rejected) > 50:
             lines.append(f"  ... and {len(rejected) - 50} more")
-        return "\n".join(lines)
+        return "\n".join(lines + self.notes)
 
 
 def index_file(s: Settings, path: str | Path, collection: str, text_field: str = "text", id_field: str = "id",
-               client: Client | None = None, progress: bool = True) -> FileReport:
-    """Read ``path`` and index it into ``collection`` through the workers.
+               client: Client | None = None, progress: bool = True, force: bool = False) -> FileReport:
+    """Read ``path`` and index it into ``collection`` through the workers; documents the collection holds
+    unchanged (same id, text and metadata) are skipped, unless ``force``.
 
     Milvus is checked first: unreachable, it fails in about a second naming M3Q_MILVUS_URI and `m3q milvus`,
     before anything is encoded (the workers would retry each batch for a minute, M3Q_INDEX_RETRIES).
@@ -45,7 +47,7 @@ def index_file(s: Settings, path: str | Path, collection: str, text_field: str =
     bar = _bar(count_documents(path), progress)
     try:
         rows = _rows(docs, report, bar)
-        client.index_rows(collection, rows, progress=lambda n: _advance(bar, n, report), report=report)
+        client.index_rows(collection, rows, progress=lambda n: _advance(bar, n, report), report=report, force=force)
     except KeyboardInterrupt:
         raise IndexInterrupted(report, bar.total) from None
     finally:
@@ -72,7 +74,8 @@ def _rows(docs: Iterator[Document], report: FileReport, bar) -> Iterator[tuple[i
 
 def _advance(bar, n: int, report: FileReport) -> None:
     bar.update(n)
-    bar.set_postfix(stored=report.stored, rejected=len(report.rejected) + len(report.source_errors))
+    bar.set_postfix_str(f"{report.stored} stored, {report.skipped} skipped (unchanged), "
+                        f"{len(report.rejected) + len(report.source_errors)} rejected")
 
 
 def _bar(total: int | None, enabled: bool):

@@ -12,15 +12,18 @@ import json
 import re
 import subprocess
 import sys
+import time
 import uuid
 
+import httpx
 import pytest
 
 from producer.client import Client, JobFailed
 from producer.contract import milvus
 from producer.contract.wire import Embedding, PayloadError
 from producer.search import Searcher
-from tests.conftest import ROOT, TINY, WorkerProcess, make_settings, settings_env
+from tests.conftest import ROOT, TINY, GatewayProcess, WorkerProcess, make_settings, settings_env
+from tests.test_milvus import make_collection_without_hashes
 from worker import sink
 
 DOCS = {
@@ -134,9 +137,12 @@ def test_reindexing_the_same_ids_keeps_the_count(client, mc, collection):
     assert client.index(collection, texts, ids).stored == len(DOCS)
     changed = texts[:2] + [t.upper() for t in texts[2:]]
     report = client.index(collection, changed, ids, job_texts=3)  # several jobs, several upserts
-    assert (report.stored, report.rejected, report.jobs) == (len(DOCS), [], 3)
+    # The first two are stored unchanged: skipped, never sent.
+    assert (report.stored, report.skipped, report.rejected, report.jobs) == (len(DOCS) - 2, 2, [], 2)
     assert milvus.count(mc, collection) == len(DOCS)
     assert _stored(mc, collection, [ids[5]])[ids[5]]["text"] == texts[5].upper()  # the upsert replaced it
+    forced = client.index(collection, changed, ids, job_texts=3, force=True)
+    assert (forced.stored, forced.skipped, forced.jobs) == (len(DOCS), 0, 3)
 
 
 # ---- collections made for something else -------------------------------------------------------------
@@ -363,3 +369,98 @@ def test_m3q_search_prints_ranked_hits(worker, indexed):
     assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(1.0, abs=1e-3)
     assert hits[0][3] == "tokyo-1" and hits[0][4] == DOCS["tokyo-1"]
     assert all(h[3] in DOCS and DOCS[h[3]].startswith(h[4]) for h in hits)
+
+
+# ---- re-runs: what is stored unchanged is skipped ------------------------------------------------------------
+
+def _write_jsonl(path, docs: dict[str, tuple[str, dict]]) -> None:
+    path.write_text("".join(json.dumps({"id": i, "text": text, **meta}) + "\n" for i, (text, meta) in docs.items()))
+
+
+def _vectors(mc, collection: str, ids) -> dict[str, list[float]]:
+    return {r["id"]: r["dense"] for r in mc.get(collection, ids=list(ids), output_fields=["dense"])}
+
+
+def test_m3q_index_again_encodes_only_new_and_changed_documents(worker, mc, tmp_path, collection):
+    docs = {i: (text, {"source": "test"}) for i, text in FILE_DOCS}
+    path = tmp_path / "docs.jsonl"
+    _write_jsonl(path, docs)
+    assert _m3q(worker.settings, "index", str(path), "--collection", collection).returncode == 0
+    before, jobs = _vectors(mc, collection, docs), len(worker.task_ids("received"))
+
+    again = _m3q(worker.settings, "index", str(path), "--collection", collection)
+    assert again.returncode == 0, again.stderr
+    assert "stored 0 of 4 documents; rejected 0; 4 skipped (unchanged)" in again.stdout
+    assert "0 stored, 4 skipped (unchanged), 0 rejected" in again.stderr  # the progress bar's last state
+    assert len(worker.task_ids("received")) == jobs  # the worker got no job: nothing was encoded
+    assert _vectors(mc, collection, docs) == before
+
+    docs["f-1"] = ("Milvus stores dense and sparse vectors, and more.", {"source": "test"})  # a new text
+    docs["f-2"] = (docs["f-2"][0], {"source": "edited"})  # new metadata only
+    docs["f-5"] = ("A fifth document.", {"source": "test"})
+    _write_jsonl(path, docs)
+    changed = _m3q(worker.settings, "index", str(path), "--collection", collection)
+    assert changed.returncode == 0, changed.stderr
+    assert "stored 3 of 5 documents; rejected 0; 2 skipped (unchanged)" in changed.stdout
+    assert len(worker.task_ids("received")) == jobs + 1  # one job: the three documents
+    stored = _stored(mc, collection, list(docs))
+    assert {i: (r["text"], r["metadata"]) for i, r in stored.items()} == docs
+    after = _vectors(mc, collection, docs)
+    assert after["f-3"] == before["f-3"] and after["f-4"] == before["f-4"]
+    assert after["f-1"] != before["f-1"]
+    assert milvus.count(mc, collection) == 5
+
+    forced = _m3q(worker.settings, "index", str(path), "--collection", collection, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "stored 5 of 5 documents; rejected 0" in forced.stdout and "skipped" not in forced.stdout
+    assert len(worker.task_ids("received")) == jobs + 2
+
+
+def test_m3q_index_into_a_collection_without_hashes_encodes_all_and_says_so(worker, client, mc, tmp_path, collection,
+                                                                         recorded_model):
+    make_collection_without_hashes(mc, collection, client.dims()["dense"], recorded_model)
+    path = tmp_path / "docs.txt"
+    _write(path, "txt")
+    for _ in range(2):  # the note comes again on every run, once
+        done = _m3q(worker.settings, "index", str(path), "--collection", collection)
+        assert done.returncode == 0, done.stderr
+        assert "stored 4 of 4 documents; rejected 0" in done.stdout and "skipped (unchanged)" not in done.stdout
+        notes = [line for line in done.stdout.splitlines() if milvus.HASH_FIELD in line]
+        assert len(notes) == 1 and "m3q reindex" in notes[0] and "--force" in notes[0], done.stdout
+    forced = _m3q(worker.settings, "index", str(path), "--collection", collection, "--force")
+    assert "stored 4 of 4 documents" in forced.stdout and milvus.HASH_FIELD not in forced.stdout
+    assert milvus.count(mc, collection) == 4
+
+
+def test_v1_index_skips_what_is_stored_unchanged(worker, mc, tmp_path, collection):
+    gateway = GatewayProcess(worker.settings, tmp_path / "gateway.log").wait_ready()
+    try:
+        documents = [{"id": k, "text": v, "metadata": {"n": i}} for i, (k, v) in enumerate(DOCS.items())]
+
+        def post(**extra) -> dict:
+            answer = httpx.post(gateway.url + "/v1/index", json={"collection": collection, "documents": documents,
+                                                                 **extra}, timeout=60)
+            assert answer.status_code == 202, answer.text
+            return answer.json()
+
+        def finished(job_id: str) -> dict:
+            job = {"state": "pending"}
+            for _ in range(600):
+                job = httpx.get(f"{gateway.url}/v1/jobs/{job_id}", timeout=30).json()
+                if job["state"] != "pending":
+                    break
+                time.sleep(0.1)
+            return job
+
+        first = finished(post()["id"])
+        assert (first["state"], first["stored"], first["skipped"]) == ("done", len(DOCS), 0)
+        documents[0]["metadata"] = {"n": "edited"}
+        again = post()
+        assert (again["accepted"], again["skipped"], again["jobs"]) == (1, len(DOCS) - 1, 1)
+        assert (finished(again["id"])["stored"], finished(again["id"])["skipped"]) == (1, len(DOCS) - 1)
+        assert _stored(mc, collection, ["milvus-1"])["milvus-1"]["metadata"] == {"n": "edited"}
+        forced = post(force=True)
+        assert (forced["accepted"], forced["skipped"]) == (len(DOCS), 0)
+        assert finished(forced["id"])["stored"] == len(DOCS)
+    finally:
+        gateway.stop()

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from pymilvus import DataType, MilvusClient
 
 from producer import milvus_lite
 from producer.contract import milvus
@@ -181,6 +182,57 @@ def test_concurrent_first_use_is_safe(lite):
     assert client.list_collections().count(name) == 1
     assert sorted(client.list_indexes(name)) == ["dense", "sparse"]
     client.close()
+
+
+# ---- content hashes ----------------------------------------------------------------------------------------
+
+def make_collection_without_hashes(client: MilvusClient, name: str, dim: int, model: str) -> None:
+    """A collection in the layout m3-queue made before content hashes (no ``content_hash`` field), loaded."""
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=sink.ID_MAX_BYTES)
+    schema.add_field("text", DataType.VARCHAR, max_length=sink.TEXT_MAX_BYTES)
+    schema.add_field("dense", DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+    schema.add_field("metadata", DataType.JSON)
+    client.create_collection(name, schema=schema, properties={milvus.PROP_MODEL: model, milvus.PROP_DIM: str(dim)})
+    sink.ensure_collection(client, name, dim, model)  # its indexes, and loaded
+    assert milvus.HASH_FIELD not in milvus.collection_fields(client, name)
+
+
+def test_content_hash_covers_text_and_metadata_and_nothing_else():
+    base = milvus.content_hash("a text", {"lang": "en", "n": 1})
+    assert len(base) == milvus.HASH_CHARS and int(base, 16) >= 0
+    assert milvus.content_hash("a text", {"n": 1, "lang": "en"}) == base  # key order is not content
+    assert milvus.content_hash("a text", {"lang": "en", "n": 2}) != base
+    assert milvus.content_hash("a text.", {"lang": "en", "n": 1}) != base
+    assert milvus.content_hash("a text", None) == milvus.content_hash("a text", {})  # stored alike
+    assert milvus.content_hash("x", {1: "a"}) == milvus.content_hash("x", {"1": "a"})  # JSON's keys are strings
+    assert milvus.content_hash(7, None) is None  # never stored, so never skipped
+
+
+def test_upsert_stores_each_rows_content_hash(client, collection):
+    rows = make_rows(5)
+    rows[0]["metadata"] = None
+    sink.upsert(client, collection, rows)
+    stored = milvus.stored_hashes(client, collection, [r["id"] for r in rows] + ["not-stored"])
+    assert stored == {r["id"]: milvus.content_hash(r["text"], r["metadata"]) for r in rows}
+
+
+def test_stored_hashes_reads_ids_with_quotes_and_backslashes(client, collection):
+    ids = ["it's", 'say "hi"', "back\\slash", "tab\tand\nnewline", "日本語", "' or id != '"]
+    rows = make_rows(len(ids) - 1)
+    for row, rid in zip(rows, ids):
+        row["id"] = rid
+    sink.upsert(client, collection, rows)
+    stored = milvus.stored_hashes(client, collection, ids + ['" or id != "', "ctl\x01"])
+    assert sorted(stored) == sorted(ids[:-1])  # the would-be injection matches nothing; a control char is not asked
+
+
+def test_a_collection_without_the_hash_field_still_takes_rows(client):
+    name = "t_" + uuid.uuid4().hex[:12]
+    make_collection_without_hashes(client, name, DIM, MODEL)
+    assert sink.upsert(client, name, make_rows(4)) == 4
+    assert milvus.count(client, name) == 4
 
 
 def test_unreachable_uri_raises_milvus_error_quickly():

@@ -17,11 +17,15 @@ from producer.contract.checks import ID_MAX_BYTES, TEXT_MAX_BYTES
 from producer.contract.errors import MilvusError, MilvusRejected
 from producer.contract.milvus import (
     EMPTY_SPARSE_TOKEN,
+    HASH_CHARS,
+    HASH_FIELD,
     PROP_DIM,
     PROP_MODEL,
     call_milvus,
     check_collection,
     collection_dim,
+    collection_fields,
+    content_hash,
 )
 
 SPARSE_INDEX_LIMIT = 2**32 - 1
@@ -93,6 +97,8 @@ def _schema(dense_dim: int, model: str) -> Any:
     schema.add_field("dense", DataType.FLOAT_VECTOR, dim=dense_dim)
     schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
     schema.add_field("metadata", DataType.JSON)
+    # Nullable: a worker that predates the field can still write to a collection that has it.
+    schema.add_field(HASH_FIELD, DataType.VARCHAR, max_length=HASH_CHARS, nullable=True)
     return schema
 
 
@@ -166,10 +172,14 @@ def stored_sparse(sparse: dict) -> dict[int, float]:
     return kept or {EMPTY_SPARSE_TOKEN: EMPTY_SPARSE_WEIGHT}
 
 
-def _to_milvus(row: dict) -> dict:
-    return {"id": row["id"], "text": fit_text(row["text"]),
-            "dense": np.asarray(row["dense"], dtype=np.float32).tolist(),
-            "sparse": stored_sparse(row["sparse"]), "metadata": row.get("metadata") or {}}
+def _to_milvus(row: dict, hashed: bool) -> dict:
+    # The hash is of the full text: the one the vectors, and the producer's hash, come from.
+    stored = {"id": row["id"], "text": fit_text(row["text"]),
+              "dense": np.asarray(row["dense"], dtype=np.float32).tolist(),
+              "sparse": stored_sparse(row["sparse"]), "metadata": row.get("metadata") or {}}
+    if hashed:
+        stored[HASH_FIELD] = content_hash(row["text"], row.get("metadata"))
+    return stored
 
 
 def _chunks(rows: list[dict]) -> Iterator[list[dict]]:
@@ -198,16 +208,19 @@ def upsert(client: MilvusClient, name: str, rows: Sequence[dict]) -> int:
     A text whose sparse vector is empty (or all zeros) is stored with the placeholder
     ``{EMPTY_SPARSE_TOKEN: EMPTY_SPARSE_WEIGHT}``: Milvus (and Milvus Lite) reject an empty sparse row,
     and this token id lies outside every vocabulary, so the document never matches a sparse query while
-    dense and hybrid search find it as usual. Transient failures raise MilvusError.
+    dense and hybrid search find it as usual. Each row is stored with its
+    :func:`~producer.contract.milvus.content_hash` where the collection has that field. Transient failures
+    raise MilvusError.
     """
-    dim = collection_dim(client, name)
+    fields = collection_fields(client, name)
+    dim = collection_dim(client, name, fields)
     for i, row in enumerate(rows):
         problem = row_problem(row, dim)
         if problem:
             raise MilvusRejected(f"row {i} (id {row.get('id')!r}) cannot go into {name!r}: {problem}")
     unique = list({row["id"]: row for row in rows}.values())
     written = 0
-    for chunk in _chunks([_to_milvus(r) for r in unique]):
+    for chunk in _chunks([_to_milvus(r, HASH_FIELD in fields) for r in unique]):
         result = call_milvus(f"upsert into {name!r}", client.upsert, name, chunk)
         written += int(result.get("upsert_count", len(chunk)))
     return written

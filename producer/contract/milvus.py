@@ -8,12 +8,16 @@ Errors are split on purpose: :class:`MilvusError` is retryable (Milvus unreachab
 
 Collection layout (README, "Milvus"): ``id`` VARCHAR primary key (the caller's id, so re-indexing is
 an idempotent upsert), ``text`` VARCHAR, ``dense`` FLOAT_VECTOR(dim), ``sparse`` SPARSE_FLOAT_VECTOR,
-``metadata`` JSON; both vector indexes use the IP metric. The model name and dense dimension are recorded
+``metadata`` JSON, ``content_hash`` VARCHAR (:func:`content_hash` of the text and metadata, so a re-run skips
+documents stored unchanged; collections made before it existed lack it and are indexed whole); both
+vector indexes use the IP metric. The model name and dense dimension are recorded
 in the collection's properties (and its description), so a worker running another model cannot mix
 vectors of two models in one collection.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -53,6 +57,11 @@ LITE_HOST = "127.0.0.1"
 PROP_MODEL = "m3q.model"
 PROP_DIM = "m3q.dense_dim"
 FIELDS = ("id", "text", "dense", "sparse", "metadata")
+"""The fields every m3-queue collection has."""
+HASH_FIELD = "content_hash"
+"""The field of :func:`content_hash`, absent from collections made before it existed."""
+HASH_CHARS = 32
+"""Hex digits kept of the sha256 (128 bits: no two documents of a collection share one by chance)."""
 MODES = ("hybrid", "dense", "sparse")
 RRF_K = 60
 """RRF's smoothing constant (the usual value, and pymilvus' default)."""
@@ -191,13 +200,59 @@ def _recorded_model(info: dict) -> str | None:
     return None
 
 
-def collection_dim(client: MilvusClient, name: str) -> int:
-    """The dense vector size of collection ``name`` (SchemaMismatch if it has no m3-queue dense field)."""
+def collection_fields(client: MilvusClient, name: str) -> dict[str, dict]:
+    """The fields of collection ``name`` by name, as Milvus describes them."""
     info = call_milvus(f"describe collection {name!r}", client.describe_collection, name)
-    dense = [f for f in info.get("fields", []) if f["name"] == "dense"]
+    return {f["name"]: f for f in info.get("fields", [])}
+
+
+def collection_dim(client: MilvusClient, name: str, fields: dict[str, dict] | None = None) -> int:
+    """The dense vector size of collection ``name`` (or of its ``fields``, when described already);
+    SchemaMismatch if it has no m3-queue dense field."""
+    dense = (fields if fields is not None else collection_fields(client, name)).get("dense")
     if not dense:
         raise SchemaMismatch(f"collection {name!r} has no 'dense' field: it was not made by m3-queue")
-    return int(dense[0]["params"]["dim"])
+    return int(dense["params"]["dim"])
+
+
+# ---- content hashes: what lets a re-run skip documents stored unchanged --------------------------------
+
+def content_hash(text: object, metadata: object) -> str | None:
+    """A document's fingerprint: sha256 of the canonical JSON of its text and metadata (keys sorted, as Milvus
+    stores them: absent metadata is ``{}``), the first HASH_CHARS hex digits; None for a text that is never
+    stored. The producer and the worker's sink both compute it, so the stored one always describes the stored
+    row. The model is not in it: a collection holds one model's vectors (:func:`check_collection`)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        # Round-tripped first, so keys of any type compare as the strings JSON (and Milvus) make of them.
+        canonical = json.dumps([text, json.loads(json.dumps(metadata or {}))], sort_keys=True,
+                               separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):
+        return None  # metadata with no JSON form: refused before it is stored
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:HASH_CHARS]
+
+
+def stored_hashes(client: MilvusClient, name: str, ids: list[str]) -> dict[str, str | None]:
+    """The content hash stored with each of ``ids`` that ``name`` holds (None for a row without one), read
+    with Strong consistency so that what a run just stored counts. An id with a control character other than
+    tab or newline is not looked up (Milvus' expressions cannot spell it): it counts as not stored."""
+    quoted = [literal for literal in map(_quoted, ids) if literal is not None]
+    if not quoted:
+        return {}
+    rows = call_milvus(f"look up stored documents in {name!r}", client.query, name,
+                       filter=f"id in [{','.join(quoted)}]", output_fields=[HASH_FIELD], consistency_level="Strong")
+    return {str(r["id"]): r.get(HASH_FIELD) for r in rows}
+
+
+def _quoted(value: str) -> str | None:
+    """``value`` as a string literal of a Milvus expression, or None if it has no such form. An id may hold
+    quotes and backslashes: pymilvus' own ``get`` does not escape them, and Milvus Lite takes no templates."""
+    escaped = value.translate(_ESCAPES)
+    return None if any(c < " " for c in escaped) else f'"{escaped}"'
+
+
+_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 
 
 def count(client: MilvusClient, name: str) -> int:

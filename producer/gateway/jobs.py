@@ -23,6 +23,7 @@ from producer.contract import checks
 from producer.contract.settings import Settings
 from producer.gateway import http
 from producer.gateway.http import ApiError, invalid
+from producer.index_batches import IndexReport, skip_unchanged
 from producer.replies import async_redis
 
 COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
@@ -135,7 +136,7 @@ def progress(record: dict[str, Any], metas: list[dict[str, Any] | None]) -> dict
     state = "pending" if pending else ("failed" if failed else "done")
     return {"id": record["id"], "collection": record["collection"], "state": state,
             "documents": record["documents"], "accepted": sum(len(t["rows"]) for t in record["tasks"]),
-            "stored": stored, "truncated": truncated,
+            "stored": stored, "skipped": record.get("skipped", 0), "truncated": truncated,
             "jobs": {"total": len(record["tasks"]), "done": done, "failed": failed, "pending": pending},
             "age_s": round(time.time() - record["created"], 3),
             "rejected": sorted(rejected, key=lambda r: r["index"])}
@@ -156,16 +157,21 @@ class CollectionRoutes(http.Routes):
         """Enqueue documents into a collection; 202 with the job's id, rejected documents named."""
         body = await http.read_object(request, self.s.gateway_max_body_bytes)
         collection = self._collection_of(body)
+        force = http.get_bool(body, "force", False)
         rows, rejected = rows_of(http.required(body, "documents"), self.s)
         if not rows:
             raise http.refuse_items(422, "documents", rejected, len(rejected), "documents were rejected")
-        tasks = await asyncio.to_thread(submit, self.gw.client, collection, rows, self.s.job_texts)
+        report = IndexReport()
+        if not force:  # documents the collection holds unchanged are not sent (Milvus lookups: on a thread)
+            rows = await asyncio.to_thread(list, skip_unchanged(self.s, collection, rows, report))
+        tasks = await asyncio.to_thread(submit, self.gw.client, collection, rows, self.s.job_texts) if rows else []
         record = {"id": uuid.uuid4().hex, "collection": collection, "created": time.time(),
-                  "documents": len(body["documents"]), "tasks": tasks, "rejected": rejected}
+                  "documents": len(body["documents"]), "tasks": tasks, "rejected": rejected, "skipped": report.skipped}
         await self.gw.jobs.save(record)
         return http.json_response({"id": record["id"], "url": f"/v1/jobs/{record['id']}", "state": "pending",
                                    "collection": collection, "documents": record["documents"],
-                                   "accepted": len(rows), "jobs": len(tasks), "rejected": rejected}, 202)
+                                   "accepted": len(rows), "skipped": report.skipped, "notes": report.notes,
+                                   "jobs": len(tasks), "rejected": rejected}, 202)
 
     @http.endpoint("GET", "/v1/jobs/{job_id}")
     async def job(self, request: Request) -> Response:
