@@ -178,6 +178,7 @@ def test_bad_entries_are_answered_naming_why_and_the_rest_of_the_burst_succeeds(
     assert_clean(s, r)
 
 
+@pytest.mark.slow
 def test_queries_held_by_a_dead_worker_are_answered_by_another_within_the_bound(workers):
     s = make_settings(dead_worker_s=6)
     r = client(s)
@@ -212,6 +213,7 @@ def test_queries_held_by_a_dead_worker_are_answered_by_another_within_the_bound(
     assert_clean(s, r)
 
 
+@pytest.mark.slow
 def test_a_poison_query_is_given_up_after_bounded_deliveries(workers):
     s = make_settings(dead_worker_s=6, task_max_retries=1)  # two deliveries allowed
     r = client(s)
@@ -239,6 +241,7 @@ def test_a_poison_query_is_given_up_after_bounded_deliveries(workers):
     assert_clean(s, r)
 
 
+@pytest.mark.slow
 def test_sigterm_answers_what_the_worker_took_and_leaves_nothing_lost(workers):
     s = make_settings(dead_worker_s=6, query_prefetch=16)
     r = client(s)
@@ -280,6 +283,7 @@ def test_a_pickled_body_is_never_unpickled(workers, tmp_path):
     assert_clean(s, r)
 
 
+@pytest.mark.slow
 def test_the_lane_goes_on_after_a_redis_restart_and_a_lost_stream(private_redis, workers):
     server = private_redis("--appendonly", "yes", "--appendfsync", "always")
     s = make_settings(broker_url=server.url(), dead_worker_s=6)

@@ -253,6 +253,7 @@ def test_replies_never_reach_the_wrong_waiter_with_two_clients_and_two_workers(s
     assert all(w.proc.poll() is None for w in workers)
 
 
+@pytest.mark.slow
 def test_awaits_waiting_through_a_redis_restart_are_answered(tmp_path, spawn_worker, encoder):
     from producer.devstack import RedisServer
 

@@ -111,6 +111,7 @@ def failed_job(s, tmp_path, monkeypatch) -> str:
     return str(failed.value).split(":")[0].split()[-1]
 
 
+@pytest.mark.slow
 def test_alias_switches_in_one_step_under_searches(worker, mc):
     """The first collection holds random vectors, so its top hits differ from the re-encoded collection's:
     every search through the alias must return exactly the old or exactly the new top hits."""
