@@ -110,6 +110,7 @@ def test_queries_truncate_and_colbert(tiny_model: Path, encoder: Encoder) -> Non
     assert "1 text(s) truncated to 512 tokens" in proc.stderr
 
 
+@pytest.mark.slow
 def test_replica_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     folder = tmp_path / "replica"
     proc = m3q(["replica", str(folder), "--size", "tiny"])

@@ -93,6 +93,7 @@ def test_a_device_nobody_serves_is_named_with_the_devices_that_are(cpu_worker):
     assert isinstance(client.encode(["x"], device="cpu")[0], Embedding)
 
 
+@pytest.mark.slow
 def test_library_gets_no_worker_early_and_a_worker_that_is_starting_gets_the_grace(redis_client, spawn_worker):
     s = make_settings(no_worker_grace_s=1.0)
     started = time.monotonic()

@@ -201,6 +201,7 @@ def test_pickle_and_unknown_tasks_are_refused(shared_worker, lane):
     assert isinstance(item, Embedding)
 
 
+@pytest.mark.slow
 def test_worker_answers_ping_and_inspect(shared_worker):
     app = Client(shared_worker.settings).app
     replies = app.control.ping(timeout=5)
