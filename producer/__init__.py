@@ -2,7 +2,7 @@
 
 Light on purpose: it imports neither torch nor transformers, and ``import producer`` loads nothing but this
 file; each name below is imported on first use (``from producer import Client`` loads the client, and
-scipy only with ``RemoteBGEM3EmbeddingFunction``). See README, "Layout", for what lives where.
+scipy only with ``RemoteBGEM3EmbeddingFunction``). See docs/architecture.md for what lives where.
 """
 from __future__ import annotations
 

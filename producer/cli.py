@@ -58,7 +58,7 @@ REDIS_COMMANDS = {"worker", "encode", "index", "search", "status", "reindex", "s
 
 def _check_broker(args: argparse.Namespace, s: Settings) -> None:
     # A Redis that cannot be reached at start is one line in seconds, naming M3Q_BROKER_URL; the long
-    # retries are for a Redis that was there and went away (README, Guarantees).
+    # retries are for a Redis that was there and went away (docs/guarantees.md).
     if args.command in REDIS_COMMANDS and not getattr(args, "local", False):
         from producer.client import check_broker
 
@@ -177,7 +177,7 @@ def _reindex_command(command) -> None:
 def _service_commands(command) -> None:
     command("milvus", cmd_milvus, "Run the embedded Milvus Lite server (for several workers on one machine).")
     p = command("serve", cmd_serve, "Run the HTTP gateway: OpenAI- and TEI-compatible embeddings, encode, index and "
-                "search over HTTP, enqueued on Redis for the workers (README: HTTP gateway).")
+                "search over HTTP, enqueued on Redis for the workers (docs/http-api.md).")
     p.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8080, help="Port to listen on (default: 8080)")
     p.add_argument("--access-log", action="store_true", help="Log every request (off by default: /metrics counts them)")

@@ -130,11 +130,3 @@ def test_replica_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     item = replica.encode(["a loadable checkpoint"], colbert=True).items[0]
     assert isinstance(item, Embedding) and abs(float(np.linalg.norm(item.dense)) - 1) < 1e-5
     assert item.colbert.shape == (item.n_tokens - 1, 32)
-
-
-def test_readme_lists_every_setting_with_its_default() -> None:
-    from producer.contract.settings import settings_table
-
-    readme = (ROOT / "README.md").read_text()
-    for variable, default, doc in settings_table():
-        assert f"| `{variable}` | `{default}` | {doc} |" in readme, f"README's settings table: {variable}"

@@ -1,4 +1,4 @@
-"""The in-process encoder against BGE-M3's definition (README, "Models": what an embedding is).
+"""The in-process encoder against BGE-M3's definition (docs/getting-started.md, "Models").
 
 Reference numbers come from FlagEmbedding's BGEM3FlagModel: frozen in tests/data/golden.npz (written by
 tests/make_golden.py, so these tests run without FlagEmbedding, e.g. under transformers 5.x) and, where

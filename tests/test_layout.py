@@ -1,4 +1,4 @@
-"""The layout README describes ("Layout"): dependencies point one way, and a web app's import stays light.
+"""The layout docs/architecture.md describes: dependencies point one way, and a web app's import stays light.
 
 Read from the sources (every ``import`` statement, at the top of a module or inside a function), so a new
 import that breaks the rule fails here, not in a user's web app.
@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 
 CONTRACT = {"producer.contract", "producer.contract.settings", "producer.contract.errors", "producer.contract.checks",
             "producer.contract.wire", "producer.contract.stream", "producer.contract.milvus",
-            "producer.contract.redis_check"}
+            "producer.contract.redis_check", "producer.contract.settings_doc"}
 """What both sides share: names, keys, payloads and their codec, settings, errors. Nothing else of the project."""
 COMPOSITION_ROOT = "producer.cli"
 """The one module that may import both sides (lazily, inside the command that needs the worker)."""
@@ -73,7 +73,7 @@ def test_the_contract_imports_nothing_else_of_the_project():
     wrong = [(name, target) for name in CONTRACT for target, _ in GRAPH[name] if target not in CONTRACT]
     assert wrong == []
     for name in CONTRACT:
-        assert name in MODULES, f"{name} is named in README's layout but does not exist"
+        assert name in MODULES, f"{name} is named in the contract but does not exist"
 
 
 def test_the_worker_imports_nothing_of_producer_but_the_contract():

@@ -295,7 +295,7 @@ def hub_cache(home: Path, commit: str, files: dict[str, Path]) -> None:
 
 
 def test_prefetched_hub_cache_serves_an_offline_worker(tmp_path: Path, m3q_runs, texts) -> None:
-    # README, "Models": the files `hf download` fetches, then HF_HUB_OFFLINE=1. The weights are looked up
+    # getting-started.md, "Models": the files `hf download` fetches, then HF_HUB_OFFLINE=1. The weights are looked up
     # at the snapshot's commit; pytorch_model.bin only (no safetensors), as BAAI/bge-m3 has it.
     folder = FORMS["older"]
     hub_cache(tmp_path / "hf", "0" * 40, {n: folder / n for n in [*CHECKPOINT_FILES, "pytorch_model.bin"]})

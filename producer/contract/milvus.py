@@ -6,7 +6,7 @@ rows is the worker's (:mod:`worker.sink`).
 Errors are split on purpose: :class:`MilvusError` is retryable (Milvus unreachable or transient),
 :class:`SchemaMismatch` and :class:`MilvusRejected` are fatal (retrying cannot help).
 
-Collection layout (README, "Milvus"): ``id`` VARCHAR primary key (the caller's id, so re-indexing is
+Collection layout: ``id`` VARCHAR primary key (the caller's id, so re-indexing is
 an idempotent upsert), ``text`` VARCHAR, ``dense`` FLOAT_VECTOR(dim), ``sparse`` SPARSE_FLOAT_VECTOR,
 ``metadata`` JSON, ``content_hash`` VARCHAR (:func:`content_hash` of the text and metadata, so a re-run skips
 documents stored unchanged; collections made before it existed lack it and are indexed whole); both

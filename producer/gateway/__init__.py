@@ -15,7 +15,7 @@ recorded in Redis), so N processes run behind any load balancer. Routes:
 Modules: :mod:`.app` (the app), :mod:`.guard` (API keys, the in-flight bound, metrics), :mod:`.http`
 (errors, bodies, responses), :mod:`.encode`, :mod:`.tei` and :mod:`.jobs` (the routes), :mod:`.server`
 (uvicorn).
-README, "HTTP gateway", documents the API.
+docs/http-api.md documents the API.
 """
 from __future__ import annotations
 
