@@ -229,6 +229,7 @@ def test_ctrl_c_in_index_prints_what_was_stored_and_nothing_is_lost(worker, mc, 
     assert 0 < stored < n
     again = m3q(worker.settings, "index", str(source), "--collection", collection)
     assert again.returncode == 0 and milvus.count(mc, collection) == n
+    assert "skipped (unchanged)" in again.stdout, again.stdout  # what the first run stored is not encoded again
 
 
 @pytest.mark.slow

@@ -136,7 +136,7 @@ class IndexInterrupted(Interrupted):
     def __init__(self, report: Any, rows: int | None) -> None:
         super().__init__(f"interrupted: stored {report.stored} of {rows if rows is not None else '?'} documents "
                          f"so far ({report.total} read); jobs already sent may still be stored. The same "
-                         "command again finishes it: documents are upserted by id, never duplicated")
+                         "command again finishes it, skipping the documents already stored unchanged")
         self.report = report
 
 
