@@ -206,6 +206,8 @@ SUCCESS_LINE = "Task %(name)s[%(id)s] succeeded in %(runtime).3fs: %(summary)s"
 """The worker's INFO line for a job that succeeded: Celery's, with a summary in place of the whole result."""
 
 _summaries: dict[str, str] = {}  # job id -> summary, from task_success (sent just before the line is logged)
+SUMMARIES_MAX = 1000
+"""Summaries kept for lines not logged yet: a bound, so lines that are never logged cannot pile them up."""
 
 
 class _ShortSuccess(logging.Filter):
@@ -222,10 +224,15 @@ class _ShortSuccess(logging.Filter):
 def short_success_lines(summarize: Callable[[Any], str]) -> None:
     """Celery's INFO line for each job that succeeded says ``summarize(result)`` instead of the whole result
     (an index job's 64 ids); the whole result goes to this module's logger at DEBUG. Once per process."""
+    trace_log = logging.getLogger(trace.logger.name)
+
     def remember(sender=None, result: Any = None, **_: object) -> None:
+        if not trace_log.isEnabledFor(logging.INFO):
+            return  # no success line is logged: nothing to summarize, nothing kept
+        if len(_summaries) >= SUMMARIES_MAX:
+            _summaries.pop(next(iter(_summaries)))
         _summaries[str(sender.request.id)] = summarize(result)
 
     signals.task_success.connect(remember, weak=False, dispatch_uid=f"{__name__}.short_success_lines")
-    trace_log = logging.getLogger(trace.logger.name)
     if not any(isinstance(f, _ShortSuccess) for f in trace_log.filters):
         trace_log.addFilter(_ShortSuccess())
