@@ -31,7 +31,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo root, not 
 from bench import corpus  # noqa: E402
 from bench.infra import bench_settings, percentile, start_workers, threads_shape  # noqa: E402
 from producer.client import Client  # noqa: E402
-from producer.contract.wire import redis_client  # noqa: E402
+from producer.contract.redis_conn import redis_client  # noqa: E402
 
 
 def query_load(client: Client, clients: int, seconds: float, texts: list[str]) -> list[float]:

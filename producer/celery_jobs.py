@@ -24,6 +24,7 @@ from celery.result import AsyncResult
 from producer import redis_errors
 from producer.contract import wire
 from producer.contract.errors import JobFailed, JobTimeout
+from producer.contract.redis_conn import brief
 from producer.contract.settings import Settings
 from producer.contract.wire import Item, PayloadError, decode_item
 from producer.liveness import Liveness, LostJob
@@ -86,7 +87,8 @@ class Handle:
                 if redis_errors.listener_gave_up(e):
                     return self._poll(deadline, timeout_s)
                 if self._lost_redis(e) and time.monotonic() + delay_s < deadline:
-                    log.warning("waiting for job %s: Redis unreachable (%s); retrying in %.1fs", self.id, e, delay_s)
+                    log.warning("waiting for job %s: Redis unreachable (%s); retrying in %.1fs", self.id, brief(e),
+                                delay_s)
                     time.sleep(delay_s)
                     delay_s = min(2 * delay_s, redis_errors.RETRY_MAX_DELAY_S)
                     continue

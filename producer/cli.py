@@ -143,8 +143,8 @@ def _queue_commands(command) -> None:
     p.add_argument("text", help="The query")
     p.add_argument("--collection", required=True, help="Collection (or alias) to search")
     p.add_argument("--k", type=int, default=10, help="How many hits (default: 10)")
-    p.add_argument("--mode", choices=["hybrid", "dense", "sparse"], default="hybrid",
-                   help="hybrid (dense and sparse fused by RRF), dense or sparse; default: hybrid")
+    p.add_argument("--mode", choices=["hybrid", "dense", "sparse", "m3"], default="hybrid",
+                   help="hybrid (RRF of dense and sparse), dense, sparse, or m3 (hybrid recall, rescored by all three)")
 
     p = command("status", cmd_status, "Live workers (device, model, dtype, rate), queue depths, failed jobs.")
     p.add_argument("--clear-failures", action="store_true", help="Forget the failed jobs listed, then show the rest")
@@ -305,7 +305,9 @@ def cmd_search(args: argparse.Namespace, s: Settings) -> int:
         print("no hits")
     for rank, hit in enumerate(hits, 1):
         snippet = " ".join(str(hit.text).split())[:100]
-        print(f"{rank:>3}. {hit.score:8.4f}  {hit.id}  {snippet}")
+        signals = (f"  (dense {hit.dense:.4f}, sparse {hit.sparse:.4f}, colbert {hit.colbert:.4f})"
+                   if args.mode == "m3" else "")
+        print(f"{rank:>3}. {hit.score:8.4f}  {hit.id}  {snippet}{signals}")
     return 0
 
 

@@ -31,6 +31,7 @@ from producer.liveness import Liveness
 from producer.query_stream import LoopSender, QueryStream, StreamHandle
 from producer.redis_errors import check_broker  # noqa: F401 - re-exported
 from producer.replies import AsyncResults, LoopReplies
+from producer.rerank import RERANK_WEIGHTS, Ranked, ScoreCall, ScoreJob, Scores, ranked, rerank_pairs
 
 Job = Handle | StreamHandle
 """A job in flight, on either transport: ``.result()`` blocks, ``await job`` does not."""
@@ -176,6 +177,50 @@ class Client:
     def dims(self) -> dict[str, int]:
         """Output sizes (dense, colbert_vecs, sparse)."""
         return dict(self.info()["dims"])
+
+    # ---- BGE-M3's rerank: dense, sparse and ColBERT --------------------------------------------------------
+
+    def compute_score(self, pairs: Sequence[Any], weights: Sequence[float] | None = None,
+                      max_query_length: int | None = None, max_passage_length: int | None = None, *,
+                      batch_size: int = 256, truncation_side: str = "right") -> Scores:
+        """``BGEM3FlagModel.compute_score`` on the workers: FlagEmbedding's five lists (one float per pair),
+        ``weights`` [dense, sparse, colbert] (default [1, 1, 1]). Each query and passage is encoded once per
+        job of 256 pairs, in one pass; only scores come back. Token limits default to M3Q_QUERY_MAX_LENGTH
+        and M3Q_DOCUMENT_MAX_LENGTH (``truncation_side="left"`` keeps a text's last tokens); ``batch_size`` is
+        FlagEmbedding's (its ColBERT score pads passages per batch). A bad pair: PayloadError naming it,
+        before anything is sent."""
+        call = ScoreCall(pairs, weights, max_query_length, max_passage_length, self.settings, batch_size,
+                         truncation_side)
+        if call.jobs:
+            self.liveness.ensure(self._queue_of("queries", None), None)
+        return call.merge([job.raw() for _, job in self._score_jobs(call, background=False)])
+
+    async def acompute_score(self, pairs: Sequence[Any], weights: Sequence[float] | None = None,
+                             max_query_length: int | None = None, max_passage_length: int | None = None, *,
+                             batch_size: int = 256, truncation_side: str = "right") -> Scores:
+        """:meth:`compute_score`, awaited: the same jobs, no thread."""
+        call = ScoreCall(pairs, weights, max_query_length, max_passage_length, self.settings, batch_size,
+                         truncation_side)
+        if call.jobs:
+            await self.liveness.aensure(self._queue_of("queries", None), None)
+        return call.merge([await job.araw() for _, job in self._score_jobs(call, background=True)])
+
+    def rerank(self, query: str, passages: Sequence[str], k: int | None = None,
+               weights: Sequence[float] = RERANK_WEIGHTS, **options: Any) -> list[Ranked]:
+        """``passages`` ranked for ``query`` by ``colbert+sparse+dense`` (weights 0.4 / 0.2 / 0.4 by default):
+        ``(index, score)``, best first, the first ``k``. ``options``: ``max_query_length``,
+        ``max_passage_length``, ``truncation_side``, as :meth:`compute_score`'s."""
+        return ranked(self.compute_score(rerank_pairs(query, passages, k), weights, **options), k)
+
+    async def arerank(self, query: str, passages: Sequence[str], k: int | None = None,
+                      weights: Sequence[float] = RERANK_WEIGHTS, **options: Any) -> list[Ranked]:
+        """:meth:`rerank`, awaited."""
+        return ranked(await self.acompute_score(rerank_pairs(query, passages, k), weights, **options), k)
+
+    def _score_jobs(self, call: ScoreCall, background: bool) -> Iterable[tuple[ScoreJob, Job]]:
+        def submit(job: ScoreJob) -> Job:
+            return self._send(wire.TASK_SCORE, job.payload, None, job.first, background)
+        return pipeline.window(call.jobs, submit, self.settings.max_in_flight)
 
     # ---- indexing --------------------------------------------------------------------------------------------
 

@@ -180,3 +180,98 @@ class RedisServer:
         """SIGTERM: Redis' own clean shutdown (an append-only file is flushed first)."""
         if self.proc is not None:
             stop_process(self.proc, 20)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, nothing flushed."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class SentinelStack:
+    """Redis without a single point of failure, on loopback: a primary, a replica and three Sentinels that
+    fail over to the replica when the primary is down for ``down_after_ms``. For the tests, the benchmarks and
+    trying a failover by hand; docs/redis-ha.md starts the same with redis-server alone."""
+
+    def __init__(self, folder: Path, master: str = "m3q", down_after_ms: int = 1000,
+                 failover_timeout_ms: int = 5000) -> None:
+        self.folder, self.master = folder, master
+        self.down_after_ms, self.failover_timeout_ms = down_after_ms, failover_timeout_ms
+        self.servers: list[RedisServer] = []
+        self.sentinels: list[subprocess.Popen] = []
+        self.sentinel_ports: list[int] = []
+
+    def url(self, db: int = 0, password: str | None = None) -> str:
+        """The sentinel:// URL of the stack (``M3Q_BROKER_URL``); ``master`` is its ``M3Q_SENTINEL_MASTER``."""
+        auth = f":{password}@" if password else ""
+        return ";".join(f"sentinel://{auth if n == 0 else ''}127.0.0.1:{port}"
+                        for n, port in enumerate(self.sentinel_ports)) + f"/{db}"
+
+    def start(self, timeout_s: float = 30) -> "SentinelStack":
+        """Start the primary, its replica and the Sentinels; return once every Sentinel knows the replica and
+        the two other Sentinels (a failover needs both)."""
+        sync_now = ("--repl-diskless-sync-delay", "0")  # Redis' default waits 5 s for more replicas
+        primary = RedisServer(self.folder / "primary", sync_now).start(timeout_s)
+        replica = RedisServer(self.folder / "replica", (*sync_now, "--replicaof", "127.0.0.1", str(primary.port)))
+        self.servers = [primary, replica.start(timeout_s)]
+        for n in range(3):
+            self._start_sentinel(n, primary.port)
+        wait_until(self._settled, timeout_s, "the Sentinels know the replica and each other")
+        return self
+
+    def _start_sentinel(self, n: int, primary_port: int) -> None:
+        port = free_port()
+        conf = self.folder / f"sentinel{n}.conf"
+        conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {self.folder}\n"
+                        f"sentinel monitor {self.master} 127.0.0.1 {primary_port} 2\n"
+                        f"sentinel down-after-milliseconds {self.master} {self.down_after_ms}\n"
+                        f"sentinel failover-timeout {self.master} {self.failover_timeout_ms}\n")
+        log_path = self.folder / f"sentinel{n}.log"
+        self.sentinels.append(subprocess.Popen(["redis-server", str(conf), "--sentinel", "--logfile", str(log_path)],
+                                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.STDOUT))
+        self.sentinel_ports.append(port)
+
+    def _sentinel(self, port: int):
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1)
+
+    def _settled(self) -> bool:
+        with self._sentinel(self.servers[1].port) as r:
+            if r.role()[3] not in (b"connected", "connected"):
+                return False  # the replica has not synchronized yet
+        for port in self.sentinel_ports:
+            with self._sentinel(port) as r:
+                state = r.sentinel_master(self.master)
+                if int(state["num-slaves"]) < 1 or int(state["num-other-sentinels"]) < 2:
+                    return False
+        return True
+
+    def primary(self) -> RedisServer:
+        """The server the Sentinels name as the primary now."""
+        with self._sentinel(self.sentinel_ports[0]) as r:
+            _host, port = r.sentinel_get_master_addr_by_name(self.master)
+        return next(server for server in self.servers if server.port == int(port))
+
+    def kill_primary(self) -> RedisServer:
+        """SIGKILL the primary (a crash: what it acknowledged but had not sent to the replica is lost)."""
+        primary = self.primary()
+        primary.kill()
+        return primary
+
+    def wait_failover(self, old: RedisServer, timeout_s: float = 30) -> RedisServer:
+        """Until the Sentinels name another primary and it answers as one; that server."""
+        def promoted() -> RedisServer | None:
+            new = self.primary()
+            if new is old:
+                return None
+            with self._sentinel(new.port) as r:
+                return new if r.role()[0] in (b"master", "master") else None
+        return wait_until(promoted, timeout_s, f"a failover of {self.master}")
+
+    def stop(self) -> None:
+        for proc in self.sentinels:
+            stop_process(proc, 10)
+        for server in self.servers:
+            server.stop()

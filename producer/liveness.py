@@ -22,6 +22,7 @@ from kombu.utils.url import maybe_sanitize_url
 from producer import redis_errors
 from producer.contract import wire
 from producer.contract.errors import NoWorker
+from producer.contract.redis_conn import redis_client
 from producer.contract.settings import Settings
 from producer.replies import call_once_per_loop
 
@@ -41,14 +42,15 @@ WORKER_SEEN_S = 10.0
 
 @dataclass
 class LostJob:
-    """Sends a Celery job again that a worker lost as it took it.
+    """Sends a Celery job again that a worker lost as it took it, or that Redis lost.
 
     kombu's Redis transport pops a message (BRPOP) and only then records it as unacknowledged: a worker
     killed between the two loses the job outright, where neither the dead-worker sweep nor the visibility
-    timeout can see it. The producer still holds the payload, so it sends the job again (same id) once it
-    has had no result, been held by no live worker and been absent from its empty queue for longer than a
-    dead worker's jobs take to come back (``M3Q_DEAD_WORKER_S`` plus a heartbeat). A job that was not lost
-    after all runs twice, which at-least-once delivery allows.
+    timeout can see it. A Redis that restarts keeping nothing, or fails over to a replica that had not
+    received the job (or its result) yet, loses it the same way. The producer still holds the payload, so
+    it sends the job again (same id) once it has had no result, been held by no live worker and been absent
+    from its empty queue for longer than a dead worker's jobs take to come back (``M3Q_DEAD_WORKER_S`` plus
+    a heartbeat). A job that was not lost after all runs twice, which at-least-once delivery allows.
     """
 
     job_id: str
@@ -65,8 +67,8 @@ class LostJob:
         self.unheld_since = self.unheld_since or now
         if now - self.unheld_since < s.dead_worker_s + wire.heartbeat_s(s):
             return
-        log.warning("job %s is in no queue and held by no live worker: a worker died as it took it; "
-                    "sending it again", self.job_id)
+        log.warning("job %s is in no queue and held by no live worker: a worker died as it took it, or Redis "
+                    "lost it (a restart, a failover); sending it again", self.job_id)
         self.resend()
         self.unheld_since = None
 
@@ -85,7 +87,7 @@ class Liveness:
     def redis(self) -> redis.Redis:
         """This client's Redis connection for heartbeats and queue lengths."""
         if self._redis is None:
-            self._redis = wire.redis_client(self.settings)
+            self._redis = redis_client(self.settings)
         return self._redis
 
     def close(self) -> None:

@@ -27,9 +27,10 @@ from producer import redis_errors
 from producer.celery_jobs import RESULT_POLL_S, failed_message, timeout_message
 from producer.contract import stream, wire
 from producer.contract.errors import JobFailed, JobTimeout
+from producer.contract.redis_conn import async_redis, redis_client
 from producer.contract.settings import Settings
 from producer.contract.wire import Item, PayloadError, decode_item
-from producer.replies import LoopReplies, PerLoop, Reply, async_redis, fail, per_process, reply_reader
+from producer.replies import LoopReplies, PerLoop, Reply, fail, per_process, reply_reader
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class StreamSender:
 
     def __init__(self, s: Settings) -> None:
         self.settings = s
-        self._redis = wire.redis_client(s)
+        self._redis = redis_client(s)
         self._outbox: list[Entry] = []
         self._cond = threading.Condition()
         self._running = False
@@ -232,14 +233,15 @@ class QueryStream:
         s = self.settings
         replies, sender = self._loop_ends(loop) if loop is not None else (reply_reader(s), stream_sender(s))
         job_id = str(uuid.uuid4())
-        reply = replies.expect(job_id)  # before the send: a fast worker's reply must find its waiter
+        key, fields = stream.stream_key(s, device), stream.request_fields(job_id, replies.key, payload, body, task)
 
         def failed(why: BaseException) -> None:
             replies.forget(job_id)
             fail(reply, why)
-        sender.send(stream.stream_key(s, device), stream.request_fields(job_id, replies.key, payload, body, task),
-                    failed)
-        size = len(payload.get("texts") or payload.get("sequences") or ())
+        # Registered before the send: a fast worker's reply must find its waiter.
+        reply = replies.expect(job_id, resend=lambda: sender.send(key, fields, failed))
+        sender.send(key, fields, failed)
+        size = len(payload.get("pairs") or payload.get("texts") or payload.get("sequences") or ())
         return StreamHandle(job_id, reply, replies.forget, task, size, s.job_timeout_s, first_index,
                             watch=self._watch_of(device))
 

@@ -22,6 +22,7 @@ from producer.contract.redis_check import (  # noqa: F401 - re-exported: the pro
     tls_failure,
     unreachable,
 )
+from producer.contract.redis_conn import brief
 from producer.contract.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class Backoff:
         if time.monotonic() + self.delay_s >= self.deadline:
             raise BrokerError(f"cannot send {self.what}: Redis at {maybe_sanitize_url(self.settings.broker_url)} "
                               f"unreachable for {self.settings.job_timeout_s:.0f}s (M3Q_JOB_TIMEOUT_S): {e}") from e
-        log.warning("sending %s: Redis unreachable (%s); retrying in %.1fs", self.what, e, self.delay_s)
+        log.warning("sending %s: Redis unreachable (%s); retrying in %.1fs", self.what, brief(e), self.delay_s)
         delay_s, self.delay_s = self.delay_s, min(2 * self.delay_s, RETRY_MAX_DELAY_S)
         return delay_s
 

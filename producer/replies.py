@@ -23,11 +23,10 @@ from concurrent.futures import Future
 from typing import Any, Awaitable, Callable
 
 import redis
-import redis.asyncio as aioredis
 
 from producer.contract import stream
+from producer.contract.redis_conn import async_redis, brief, redis_client
 from producer.contract.settings import Settings
-from producer.contract.wire import redis_client, redis_options
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +54,40 @@ def _backoff(delay_s: float) -> float:
     return min(2 * delay_s, BACKOFF_MAX_S)
 
 
+class Resends:
+    """The jobs of a reader's waiters, sent again once Redis answers after an outage the reader saw: a Redis
+    that restarted keeping nothing, or a failover to a replica that had not received them yet, may have lost
+    a job's entry or its reply. Only the jobs sent before the outage began go again (the sender retries the
+    later ones itself); a job answered twice has its second reply dropped."""
+
+    def __init__(self) -> None:
+        self._resends: dict[str, tuple[float, Callable[[], None]]] = {}
+        self._outage_since: float | None = None
+
+    def _remember(self, job_id: str, resend: Callable[[], None] | None) -> None:
+        if resend is not None:
+            self._resends[job_id] = (time.monotonic(), resend)
+
+    def _outage(self) -> None:
+        self._outage_since = self._outage_since or time.monotonic()
+
+    def _back(self) -> None:
+        since, self._outage_since = self._outage_since, None
+        again = [resend for sent_at, resend in list(self._resends.values()) if sent_at < since]
+        if again:
+            log.warning("Redis answers again after %.1f s: sending %d query job(s) again that it may have lost "
+                        "(a reply that comes twice is dropped)", time.monotonic() - since, len(again))
+        for resend in again:
+            resend()
+
+
 # ---- blocking: one reader thread per process ---------------------------------------------------------------
 
-class ReplyReader:
+class ReplyReader(Resends):
     """The reply list of this process and the thread that reads it."""
 
     def __init__(self, s: Settings) -> None:
+        super().__init__()
         self.settings = s
         self.client_id = stream.new_client_id()
         self.key = stream.reply_key(s, self.client_id)
@@ -69,11 +96,13 @@ class ReplyReader:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def expect(self, job_id: str) -> Future:
-        """A future that gets the reply to ``job_id``; register it before the job is sent."""
+    def expect(self, job_id: str, resend: Callable[[], None] | None = None) -> Future:
+        """A future that gets the reply to ``job_id``; register it before the job is sent. ``resend`` sends
+        the job again (see :class:`Resends`)."""
         future: Future = Future()
         with self._lock:
             self._waiters[job_id] = future
+            self._remember(job_id, resend)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="m3q-replies", daemon=True)
                 self._thread.start()
@@ -83,6 +112,7 @@ class ReplyReader:
         """Stop waiting for ``job_id`` (it timed out): a late reply is dropped."""
         with self._lock:
             self._waiters.pop(job_id, None)
+            self._resends.pop(job_id, None)
 
     def _run(self) -> None:
         idle_since = time.monotonic()
@@ -91,11 +121,15 @@ class ReplyReader:
             try:
                 raws = self._read()
                 delay_s = 0.2
-            except redis.RedisError as e:  # Redis restarting: its waiters time out if their replies are lost
-                log.warning("reading replies from %s: %s; retrying in %.1fs", self.key, e, delay_s)
+            except redis.RedisError as e:  # Redis restarting, or failing over
+                log.warning("reading replies from %s: %s; retrying in %.1fs", self.key, brief(e), delay_s)
+                self._outage()
                 time.sleep(delay_s)
                 delay_s = _backoff(delay_s)
                 continue
+            if self._outage_since is not None:
+                with self._lock:
+                    self._back()
             self._dispatch(raws)
             if self._waiters:
                 idle_since = time.monotonic()
@@ -118,6 +152,7 @@ class ReplyReader:
             job_id, reply = _decoded(raw)
             with self._lock:
                 future = self._waiters.pop(job_id, None)
+                self._resends.pop(job_id, None)
             if future is not None:
                 future.set_result(reply)
 
@@ -164,11 +199,6 @@ def _decoded(raw: bytes) -> tuple[str, Reply]:
 
 # ---- asyncio ------------------------------------------------------------------------------------------------
 
-def async_redis(s: Settings, url: str | None = None) -> aioredis.Redis:
-    """A ``redis.asyncio`` client on ``url`` (default the broker) with the options of the blocking clients."""
-    return aioredis.Redis.from_url(url or s.broker_url, **redis_options(s.replace(broker_url=url or s.broker_url)))
-
-
 class PerLoop:
     """One instance per (event loop, settings key), dropped with its loop."""
 
@@ -211,7 +241,7 @@ class PerLoop:
         return []
 
 
-class LoopReplies(PerLoop):
+class LoopReplies(PerLoop, Resends):
     """An event loop's own reply list, read by a task of that loop: :class:`ReplyReader` for asyncio callers.
 
     The one place where the two ways to wait read replies differently. Measured with ``bench/gateway.py``
@@ -221,15 +251,18 @@ class LoopReplies(PerLoop):
     _instances = weakref.WeakKeyDictionary()
 
     def __init__(self, s: Settings) -> None:
+        Resends.__init__(self)
         self.key = stream.reply_key(s, stream.new_client_id())
         self._redis = async_redis(s)
         self._waiters: dict[str, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
 
-    def expect(self, job_id: str) -> asyncio.Future:
-        """A future that gets the reply to ``job_id``; register it before the job is sent."""
+    def expect(self, job_id: str, resend: Callable[[], None] | None = None) -> asyncio.Future:
+        """A future that gets the reply to ``job_id``; register it before the job is sent. ``resend`` sends
+        the job again (see :class:`Resends`)."""
         future = asyncio.get_running_loop().create_future()
         self._waiters[job_id] = future
+        self._remember(job_id, resend)
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._run(), name="m3q-replies")
         return future
@@ -237,6 +270,7 @@ class LoopReplies(PerLoop):
     def forget(self, job_id: str) -> None:
         """Stop waiting for ``job_id``: a late reply is dropped."""
         self._waiters.pop(job_id, None)
+        self._resends.pop(job_id, None)
 
     def _futures(self) -> list[asyncio.Future]:
         return list(self._waiters.values())
@@ -249,13 +283,18 @@ class LoopReplies(PerLoop):
                 got = await self._redis.blpop([self.key], timeout=BLOCK_S)
                 raws = [got[1], *(await self._redis.lpop(self.key, DRAIN) or [])] if got else []
                 delay_s = 0.2
-            except (redis.RedisError, OSError) as e:  # Redis restarting: its waiters time out if replies are lost
-                log.warning("reading replies from %s: %s; retrying in %.1fs", self.key, e, delay_s)
+            except (redis.RedisError, OSError) as e:  # Redis restarting, or failing over
+                log.warning("reading replies from %s: %s; retrying in %.1fs", self.key, brief(e), delay_s)
+                self._outage()
                 await asyncio.sleep(delay_s)
                 delay_s = _backoff(delay_s)
                 continue
-            _resolve([(self._waiters.pop(job_id), reply) for job_id, reply in map(_decoded, raws)
-                      if job_id in self._waiters])
+            if self._outage_since is not None:
+                self._back()
+            answered = [(job_id, reply) for job_id, reply in map(_decoded, raws) if job_id in self._waiters]
+            _resolve([(self._waiters.pop(job_id), reply) for job_id, reply in answered])
+            for job_id, _ in answered:
+                self._resends.pop(job_id, None)
             if self._waiters:
                 idle_since = time.monotonic()
 
@@ -350,7 +389,7 @@ class AsyncResults(PerLoop):
                     await self._listen()
                     delay_s = 0.2
                 except (redis.RedisError, OSError, RuntimeError) as e:
-                    log.debug("result listener: %s; retrying in %.1fs", e, delay_s)
+                    log.debug("result listener: %s; retrying in %.1fs", brief(e), delay_s)
                     await asyncio.sleep(delay_s)
                     delay_s = _backoff(delay_s)
                 if time.monotonic() - swept >= SWEEP_S:

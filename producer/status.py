@@ -8,12 +8,13 @@ from typing import Any
 import redis
 
 from producer.contract import wire
+from producer.contract.redis_conn import redis_client
 from producer.contract.settings import Settings
 
 
 def clear_failures(s: Settings) -> int:
     """Forget the failed jobs that `m3q status` lists (`m3q status --clear-failures`); returns how many."""
-    r = wire.redis_client(s)
+    r = redis_client(s)
     count = r.llen(wire.failures_key(s))
     r.delete(wire.failures_key(s))
     return count
@@ -21,7 +22,7 @@ def clear_failures(s: Settings) -> int:
 
 def collect(s: Settings) -> dict[str, Any]:
     """Workers, queue depths and recent failures."""
-    r = wire.redis_client(s)
+    r = redis_client(s)
     workers = wire.live_workers(s, r)
     for w in workers:  # a worker silent for two heartbeats is probably dead: its jobs go back when it expires
         w["silent_s"] = max(0.0, time.time() - float(w.get("time", time.time())))

@@ -96,7 +96,7 @@ def test_a_malformed_broker_url_is_one_line_naming_the_variable_and_the_form(com
     print(f"\n$ M3Q_BROKER_URL=redis:/host m3q {command[0]}\n{out.stderr}")
     (line,) = lines_of(out.stderr)
     assert out.returncode == 2 and line.startswith(f"m3q {command[0]}: M3Q_BROKER_URL (--broker-url) is 'redis:/host'")
-    assert "expected redis://[:PASSWORD@]HOST[:PORT][/DB], or rediss://... for TLS" in line
+    assert "expected redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... for TLS, or sentinel://" in line
 
 
 @pytest.mark.parametrize("variable, value, needle", [

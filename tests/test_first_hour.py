@@ -13,7 +13,7 @@ import pytest
 import redis as redis_py
 
 from producer.client import Client, JobFailed, JobTimeout, NoWorker
-from producer.contract import milvus, wire
+from producer.contract import milvus, redis_conn, wire
 from producer.contract.wire import Embedding
 from tests.conftest import ROOT, free_port, make_settings, settings_env
 from worker import sink
@@ -172,7 +172,7 @@ def test_index_without_milvus_fails_before_encoding_naming_both_ways_out(redis_c
 def test_status_clear_failures_forgets_them(redis_client):
     s = make_settings()
     for n in range(2):
-        record_failure(s, wire.redis_client(s), wire.TASK_INDEX_DOCUMENTS, f"job-{n}",
+        record_failure(s, redis_conn.redis_client(s), wire.TASK_INDEX_DOCUMENTS, f"job-{n}",
                        "MilvusError: cannot connect to Milvus")
     out, _ = m3q(s, "status")
     assert "FAILED JOBS" in out.stdout and "--clear-failures" in out.stdout and "job-1" in out.stdout

@@ -16,7 +16,8 @@ from tests.conftest import ROOT
 
 CONTRACT = {"producer.contract", "producer.contract.settings", "producer.contract.errors", "producer.contract.checks",
             "producer.contract.wire", "producer.contract.stream", "producer.contract.milvus",
-            "producer.contract.redis_check", "producer.contract.settings_doc"}
+            "producer.contract.redis_check", "producer.contract.settings_doc", "producer.contract.redis_conn",
+            "producer.contract.redis_urls"}
 """What both sides share: names, keys, payloads and their codec, settings, errors. Nothing else of the project."""
 COMPOSITION_ROOT = "producer.cli"
 """The one module that may import both sides (lazily, inside the command that needs the worker)."""

@@ -8,7 +8,8 @@ with versions outside it logs a warning naming them (:func:`check_versions`) and
 kombu's Redis transport (``kombu.transport.redis``):
 
 - ``Channel._connparams(asynchronous)``: the parameters a channel builds its connection pool from, read
-  off its connection. :class:`Channel` overrides it so that a channel whose connection was closed (Redis
+  off its connection. :class:`Channel` (and :class:`SentinelChannel`, the same for ``sentinel://`` brokers)
+  overrides it so that a channel whose connection was closed (Redis
   went away, Celery reconnected) raises a Redis ``ConnectionError``, which Celery and kombu handle (the
   acknowledgement is logged as lost, the job comes back), instead of kombu's ``AttributeError``
   ("'NoneType' object has no attribute 'hostname'"), which Celery takes for a bug and stops the worker on.
@@ -104,7 +105,7 @@ def check_versions(celery: str | None = None, kombu: str | None = None) -> str |
 
 # ---- the broker transport ------------------------------------------------------------------------------
 
-class Channel(kombu_redis.Channel):
+class _ClosedConnection:
     """kombu's Redis channel, except once its connection is closed (see the module's docstring)."""
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
@@ -115,14 +116,31 @@ class Channel(kombu_redis.Channel):
         return super()._connparams(asynchronous)
 
 
+class Channel(_ClosedConnection, kombu_redis.Channel):
+    """kombu's Redis channel with :class:`_ClosedConnection`."""
+
+
+class SentinelChannel(_ClosedConnection, kombu_redis.SentinelChannel):
+    """kombu's Redis Sentinel channel (a primary found through the Sentinels) with :class:`_ClosedConnection`."""
+
+
 class Transport(kombu_redis.Transport):
     """kombu's Redis transport with :class:`Channel`."""
 
     Channel = Channel
 
 
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Redis Sentinel transport with :class:`SentinelChannel`."""
+
+    Channel = SentinelChannel
+
+
 def transport_for(broker_url: str) -> str | None:
-    """:data:`TRANSPORT` for a redis:// or rediss:// broker; None (kombu's choice) for any other URL."""
+    """The worker's transport for a redis://, rediss:// or sentinel:// broker; None (kombu's choice) for any
+    other URL."""
+    if broker_url.startswith("sentinel://"):
+        return f"{__name__}:SentinelTransport"
     return TRANSPORT if broker_url.startswith(("redis://", "rediss://")) else None
 
 

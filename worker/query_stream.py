@@ -3,7 +3,8 @@ reply lists.
 
 The wire contract is :mod:`producer.contract.stream`. One reader thread takes up to the free prefetch
 (``M3Q_QUERY_PREFETCH`` minus the jobs it holds) in one ``XREADGROUP``, checks each payload exactly as the
-Celery path does and hands it to the device loop, which batches across jobs. One writer thread answers every
+Celery path does and hands it to the device loop, which batches across jobs (a rerank's ``m3q.score`` job
+too: :mod:`worker.scoring`). One writer thread answers every
 job finished by then in one pipeline: the replies first, then one ``XACK`` and one ``XDEL`` (at least once:
 a worker that dies before the acknowledgement leaves its entries pending).
 
@@ -20,14 +21,15 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import redis
 from celery import bootsteps
 
 from producer.contract import stream, wire
+from producer.contract.redis_conn import brief
 from producer.contract.wire import PayloadError
-from worker import celery_internals, runtime
+from worker import celery_internals, runtime, scoring
 from worker.jobs import Job, poison
 from worker.stream_stats import StreamStats
 from worker.tasks import INSTANT_TASKS, encode_options, encode_result
@@ -151,7 +153,7 @@ class StreamReader:
     def _pause(self, error: Exception, failing: bool) -> bool:
         # One warning per outage, not one a second.
         if not failing:
-            log.warning("query stream cannot reach Redis (%s: %s); retrying", type(error).__name__, error)
+            log.warning("query stream cannot reach Redis (%s: %s); retrying", type(error).__name__, brief(error))
         self._stopping.wait(RETRY_S)
         return True
 
@@ -194,23 +196,31 @@ class StreamReader:
         one is answered with why."""
         request = self._held_request(key, entry_id, fields)
         instant = INSTANT_TASKS.get(request.task)  # no device, and not counted as a job
-        job = Job.start(self.rt, request.task if instant else TASK, request.job_id, None if instant else request.sent)
+        label = request.task if instant or request.task == scoring.TASK else TASK
+        job = Job.start(self.rt, label, request.job_id, None if instant else request.sent)
         try:
             if request.error:
                 raise PayloadError(request.error)
             if instant:
                 self._done.put(Done(request, job, instant(self.rt, request.payload)))
                 return
-            if request.task != TASK:
-                raise PayloadError(f"task {request.task!r} does not travel on the query stream")
-            payload, options = encode_options(self.rt, request.payload)
-            job.run_test_hook(payload)
-            future = self.rt.engine.submit(payload["texts"], "queries", **options)
+            future, finish = self._device_job(request, job)
         except Exception as e:  # noqa: BLE001 - a bad job is answered, never dropped
             self._done.put(Done(request, job, error=e))
             return
-        # Runs on the device thread: only a queue put there; results are serialized by the writer.
-        future.add_done_callback(lambda f: self._done.put((request, job, f)))
+        # Runs on the device (or scoring) thread: only a queue put there; results are serialized by the writer.
+        future.add_done_callback(lambda f: self._done.put((request, job, f, finish)))
+
+    def _device_job(self, request: stream.Request, job: Job) -> tuple[Future, Callable[[Any], dict]]:
+        """Queue a job's texts on the device loop: its future, and what turns the result into the answer."""
+        if request.task == scoring.TASK:
+            job.run_test_hook(request.payload)
+            return scoring.start(self.rt, request.payload), lambda answer: answer  # scored already
+        if request.task != TASK:
+            raise PayloadError(f"task {request.task!r} does not travel on the query stream")
+        payload, options = encode_options(self.rt, request.payload)
+        job.run_test_hook(payload)
+        return self.rt.engine.submit(payload["texts"], "queries", **options), lambda r: encode_result(self.rt, r)
 
     def _held_request(self, key: str, entry_id: bytes, fields: dict | None) -> stream.Request:
         request = stream.read_request(entry_id, fields or {})
@@ -304,12 +314,12 @@ class StreamReader:
             except Exception:  # noqa: BLE001 - a bug must not end the writer; the entries stay pending
                 log.exception("query stream writer failed on %d job(s)", len(batch))
 
-    def _settle(self, item: Done | tuple[stream.Request, Job, Future]) -> Done:
+    def _settle(self, item: Done | tuple[stream.Request, Job, Future, Callable[[Any], dict]]) -> Done:
         if isinstance(item, Done):
             return item
-        request, job, future = item
+        request, job, future, finish = item
         try:
-            return Done(request, job, encode_result(self.rt, future.result()))
+            return Done(request, job, finish(future.result()))
         except Exception as e:  # noqa: BLE001 - the step failed: this job fails, the stream goes on
             return Done(request, job, error=e)
 
@@ -357,9 +367,9 @@ class StreamReader:
                 return True
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 if time.monotonic() >= self._drain_until:
-                    log.warning("could not answer %d query job(s) (%s); they stay pending", n, e)
+                    log.warning("could not answer %d query job(s) (%s); they stay pending", n, brief(e))
                     return False
-                log.warning("could not answer %d query job(s) yet (%s); retrying", n, e)
+                log.warning("could not answer %d query job(s) yet (%s); retrying", n, brief(e))
                 time.sleep(RETRY_S)
 
     def _account(self, done: Done) -> None:

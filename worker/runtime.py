@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from producer.contract import wire
+from producer.contract.redis_conn import brief
 from producer.contract.settings import Settings
 from worker import testing
 from worker.encoder import Encoder, Limits
@@ -100,7 +101,7 @@ class Runtime:
     def redis(self):
         """A Redis client on the broker, created on first use and shared by all threads (it reconnects itself)."""
         if self._redis is None:
-            from producer.contract.wire import redis_client
+            from producer.contract.redis_conn import redis_client
 
             self._redis = redis_client(self.settings)
         return self._redis
@@ -146,7 +147,7 @@ class Runtime:
         try:
             self.reclaimer.sweep(self.redis(), also_held=self.held().get("held", ()))
         except Exception as e:  # noqa: BLE001 - Redis may be restarting; the next beat sweeps again
-            log.warning("sweep for jobs of dead workers failed: %s", e)
+            log.warning("sweep for jobs of dead workers failed: %s", brief(e))
             self.reclaimer.close()
 
     def _forget(self) -> None:

@@ -49,6 +49,12 @@ def register(app: Celery) -> None:
     def decode(self: Task, payload: dict) -> dict:
         return _guarded(self, payload, lambda rt: decode_job(rt, payload))
 
+    @app.task(name=wire.TASK_SCORE, bind=True)
+    def score(self: Task, payload: dict) -> dict:
+        from worker import scoring  # it builds on this module's checks
+
+        return _guarded(self, payload, lambda rt: scoring.start(rt, payload).result())
+
 
 def summary(result: Any) -> str:
     """A job's result in a few words, for the worker's INFO line (the whole result is logged at DEBUG)."""

@@ -9,10 +9,9 @@ from typing import Iterator
 
 import redis
 from kombu.exceptions import OperationalError
-from kombu.utils.url import maybe_sanitize_url
 
-from producer.contract import wire
 from producer.contract.errors import BrokerError
+from producer.contract.redis_conn import describe, is_sentinel, redis_client
 from producer.contract.settings import Settings
 
 
@@ -23,8 +22,8 @@ def check_broker(settings: Settings) -> None:
     for url, name in redis_urls(settings):
         reason = ping(settings, url, name)
         if reason is not None:
-            raise BrokerError(f"cannot reach Redis at {maybe_sanitize_url(url)} ({name}): {reason}; "
-                              f"is Redis running, and is {name} right?")
+            raise BrokerError(f"cannot reach Redis at {describe(url)} ({name}): {reason}; "
+                              f"is Redis running, and is {name} right?{sentinel_hint(settings, url)}")
 
 
 def check_redis(settings: Settings) -> bool:
@@ -37,12 +36,12 @@ def redis_urls(s: Settings) -> list[tuple[str, str]]:
     """(url, setting) of the broker and the result backend, the Redis ones only, each once."""
     urls = {s.broker_url: "M3Q_BROKER_URL"}
     urls.setdefault(s.backend_url, "M3Q_RESULT_BACKEND")
-    return [(url, name) for url, name in urls.items() if url.startswith(("redis://", "rediss://"))]
+    return [(url, name) for url, name in urls.items() if url.startswith(("redis://", "rediss://", "sentinel://"))]
 
 
 def ping(s: Settings, url: str, name: str) -> str | None:
     """None if Redis at ``url`` answered, why not if it cannot be reached now; BrokerError if it refused us."""
-    client = wire.redis_client(s.replace(broker_url=url))
+    client = redis_client(s, url)
     try:
         client.ping()
         return None
@@ -50,9 +49,17 @@ def ping(s: Settings, url: str, name: str) -> str | None:
         if unreachable(e):
             return str(e).rstrip(".")
         hint = "; check M3Q_REDIS_TLS_CA_FILE" if tls_failure(e) else "; check the password in the URL"
-        raise BrokerError(f"Redis at {maybe_sanitize_url(url)} ({name}) refused the producer: {e}{hint}") from None
+        raise BrokerError(f"Redis at {describe(url)} ({name}) refused the producer: {e}{hint}") from None
     finally:
         client.close()
+
+
+def sentinel_hint(s: Settings, url: str) -> str:
+    """For a sentinel:// URL, the other settings that must agree with the Sentinels."""
+    if not is_sentinel(url):
+        return ""
+    return (f" Do the Sentinels know the primary as M3Q_SENTINEL_MASTER={s.sentinel_master!r}, and is "
+            f"M3Q_SENTINEL_PASSWORD their password?")
 
 
 def causes(e: BaseException) -> Iterator[BaseException]:

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from producer.contract.errors import ConfigError
+from producer.contract.redis_urls import parse_sentinel
 
 ENV_PREFIX = "M3Q_"
 
@@ -24,9 +25,12 @@ ENV_PREFIX = "M3Q_"
 class Settings:
     """Every knob of m3-queue. Units are in the names."""
 
-    broker_url: str = field(default="redis://localhost:6379/0", metadata={"doc": "Celery broker (Redis). Put the password here: redis://:PASSWORD@host:6379/0; rediss:// for TLS."})
-    result_backend: str = field(default="", metadata={"doc": "Celery result backend; empty means the broker URL."})
-    redis_tls_ca_file: str = field(default="", metadata={"doc": "CA bundle for rediss:// (certificates are always checked)."})
+    broker_url: str = field(default="redis://localhost:6379/0", metadata={"doc": "Redis, for Celery's broker and everything of m3-queue's own. Put the password here: redis://:PASSWORD@host:6379/0; rediss:// for TLS; sentinel://host1:26379;sentinel://host2:26379/0 for Redis Sentinel (the password of the primary goes in the first address: sentinel://:PASSWORD@host1:26379)."})
+    result_backend: str = field(default="", metadata={"doc": "Celery result backend, in the same forms; empty means the broker URL."})
+    redis_tls_ca_file: str = field(default="", metadata={"doc": "CA bundle for rediss:// and for M3Q_SENTINEL_TLS (certificates are always checked)."})
+    sentinel_master: str = field(default="mymaster", metadata={"doc": "With sentinel:// URLs: the name the Sentinels know the primary by."})
+    sentinel_password: str = field(default="", repr=False, metadata={"doc": "With sentinel:// URLs: the Sentinels' own password (requirepass in sentinel.conf); empty: none."})
+    sentinel_tls: bool = field(default=False, metadata={"doc": "With sentinel:// URLs: reach the Sentinels and the primary over TLS (certificates checked as for rediss://)."})
     milvus_uri: str = field(default="", metadata={"doc": "Milvus server URI, or a Milvus Lite .db path; empty means the embedded Milvus Lite server of `m3q demo`/`m3q milvus`."})
     milvus_token: str = field(default="", metadata={"doc": "Milvus token (user:password or API key)."})
     milvus_port: int = field(default=19530, metadata={"doc": "Port of the embedded Milvus Lite server when milvus_uri is empty.", "min": 1, "max": 65535})
@@ -43,6 +47,7 @@ class Settings:
     max_id_chars: int = field(default=512, metadata={"doc": "Longest document id accepted for Milvus.", "min": 1, "max": 512})
     job_texts: int = field(default=64, metadata={"doc": "Texts per job when the producer splits input.", "min": 1})
     max_in_flight: int = field(default=8, metadata={"doc": "Jobs a producer keeps in flight (backpressure).", "min": 1})
+    rerank_candidates: int = field(default=100, metadata={"doc": "Search mode m3: how many documents hybrid search recalls for the workers to re-score with dense, sparse and ColBERT together.", "min": 1, "max": 16384})
     job_timeout_s: float = field(default=600.0, metadata={"doc": "How long a producer waits for one job.", "above": 0})
     require_worker: bool = field(default=True, metadata={"doc": "encode, index, search and dims fail with NoWorker when no live worker serves their queue (false: jobs wait in the queue for workers that start later)."})
     no_worker_grace_s: float = field(default=10.0, metadata={"doc": "How long such a call waits for a worker's heartbeat before NoWorker (a worker is live once its model is loaded).", "min": 0})
@@ -121,7 +126,8 @@ def _out_of_range(meta: Mapping[str, Any], value: Any) -> str | None:
     return None
 
 
-REDIS_URL_FORM = "redis://[:PASSWORD@]HOST[:PORT][/DB], or rediss://... for TLS"
+REDIS_URL_FORM = ("redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... for TLS, or "
+                  "sentinel://[:PASSWORD@]HOST:PORT;sentinel://HOST:PORT[/DB] for Redis Sentinel")
 """The form of M3Q_BROKER_URL and M3Q_RESULT_BACKEND, as an error names it."""
 
 
@@ -130,25 +136,37 @@ def _check_redis_url(name: str, url: str) -> None:
     empty): m3-queue's heartbeats, query stream and sweep live in Redis, so no other broker can serve."""
     if name == "result_backend" and not url:
         return
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-    except ValueError as e:
-        problem = "its port is not a number" if "Port" in str(e) else f"it does not parse ({e})"
-    else:
-        problem = ("not a Redis URL" if parts.scheme not in ("redis", "rediss") else
-                   "no host after the scheme" if not parts.hostname else None)
+    problem = _sentinel_problem(url) if url.startswith("sentinel://") else _redis_problem(url)
     if problem:
         masked = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1**@", url)  # as kombu masks it, which fails on a bad port
         raise ConfigError(f"{ENV_PREFIX}{name.upper()} (--{name.replace('_', '-')}) is {masked!r}: {problem}; "
                           f"expected {REDIS_URL_FORM}")
 
 
+def _redis_problem(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as e:
+        return "its port is not a number" if "Port" in str(e) else f"it does not parse ({e})"
+    return ("not a Redis URL" if parts.scheme not in ("redis", "rediss") else
+            "no host after the scheme" if not parts.hostname else None)
+
+
+def _sentinel_problem(url: str) -> str | None:
+    try:
+        parse_sentinel(url)
+    except ValueError as e:
+        return "its port is not a number" if "Port" in str(e) else str(e)
+    return None
+
+
 SETTING_GROUPS: dict[str, tuple[str, ...]] = {
-    "redis": ("broker_url", "result_backend", "redis_tls_ca_file", "queue_prefix", "visibility_timeout_s",
+    "redis": ("broker_url", "result_backend", "redis_tls_ca_file", "sentinel_master", "sentinel_password",
+              "sentinel_tls", "queue_prefix", "visibility_timeout_s",
               "dead_worker_s", "result_expires_s"),
     "producer": ("job_texts", "max_in_flight", "job_timeout_s", "require_worker", "no_worker_grace_s",
-                 "query_stream_max", "max_payload_bytes"),
+                 "query_stream_max", "max_payload_bytes", "rerank_candidates"),
     "milvus": ("milvus_uri", "milvus_token", "milvus_port", "milvus_data_dir"),
     "model": ("model", "device", "dtype"),
     "limits": ("max_batch_tokens", "query_max_length", "document_max_length", "max_text_chars", "max_job_texts",

@@ -6,15 +6,14 @@ accepted too); pickle is refused on both sides. Vectors travel as raw little-end
 from __future__ import annotations
 
 import os
-import ssl
 from dataclasses import dataclass
 from typing import Any, Sequence, TypedDict
 
 import numpy as np
-import redis
 from celery import Celery
 
 from producer.contract.errors import PayloadError  # noqa: F401 - callers import it from here
+from producer.contract.redis_conn import celery_redis_config
 from producer.contract.settings import Settings
 
 # Task names: sent by name, so the producer never imports the worker.
@@ -24,7 +23,9 @@ TASK_INDEX_DOCUMENTS = "m3q.index_documents"
 TASK_INFO = "m3q.info"
 TASK_TOKENIZE = "m3q.tokenize"
 TASK_DECODE = "m3q.decode"
-QUERY_TASKS = (TASK_ENCODE_QUERIES, TASK_INFO, TASK_TOKENIZE, TASK_DECODE)
+TASK_SCORE = "m3q.score"
+"""BGE-M3's three-signal rerank (``Client.compute_score``): on the query stream only."""
+QUERY_TASKS = (TASK_ENCODE_QUERIES, TASK_INFO, TASK_TOKENIZE, TASK_DECODE, TASK_SCORE)
 """Tasks that go on the query queue: short, and never behind a document step."""
 
 KINDS = ("queries", "documents")
@@ -39,6 +40,18 @@ TOKENIZE_OPTIONS = frozenset({"texts", "add_special_tokens"})
 """``m3q.tokenize``: texts split by the checkpoint's own tokenizer, with cls and eos or without."""
 DECODE_OPTIONS = frozenset({"sequences", "skip_special_tokens"})
 """``m3q.decode``: lists of token ids turned back into text, special tokens dropped or kept."""
+SCORE_OPTIONS = frozenset({"queries", "texts", "pairs", "weights", "max_query_length", "max_passage_length",
+                           "truncation_side", "batch_size"})
+"""``m3q.score``: ``queries`` and ``texts`` (passages), each encoded once, and ``pairs`` of [query index, text
+index]; ``weights`` [dense, sparse, colbert] (default [1, 1, 1], FlagEmbedding's); the token limits of each
+side and which end is cut (``truncation_side``); FlagEmbedding's ``batch_size`` (:data:`SCORE_BATCH_PAIRS`).
+The answer is :class:`ScoreAnswer`: scores only, never vectors."""
+SCORE_LISTS = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
+"""The five lists of ``BGEM3FlagModel.compute_score``, in its order."""
+SCORE_BATCH_PAIRS = 256
+"""FlagEmbedding's ``compute_score`` batch (its default ``batch_size``): a passage shorter than the longest of
+its batch is padded with zero ColBERT vectors, so each query token scores at least 0 on it. A worker
+reproduces that per run of ``batch_size`` pairs, and a producer splits calls into jobs at multiples of it."""
 ACCEPT = ["msgpack", "json"]
 
 
@@ -85,8 +98,6 @@ def celery_config(s: Settings) -> dict[str, Any]:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options=transport,
-        result_backend_transport_options=dict(transport),
         result_expires=s.result_expires_s,
         # A result must outlive a Redis restart: by default storing it fails at once on a lost connection, and
         # the job only comes back after the visibility timeout. Bounded (about 10 minutes at Celery's longest
@@ -102,10 +113,7 @@ def celery_config(s: Settings) -> dict[str, Any]:
         worker_send_task_events=False,
         task_routes={task: {"queue": query_queue(s)} for task in QUERY_TASKS},
     )
-    if s.broker_url.startswith("rediss://"):
-        config["broker_use_ssl"] = tls_options(s)
-    if s.backend_url.startswith("rediss://"):
-        config["redis_backend_use_ssl"] = tls_options(s)
+    config.update(celery_redis_config(s, transport))
     return config
 
 
@@ -125,31 +133,7 @@ def model_identity(model: str) -> str:
     return os.path.basename(path) if local else model
 
 
-# ---- Redis ---------------------------------------------------------------------------------------------
-
-def redis_client(s: Settings) -> redis.Redis:
-    """A Redis client on the broker, with TLS certificate checks for rediss://."""
-    return redis.Redis.from_url(s.broker_url, **redis_options(s))
-
-
-def redis_options(s: Settings) -> dict[str, Any]:
-    """Connection options of :func:`redis_client` (the asyncio clients use the same)."""
-    kwargs: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5, "health_check_interval": 30}
-    if s.broker_url.startswith("rediss://"):
-        kwargs.update(tls_options(s))
-    return kwargs
-
-
-def tls_options(s: Settings) -> dict[str, Any]:
-    """The TLS options of every Redis connection to a rediss:// URL, from the ``M3Q_REDIS_TLS_*`` settings: the
-    server's certificate is always checked, against ``M3Q_REDIS_TLS_CA_FILE`` when set (else the system's CAs).
-    In the form redis-py's clients take as keyword arguments, which Celery's ``broker_use_ssl`` and
-    ``redis_backend_use_ssl`` take as they are."""
-    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
-    if s.redis_tls_ca_file:
-        options["ssl_ca_certs"] = s.redis_tls_ca_file
-    return options
-
+# ---- Redis keys ----------------------------------------------------------------------------------------
 
 def failures_key(s: Settings) -> str:
     """Redis list of failed jobs (newest first)."""
@@ -188,6 +172,16 @@ class IndexAnswer(Stamp):
     truncated: int
     errors: list[list[Any]]
     batch: Any
+
+
+class ScoreAnswer(Stamp):
+    """A score job's answer: ``scores`` holds one list per name of :data:`SCORE_LISTS`, one float per pair;
+    texts truncated, and ``cut``: the pairs with a text cut at its token limit; tokens encoded."""
+
+    scores: dict[str, list[float]]
+    truncated: int
+    cut: list[int]
+    tokens: int
 
 
 class Heartbeat(TypedDict, total=False):

@@ -7,13 +7,14 @@ recorded in Redis), so N processes run behind any load balancer. Routes:
 - ``POST /v1/embeddings``, ``GET /v1/models``: OpenAI's API (the ``openai`` client works unchanged with
   ``base_url=``);
 - ``POST /`` (= ``/embed``), ``/embed_sparse``, ``/embed_all``, ``/tokenize``, ``/decode``, ``GET /info``: TEI's
-  API (``huggingface_hub``, Haystack, Milvus' TEI text-embedding function);
+  API (``huggingface_hub``, Haystack, Milvus' TEI text-embedding function), and TEI's ``POST /rerank``,
+  answered with BGE-M3's own dense + sparse + ColBERT score (Haystack's and LlamaIndex's TEI rerankers);
 - ``POST /v1/encode``: m3-queue's own, dense, sparse and ColBERT, JSON or msgpack;
 - ``POST /v1/index``, ``GET /v1/jobs/{id}``, ``POST /v1/search``: collections in Milvus;
 - ``GET /health`` (503 without a live worker), ``GET /metrics`` (Prometheus).
 
 Modules: :mod:`.app` (the app), :mod:`.guard` (API keys, the in-flight bound, metrics), :mod:`.http`
-(errors, bodies, responses), :mod:`.encode`, :mod:`.tei` and :mod:`.jobs` (the routes), :mod:`.server`
+(errors, bodies, responses), :mod:`.encode`, :mod:`.tei`, :mod:`.rerank` and :mod:`.jobs` (the routes), :mod:`.server`
 (uvicorn).
 docs/http-api.md documents the API.
 """

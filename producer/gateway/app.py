@@ -19,9 +19,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from producer.client import Client
+from producer.contract.redis_conn import brief
 from producer.contract.settings import Settings
 from producer.contract.wire import model_identity
-from producer.gateway import encode, jobs, tei
+from producer.gateway import encode, jobs, rerank, tei
 from producer.gateway.guard import Guard, Metrics
 from producer.gateway.http import ApiError, api_error, error_response, json_response
 
@@ -46,7 +47,8 @@ class Gateway:
         try:
             workers = await asyncio.to_thread(self.client.workers)
         except Exception as e:  # noqa: BLE001 - Redis down: unhealthy, said in one line
-            return json_response({"status": "unavailable", "workers": 0, "error": f"Redis unreachable: {e}"}, 503)
+            error = f"Redis unreachable: {brief(e)}"
+            return json_response({"status": "unavailable", "workers": 0, "error": error}, 503)
         if not workers:
             return json_response({"status": "no_worker", "workers": 0, "error": (
                 f"no live worker serves queue prefix {self.settings.queue_prefix!r}: start one with `m3q worker` "
@@ -82,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.gateway = gw
     encode.add_routes(app, gw)
     tei.add_routes(app, gw)
+    rerank.add_routes(app, gw)
     jobs.add_routes(app, gw)
     for path in ("/health", "/", "/ping"):  # TEI's health routes: "/" for its own clients, "/ping" for SageMaker
         app.add_route(path, gw.health, methods=["GET"])

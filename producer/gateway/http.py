@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from producer.contract import errors
+from producer.contract.redis_conn import brief
 
 log = logging.getLogger("m3q.gateway")
 
@@ -32,7 +33,7 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 JSON = "application/json"
 MSGPACK = "application/msgpack"
 TEI_PATHS = frozenset({"/", "/invocations", "/ping", "/embed", "/embed_sparse", "/embed_all", "/tokenize", "/decode",
-                       "/info"})
+                       "/info", "/rerank"})
 """Routes that answer errors in TEI's shape."""
 
 _OPENAI_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
@@ -93,7 +94,7 @@ def api_error(e: BaseException) -> ApiError:
                 status, code = 404, "no_collection"
             return ApiError(status, message, code=code)
     if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
-        return ApiError(503, f"Redis unreachable: {e}", code="broker")
+        return ApiError(503, f"Redis unreachable: {brief(e)}", code="broker")
     reference = uuid.uuid4().hex[:12]
     log.error("internal error %s", reference, exc_info=e)
     return ApiError(500, f"internal error (logged by the gateway as {reference})", code="internal")

@@ -20,11 +20,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from producer.contract import checks
+from producer.contract.redis_conn import async_redis
 from producer.contract.settings import Settings
 from producer.gateway import http
 from producer.gateway.http import ApiError, invalid
 from producer.index_batches import IndexReport, skip_unchanged
-from producer.replies import async_redis
 
 COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 """Milvus' rule for collection names."""
@@ -185,18 +185,21 @@ class CollectionRoutes(http.Routes):
 
     @http.endpoint("POST", "/v1/search")
     async def search(self, request: Request) -> Response:
-        """Dense, sparse or hybrid search: the query encoded on the query stream, then Milvus."""
+        """Dense, sparse, hybrid or m3 search: the query encoded on the query stream, then Milvus (m3: then
+        the candidates re-scored on the workers, each hit with its dense, sparse and colbert scores)."""
         body = await http.read_object(request, self.s.gateway_max_body_bytes)
         query = http.get_str(body, "query", need=True)
         if len(query) > self.s.max_text_chars:
             raise ApiError(413, f"query is {len(query):,} characters, over the self.limit of {self.s.max_text_chars:,} "
                                 "(M3Q_MAX_TEXT_CHARS)", param="query", code="too_large")
         collection = self._collection_of(body)
-        mode = http.get_choice(body, "mode", ("hybrid", "dense", "sparse"), "hybrid")
+        mode = http.get_choice(body, "mode", ("hybrid", "dense", "sparse", "m3"), "hybrid")
         k = http.get_int(body, "k", 10, 1, MAX_K)
         hits = await self.gw.searcher.asearch(query, collection, mode, k)
         return http.json_response({"collection": collection, "mode": mode, "hits": [
-            {"id": h.id, "score": h.score, "text": h.text, "metadata": h.metadata} for h in hits]})
+            {"id": h.id, "score": h.score, "text": h.text, "metadata": h.metadata,
+             **({"dense": h.dense, "sparse": h.sparse, "colbert": h.colbert} if mode == "m3" else {})}
+            for h in hits]})
 
 
 def add_routes(app: FastAPI, gw: Any) -> None:

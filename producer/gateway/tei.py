@@ -1,5 +1,6 @@
 """TEI's API, as text-embeddings-inference serves it for an embedding model: ``POST /`` (and ``/invocations``)
-= ``/embed``, ``/embed_sparse``, ``/embed_all``, ``/tokenize``, ``/decode`` and ``GET /info``.
+= ``/embed``, ``/embed_sparse``, ``/embed_all``, ``/tokenize``, ``/decode`` and ``GET /info`` (``/rerank``, which
+BGE-M3 answers with its own three outputs, is :mod:`producer.gateway.rerank`; ``/info`` names it under ``m3q``).
 
 Requests and answers have TEI's shapes and defaults, so TEI's clients work unchanged. Where BGE-M3 or
 m3-queue differs, on purpose:
@@ -25,6 +26,7 @@ from producer.contract.wire import Embedding
 from producer.gateway import http
 from producer.gateway.encode import checked, texts_of
 from producer.gateway.http import ApiError, invalid
+from producer.gateway.rerank import CAPABILITY
 
 TEI_VERSION = "1.8.0"
 """The TEI API version whose shapes these routes follow (reported by /info)."""
@@ -144,7 +146,8 @@ class TeiRoutes(http.Routes):
             "max_batch_tokens": self.s.max_batch_tokens, "max_batch_requests": None,
             "max_client_batch_size": self.s.max_job_texts, "auto_truncate": False, "tokenization_workers": len(workers),
             "version": TEI_VERSION, "sha": None, "docker_label": None,
-            "m3q": {"workers": len(workers), "dims": worker.get("dims"), "device": worker.get("device")}})
+            "m3q": {"workers": len(workers), "dims": worker.get("dims"), "device": worker.get("device"),
+                    "rerank": CAPABILITY}})
 
 
 def add_routes(app: FastAPI, gw: Any) -> None:

@@ -26,8 +26,8 @@ from typing import Any
 import redis
 
 from producer.contract.errors import ConfigError
+from producer.contract.redis_conn import redis_client
 from producer.contract.settings import Settings
-from producer.contract.wire import redis_client
 
 
 class State(str, Enum):
@@ -131,7 +131,10 @@ class Checkpoint:
 
     def __init__(self, s: Settings, job_id: str, r: redis.Redis | None = None) -> None:
         self.settings, self.job_id = s, job_id
-        self.redis = r if r is not None else redis_client(s)
+        # Its writes are safe to repeat (a batch is recorded once, by its number; a repeated count of
+        # unconfirmed resends overstates that count, no more), so a command that a Redis restart or a
+        # failover cut is sent again, for as long as a job may wait.
+        self.redis = r if r is not None else redis_client(s, retry_s=s.job_timeout_s)
         self.key = job_key(s, job_id)
         self.batches_key, self.tasks_key = self.key + ":batches", self.key + ":tasks"
         self.sent_key, self.rejects_key = self.key + ":sent", self.key + ":rejects"

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from producer.contract import milvus
+from producer.contract.redis_conn import redis_client
 from producer.contract.settings import Settings
-from producer.contract.wire import redis_client
 from producer.reindex import checkpoint
 from producer.reindex.checkpoint import Checkpoint, State
 

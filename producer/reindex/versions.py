@@ -14,8 +14,8 @@ import redis
 
 from producer.contract import milvus
 from producer.contract.errors import ConfigError
+from producer.contract.redis_conn import redis_client
 from producer.contract.settings import Settings
-from producer.contract.wire import redis_client
 from producer.reindex import checkpoint
 from producer.reindex.checkpoint import FINISHED_KEPT_S, UNFINISHED, Checkpoint, State
 

@@ -1,0 +1,142 @@
+"""Every Redis client of m3-queue, built in one place from the settings, and the matching Celery options.
+
+Two forms of Redis URL are accepted for ``M3Q_BROKER_URL`` and ``M3Q_RESULT_BACKEND``:
+
+- ``redis://[:PASSWORD@]HOST[:PORT][/DB]``, or ``rediss://`` for TLS: one Redis, or a managed service's
+  endpoint that stays the same name when the service fails over (ElastiCache, Memorystore, Azure Cache).
+- ``sentinel://[:PASSWORD@]HOST:PORT;sentinel://HOST:PORT;...[/DB]``: Celery's form for Redis Sentinel. The
+  Sentinels at these addresses name the primary of ``M3Q_SENTINEL_MASTER``; every connection asks them again
+  once it has lost its primary, so a failover is a short outage like a restart. ``PASSWORD`` is the primary's
+  (and its replicas'), ``M3Q_SENTINEL_PASSWORD`` the Sentinels' own; ``M3Q_SENTINEL_TLS`` reaches both over
+  TLS. The database, user and password are read from the first address, as kombu and Celery read them.
+
+The producers' and workers' own clients (the query stream, reply readers, heartbeats, the dead-worker sweep,
+re-index checkpoints and leases, the gateway) come from :func:`redis_client` and :func:`async_redis`;
+Celery's broker and result backend get the same addresses and options from :func:`celery_redis_config`.
+"""
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from redis import sentinel as sync_sentinel
+from redis.asyncio import sentinel as async_sentinel
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from producer.contract.redis_urls import SentinelURL, is_sentinel, parse_sentinel  # noqa: F401 - also from here
+from producer.contract.settings import Settings
+
+SENTINEL_TIMEOUT_S = 1.0
+"""How long one Sentinel may take to answer before the next is asked (a dead one must not stall a failover)."""
+RETRY_CAP_S = 2.0
+"""Longest pause between two tries of a command of a retrying client (:func:`redis_client`'s ``retry_s``)."""
+
+
+# ---- m3-queue's own clients ------------------------------------------------------------------------------
+
+def redis_client(s: Settings, url: str | None = None, retry_s: float = 0) -> redis.Redis:
+    """A Redis client on ``url`` (default the broker): through its Sentinels for sentinel://, with TLS
+    certificate checks for rediss://. ``retry_s``: each command is tried again on a lost connection for
+    about this long (a restart, a failover), for callers that have no retry of their own; every command
+    they send must be safe to repeat."""
+    url = url or s.broker_url
+    options = redis_options(s, url)
+    if retry_s > 0:
+        retries = int(retry_s / RETRY_CAP_S) + 5  # the first five pauses are shorter than the cap
+        options.update(retry=Retry(ExponentialBackoff(cap=RETRY_CAP_S, base=0.2), retries),
+                       retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    if not is_sentinel(url):
+        return redis.Redis.from_url(url, **options)
+    where = parse_sentinel(url)
+    manager = sync_sentinel.Sentinel(list(where.nodes), sentinel_kwargs=sentinel_options(s), **options)
+    return manager.master_for(s.sentinel_master, redis_class=redis.Redis, **_primary(where))
+
+
+def async_redis(s: Settings, url: str | None = None) -> aioredis.Redis:
+    """The ``redis.asyncio`` twin of :func:`redis_client`."""
+    url = url or s.broker_url
+    if not is_sentinel(url):
+        return aioredis.Redis.from_url(url, **redis_options(s, url))
+    where = parse_sentinel(url)
+    manager = async_sentinel.Sentinel(list(where.nodes), sentinel_kwargs=sentinel_options(s),
+                                      **redis_options(s, url))
+    return manager.master_for(s.sentinel_master, redis_class=aioredis.Redis, **_primary(where))
+
+
+def _primary(where: SentinelURL) -> dict[str, Any]:
+    credentials = {"username": where.username, "password": where.password}
+    return {"db": where.db, **{k: v for k, v in credentials.items() if v is not None}}
+
+
+def redis_options(s: Settings, url: str | None = None) -> dict[str, Any]:
+    """Connection options of every client on ``url`` (default the broker), primaries and replicas alike."""
+    url = url or s.broker_url
+    kwargs: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5, "health_check_interval": 30}
+    if uses_tls(s, url):
+        kwargs.update(tls_options(s))
+        if is_sentinel(url):
+            kwargs["ssl"] = True  # a rediss:// URL says so itself; a Sentinel's primary is reached by address
+    return kwargs
+
+
+def sentinel_options(s: Settings) -> dict[str, Any]:
+    """Connection options of the Sentinels themselves: their own password and TLS, and short timeouts."""
+    kwargs: dict[str, Any] = {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S}
+    if s.sentinel_password:
+        kwargs["password"] = s.sentinel_password
+    if s.sentinel_tls:
+        kwargs.update(tls_options(s), ssl=True)
+    return kwargs
+
+
+def uses_tls(s: Settings, url: str) -> bool:
+    """Whether connections to ``url`` use TLS: rediss://, or sentinel:// with ``M3Q_SENTINEL_TLS``."""
+    return url.startswith("rediss://") or (is_sentinel(url) and s.sentinel_tls)
+
+
+def tls_options(s: Settings) -> dict[str, Any]:
+    """The TLS options of every Redis connection that uses TLS (:func:`uses_tls`), from the
+    ``M3Q_REDIS_TLS_*`` settings: the server's certificate is always checked, against
+    ``M3Q_REDIS_TLS_CA_FILE`` when set (else the system's CAs). In the form redis-py's clients take as keyword
+    arguments, which Celery's ``broker_use_ssl`` and ``redis_backend_use_ssl`` take as they are."""
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if s.redis_tls_ca_file:
+        options["ssl_ca_certs"] = s.redis_tls_ca_file
+    return options
+
+
+# ---- Celery's broker and result backend -----------------------------------------------------------------
+
+def celery_redis_config(s: Settings, transport: dict[str, Any]) -> dict[str, Any]:
+    """Celery settings that point its broker and result backend where :func:`redis_client` points: TLS
+    options, and for Sentinel the master's name and the Sentinels' options. ``transport`` holds the
+    transport options both share."""
+    broker, backend = dict(transport), dict(transport)
+    for options, url in ((broker, s.broker_url), (backend, s.backend_url)):
+        if is_sentinel(url):
+            options.update(master_name=s.sentinel_master, sentinel_kwargs=sentinel_options(s))
+    config: dict[str, Any] = {"broker_transport_options": broker, "result_backend_transport_options": backend}
+    if uses_tls(s, s.broker_url):
+        config["broker_use_ssl"] = tls_options(s)
+    if uses_tls(s, s.backend_url):
+        config["redis_backend_use_ssl"] = tls_options(s)
+    return config
+
+
+def describe(url: str) -> str:
+    """``url`` with its password masked, for messages."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    return ";".join(maybe_sanitize_url(chunk) for chunk in url.split(";"))
+
+
+def brief(e: BaseException) -> str:
+    """What a Redis error says, in one short line: redis-py's "no master" error lists every Sentinel client
+    it asked, which makes a log line of some kilobytes."""
+    if isinstance(e, (sync_sentinel.MasterNotFoundError, async_sentinel.MasterNotFoundError)):
+        return f"{str(e).split(' : ')[0]} (no Sentinel names a primary now: a failover under way, or a wrong " \
+               f"M3Q_SENTINEL_MASTER)"
+    return str(e)
