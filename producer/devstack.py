@@ -194,25 +194,35 @@ class SentinelStack:
     trying a failover by hand; docs/redis-ha.md starts the same with redis-server alone."""
 
     def __init__(self, folder: Path, master: str = "m3q", down_after_ms: int = 1000,
-                 failover_timeout_ms: int = 5000) -> None:
+                 failover_timeout_ms: int = 5000, password: str = "", sentinel_password: str = "",
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
+        """``password``: the primary's and the replica's (``requirepass``); ``sentinel_password``: the
+        Sentinels' own (``M3Q_SENTINEL_PASSWORD``); ``tls``: (certificate, key, CA) to serve every port with
+        TLS only (``M3Q_SENTINEL_TLS``)."""
         self.folder, self.master = folder, master
+        self.password, self.sentinel_password, self.tls = password, sentinel_password, tls
         self.down_after_ms, self.failover_timeout_ms = down_after_ms, failover_timeout_ms
         self.servers: list[RedisServer] = []
         self.sentinels: list[subprocess.Popen] = []
         self.sentinel_ports: list[int] = []
 
-    def url(self, db: int = 0, password: str | None = None) -> str:
+    def url(self, db: int = 0) -> str:
         """The sentinel:// URL of the stack (``M3Q_BROKER_URL``); ``master`` is its ``M3Q_SENTINEL_MASTER``."""
-        auth = f":{password}@" if password else ""
+        auth = f":{self.password}@" if self.password else ""
         return ";".join(f"sentinel://{auth if n == 0 else ''}127.0.0.1:{port}"
                         for n, port in enumerate(self.sentinel_ports)) + f"/{db}"
 
     def start(self, timeout_s: float = 30) -> "SentinelStack":
         """Start the primary, its replica and the Sentinels; return once every Sentinel knows the replica and
         the two other Sentinels (a failover needs both)."""
-        sync_now = ("--repl-diskless-sync-delay", "0")  # Redis' default waits 5 s for more replicas
-        primary = RedisServer(self.folder / "primary", sync_now).start(timeout_s)
-        replica = RedisServer(self.folder / "replica", (*sync_now, "--replicaof", "127.0.0.1", str(primary.port)))
+        sync_now: tuple[str, ...] = ("--repl-diskless-sync-delay", "0")  # Redis' default waits 5 s for more
+        if self.password:
+            sync_now += ("--requirepass", self.password, "--masterauth", self.password)
+        if self.tls:
+            sync_now += ("--tls-replication", "yes")
+        primary = RedisServer(self.folder / "primary", sync_now, self.tls).start(timeout_s)
+        replica = RedisServer(self.folder / "replica", (*sync_now, "--replicaof", "127.0.0.1", str(primary.port)),
+                              self.tls)
         self.servers = [primary, replica.start(timeout_s)]
         for n in range(3):
             self._start_sentinel(n, primary.port)
@@ -222,23 +232,36 @@ class SentinelStack:
     def _start_sentinel(self, n: int, primary_port: int) -> None:
         port = free_port()
         conf = self.folder / f"sentinel{n}.conf"
-        conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {self.folder}\n"
+        conf.write_text(self._ports(port) + f"bind 127.0.0.1\ndir {self.folder}\n"
                         f"sentinel monitor {self.master} 127.0.0.1 {primary_port} 2\n"
                         f"sentinel down-after-milliseconds {self.master} {self.down_after_ms}\n"
-                        f"sentinel failover-timeout {self.master} {self.failover_timeout_ms}\n")
+                        f"sentinel failover-timeout {self.master} {self.failover_timeout_ms}\n"
+                        + (f"sentinel auth-pass {self.master} {self.password}\n" if self.password else "")
+                        + (f"requirepass {self.sentinel_password}\nsentinel sentinel-pass {self.sentinel_password}\n"
+                           if self.sentinel_password else ""))
         log_path = self.folder / f"sentinel{n}.log"
         self.sentinels.append(subprocess.Popen(["redis-server", str(conf), "--sentinel", "--logfile", str(log_path)],
                                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                                stderr=subprocess.STDOUT))
         self.sentinel_ports.append(port)
 
-    def _sentinel(self, port: int):
+    def _ports(self, port: int) -> str:
+        if not self.tls:
+            return f"port {port}\n"
+        cert, key, ca = self.tls
+        return (f"port 0\ntls-port {port}\ntls-cert-file {cert}\ntls-key-file {key}\ntls-ca-cert-file {ca}\n"
+                f"tls-auth-clients no\ntls-replication yes\n")
+
+    def _sentinel(self, port: int, password: str | None = None):
+        """A client of the Sentinel (or, with ``password``, the Redis server) on ``port``."""
         import redis
 
-        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1)
+        tls = {"ssl": True, "ssl_ca_certs": str(self.tls[2])} if self.tls else {}
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1,
+                           password=(self.sentinel_password if password is None else password) or None, **tls)
 
     def _settled(self) -> bool:
-        with self._sentinel(self.servers[1].port) as r:
+        with self._sentinel(self.servers[1].port, self.password) as r:
             if r.role()[3] not in (b"connected", "connected"):
                 return False  # the replica has not synchronized yet
         for port in self.sentinel_ports:
@@ -266,7 +289,7 @@ class SentinelStack:
             new = self.primary()
             if new is old:
                 return None
-            with self._sentinel(new.port) as r:
+            with self._sentinel(new.port, self.password) as r:
                 return new if r.role()[0] in (b"master", "master") else None
         return wait_until(promoted, timeout_s, f"a failover of {self.master}")
 

@@ -538,7 +538,7 @@ def test_redis_password(private_redis, workers):
     alive(w)
 
 
-def _make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
     """A CA, and a server certificate it signed for 127.0.0.1 and localhost."""
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
@@ -557,7 +557,7 @@ def _make_certificates(folder: Path) -> tuple[Path, Path, Path]:
 def test_redis_over_tls(private_redis, workers, tmp_path):
     if not shutil.which("openssl"):
         pytest.skip("openssl is not installed: cannot make a test certificate")
-    certificates = _make_certificates(tmp_path / "tls")
+    certificates = make_certificates(tmp_path / "tls")
     try:
         server = private_redis(tls=certificates)
     except AssertionError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,13 +21,14 @@ import redis as redis_py
 from producer import reindex
 from producer.client import Client
 from producer.contract import milvus, redis_conn, stream, wire
-from producer.contract.errors import ConfigError
+from producer.contract.errors import ConfigError, InfraError
 from producer.contract.settings import Settings
 from producer.devstack import SentinelStack
 from tests.conftest import ROOT, GatewayProcess, make_settings, settings_env, wait_for
+from tests.test_faults import make_certificates
 
 MASTER = "m3qtest"
-QUERY_S = 15.0
+QUERY_S = 30.0
 """How long the query load runs; the primary is killed a third of the way in."""
 
 
@@ -90,6 +92,46 @@ def test_an_unknown_master_name_is_reported_naming_both_settings(stack):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode != 0
     assert "M3Q_SENTINEL_MASTER='nosuch'" in run.stderr and "M3Q_BROKER_URL" in run.stderr, run.stderr
+    assert "no Sentinel names a primary" in run.stderr and len(run.stderr) < 700, run.stderr
+
+
+def test_passwords_of_the_primary_and_of_the_sentinels(tmp_path, workers):
+    """The primary's password in the URL, the Sentinels' own in M3Q_SENTINEL_PASSWORD; a wrong one of the
+    Sentinels is reported at once, naming the settings to check."""
+    ha = SentinelStack(tmp_path / "auth", master=MASTER, password="pri-pw", sentinel_password="sen-pw").start()
+    try:
+        s = ha_settings(ha, sentinel_password="sen-pw")
+        assert "pri-pw" in s.broker_url
+        workers(s)
+        (item,) = Client(s).encode_queries(["behind two passwords"])
+        assert item.dense is not None
+        run = subprocess.run([sys.executable, "-m", "producer.cli", "status"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60, env=settings_env(s.replace(sentinel_password="wrong")))
+        assert run.returncode != 0 and "AuthenticationError: a wrong M3Q_SENTINEL_PASSWORD?" in run.stderr, run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1 and len(run.stderr) < 700, run.stderr
+        assert "pri-pw" not in run.stderr and "sen-pw" not in run.stderr
+    finally:
+        ha.stop()
+
+
+def test_sentinels_and_primary_over_tls_with_certificate_checks(tmp_path, workers):
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    certificates = make_certificates(tmp_path / "tls")
+    try:
+        ha = SentinelStack(tmp_path / "tls-ha", master=MASTER, tls=certificates).start()
+    except InfraError as e:
+        pytest.skip(f"this redis-server cannot serve TLS: {e}")
+    try:
+        s = ha_settings(ha, sentinel_tls=True, redis_tls_ca_file=str(certificates[2]))
+        workers(s)
+        (item,) = Client(s).encode_queries(["Sentinel over TLS"])
+        assert item.dense is not None
+        run = subprocess.run([sys.executable, "-m", "producer.cli", "status"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60, env=settings_env(s.replace(redis_tls_ca_file="")))
+        assert run.returncode != 0, "the system's CAs do not know the test CA: the certificate is checked"
+    finally:
+        ha.stop()
 
 
 def query_load(s: Settings, seconds: float, threads: int = 32, tasks: int = 256) -> dict:

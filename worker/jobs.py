@@ -13,8 +13,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from producer.contract import wire
-from producer.contract.errors import PoisonJob
+from producer.contract.errors import PayloadError, PoisonJob
 from worker.records import count_delivery, record_failure
 from worker.runtime import Runtime
 
@@ -83,3 +85,22 @@ def poison(rt: Runtime, job_id: str, deliveries: int) -> PoisonJob:
 def info_answer(rt: Runtime) -> dict:
     """What a worker answers to ``m3q.info``, on both transports: the encoder, its host, the model's identity."""
     return {**rt.encoder.info(), "hostname": rt.hostname, "model_identity": wire.model_identity(rt.encoder.name)}
+
+
+def check_size(rt: Runtime, payload: dict) -> None:
+    """Refuse an oversized job before encoding anything."""
+    texts = payload["texts"]
+    if len(texts) > rt.settings.max_job_texts:
+        raise PayloadError(f"job has {len(texts):,} texts, over the limit of {rt.settings.max_job_texts:,} "
+                           "(M3Q_MAX_JOB_TEXTS); the producer client splits large inputs for you")
+    # surrogatepass: a lone surrogate (JSON can carry one) is an item error later, not a crash of the whole job
+    size = len(msgpack.packb(payload, default=repr, unicode_errors="surrogatepass"))
+    if size > rt.settings.max_payload_bytes:
+        raise PayloadError(f"job payload is {size:,} bytes, over the limit of {rt.settings.max_payload_bytes:,} "
+                           "(M3Q_MAX_PAYLOAD_BYTES)")
+
+
+def stamp(rt: Runtime) -> wire.Stamp:
+    """Which worker, device, model and dtype produced a result."""
+    info = rt.encoder.info()
+    return {"worker": rt.hostname, "device": info["device"], "model": info["model"], "dtype": info["dtype"]}

@@ -30,8 +30,8 @@ import numpy as np
 from producer.contract import checks, wire
 from producer.contract.wire import Embedding, ItemError, PayloadError, check_options
 from worker.encoder import EncodeResult
+from worker.jobs import check_size, stamp
 from worker.runtime import Runtime
-from worker.tasks import check_size, stamp
 
 TASK = wire.TASK_SCORE
 DEFAULT_WEIGHTS = (1.0, 1.0, 1.0)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import msgpack
 from celery import Celery, Task
 
 from producer.contract import checks, wire
 from producer.contract.errors import MilvusError, MilvusRejected, SchemaMismatch
 from producer.contract.wire import ItemError, PayloadError, check_options, encode_item
-from worker.jobs import Job, info_answer
+from worker import scoring
+from worker.jobs import Job, check_size, info_answer, stamp
 from worker.runtime import Runtime, current
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,6 @@ def register(app: Celery) -> None:
 
     @app.task(name=wire.TASK_SCORE, bind=True)
     def score(self: Task, payload: dict) -> dict:
-        from worker import scoring  # it builds on this module's checks
-
         return _guarded(self, payload, lambda rt: scoring.start(rt, payload).result())
 
 
@@ -91,18 +89,6 @@ def _is_retry(e: Exception) -> bool:
     return isinstance(e, Retry)
 
 
-def check_size(rt: Runtime, payload: dict) -> None:
-    """Refuse an oversized job before encoding anything."""
-    texts = payload["texts"]
-    if len(texts) > rt.settings.max_job_texts:
-        raise PayloadError(f"job has {len(texts):,} texts, over the limit of {rt.settings.max_job_texts:,} "
-                           "(M3Q_MAX_JOB_TEXTS); the producer client splits large inputs for you")
-    # surrogatepass: a lone surrogate (JSON can carry one) is an item error later, not a crash of the whole job
-    size = len(msgpack.packb(payload, default=repr, unicode_errors="surrogatepass"))
-    if size > rt.settings.max_payload_bytes:
-        raise PayloadError(f"job payload is {size:,} bytes, over the limit of {rt.settings.max_payload_bytes:,} "
-                           "(M3Q_MAX_PAYLOAD_BYTES)")
-
 
 def _flag(payload: dict, name: str, default: bool) -> bool:
     value = payload.get(name, default)
@@ -139,11 +125,6 @@ def encode_result(rt: Runtime, result) -> wire.EncodeAnswer:
     return {"items": [encode_item(i) for i in result.items], "truncated": result.truncated,
             "tokens": result.tokens, **stamp(rt)}
 
-
-def stamp(rt: Runtime) -> wire.Stamp:
-    """Which worker, device, model and dtype produced a result."""
-    info = rt.encoder.info()
-    return {"worker": rt.hostname, "device": info["device"], "model": info["model"], "dtype": info["dtype"]}
 
 
 # ---- the tokenizer alone: answered at once, without the device ----------------------------------------

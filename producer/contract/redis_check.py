@@ -11,7 +11,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from producer.contract.errors import BrokerError
-from producer.contract.redis_conn import describe, is_sentinel, redis_client
+from producer.contract.redis_conn import brief, describe, is_sentinel, redis_client
 from producer.contract.settings import Settings
 
 
@@ -47,7 +47,7 @@ def ping(s: Settings, url: str, name: str) -> str | None:
         return None
     except (redis.ConnectionError, redis.TimeoutError) as e:
         if unreachable(e):
-            return str(e).rstrip(".")
+            return brief(e).rstrip(".")
         hint = "; check M3Q_REDIS_TLS_CA_FILE" if tls_failure(e) else "; check the password in the URL"
         raise BrokerError(f"Redis at {describe(url)} ({name}) refused the producer: {e}{hint}") from None
     finally:

@@ -16,6 +16,7 @@ Celery's broker and result backend get the same addresses and options from :func
 """
 from __future__ import annotations
 
+import re
 import ssl
 from typing import Any
 
@@ -134,9 +135,17 @@ def describe(url: str) -> str:
 
 
 def brief(e: BaseException) -> str:
-    """What a Redis error says, in one short line: redis-py's "no master" error lists every Sentinel client
-    it asked, which makes a log line of some kilobytes."""
-    if isinstance(e, (sync_sentinel.MasterNotFoundError, async_sentinel.MasterNotFoundError)):
-        return f"{str(e).split(' : ')[0]} (no Sentinel names a primary now: a failover under way, or a wrong " \
-               f"M3Q_SENTINEL_MASTER)"
-    return str(e)
+    """What a Redis error says, in one short line. redis-py's "no master" error lists every Sentinel client it
+    asked, some kilobytes: this keeps the kinds of error the Sentinels gave (a wrong password, say)."""
+    if not isinstance(e, (sync_sentinel.MasterNotFoundError, async_sentinel.MasterNotFoundError)):
+        return str(e)
+    head = str(e).split(" : ")[0]
+    kinds = list(dict.fromkeys(_SENTINEL_ERROR.findall(str(e))))
+    if not kinds:
+        return f"{head} (no Sentinel names a primary now: a failover under way, or a wrong M3Q_SENTINEL_MASTER)"
+    hint = ": a wrong M3Q_SENTINEL_PASSWORD?" if "AuthenticationError" in kinds else ""
+    return f"{head} (the Sentinels answered {', '.join(kinds)}{hint})"
+
+
+_SENTINEL_ERROR = re.compile(r" - (?:\w+:)?(\w+Error)\b")
+"""The kind of one Sentinel's error in redis-py's "no master" message (``... - auth:AuthenticationError``)."""
