@@ -177,6 +177,29 @@ def test_bad_inputs_on_the_lane_are_answered_per_item(client, redis_client):
     assert _lane_reads(redis_client, s) - before == 4  # two jobs of texts, two refused by the worker
 
 
+def test_jobs_read_together_with_different_options_and_bad_texts_are_each_answered_as_alone(client, encoder):
+    """A worker tokenizes the texts of one read's jobs in one call per set of options: each job still gets
+    its own options, its own truncation, and its bad texts answered as errors in place."""
+    options = [{}, {"max_length": 8}, {"max_length": 8, "truncation_side": "left"}, {"normalize": False},
+               {"colbert": True}]
+    long = "a rather long query about queues and streams " * 8
+    jobs = [([f"{long}{i}", "", f"short {i}", None], options[i % len(options)]) for i in range(40)]
+
+    async def run():
+        return await asyncio.gather(*(client.aencode_queries(texts, **opts) for texts, opts in jobs))
+
+    for (texts, opts), items in zip(jobs, asyncio.run(run())):
+        local = encoder.encode(texts, "queries", **opts).items
+        assert isinstance(items[1], ItemError) and "empty" in items[1].reason
+        assert isinstance(items[3], ItemError) and "NoneType" in items[3].reason
+        for n in (0, 2):
+            _close(items[n], local[n])
+            assert items[n].n_tokens == local[n].n_tokens and items[n].truncated == local[n].truncated
+            if opts.get("colbert"):
+                assert np.abs(items[n].colbert - local[n].colbert).max() <= TOL
+        assert items[0].truncated == ("max_length" in opts)
+
+
 def test_a_duplicate_or_stray_reply_is_dropped_and_the_reader_goes_on(client, encoder, redis_client):
     from producer.replies import reply_reader
 

@@ -18,13 +18,14 @@ on.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from producer.contract.errors import ConfigError
 from producer.contract.settings import Settings
@@ -54,6 +55,10 @@ class Submission:
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.monotonic)
     open_items: int = 0
+
+
+EngineJob = tuple[Sequence[object], dict[str, Any]]
+"""One job of :meth:`Engine.submit_many`: its texts, and :meth:`Engine.submit`'s options by name."""
 
 
 @dataclass
@@ -99,23 +104,55 @@ class Engine:
                normalize: bool = True) -> Future:
         """Queue texts; the future resolves to an :class:`EncodeResult` in input order (options as
         :meth:`Encoder.encode <worker.encoder.Encoder.encode>`)."""
+        options = {"dense": dense, "sparse": sparse, "colbert": colbert, "max_length": max_length,
+                   "truncation_side": truncation_side, "normalize": normalize}
+        return self.submit_many([(texts, options)], kind)[0]
+
+    def submit_many(self, jobs: Sequence[EngineJob], kind: str = "queries") -> list[Future]:
+        """:meth:`submit` for many jobs at once, each ``(texts, options)``: the texts of jobs with the same
+        token limit, truncation side and normalization are tokenized in one call (the tokenizer's batch call
+        costs about what one text costs), and the device is woken once."""
         if kind not in self._queues:
             raise ConfigError(f"kind must be 'queries' or 'documents', got {kind!r}")
-        prepared = self.encoder.prepare(texts, kind, max_length, truncation_side, normalize)
+        prepared = self._prepare_all(jobs, kind)
+        submissions = [self._submission(kind, items, options) for (_, options), items in zip(jobs, prepared)]
+        waiting = [job for job in submissions if job.open_items]
+        for job in submissions:
+            if not job.open_items:
+                job.future.set_result(self._result(job))
+        if waiting:
+            with self._cond:
+                if self._stopped:
+                    raise RuntimeError("engine is stopped")
+                self._queues[kind].extend(waiting)
+                if kind == "queries":
+                    self._last_query = waiting[-1].submitted
+                self._cond.notify()
+        return [job.future for job in submissions]
+
+    def _prepare_all(self, jobs: Sequence[EngineJob], kind: str) -> list[list[Prepared | ItemError]]:
+        """Each job's texts prepared, with one :meth:`Encoder.prepare` call per set of tokenizing options."""
+        groups: dict[tuple, list[int]] = {}
+        for n, (_, options) in enumerate(jobs):
+            key = (options.get("max_length"), options.get("truncation_side", "right"), options.get("normalize", True))
+            groups.setdefault(key, []).append(n)
+        out: list[list[Prepared | ItemError]] = [[] for _ in jobs]
+        for (max_length, side, normalize), members in groups.items():
+            texts = [text for n in members for text in jobs[n][0]]
+            prepared = self.encoder.prepare(texts, kind, max_length, side, normalize)
+            start = 0
+            for n in members:
+                size = len(jobs[n][0])
+                out[n] = [_reindexed(p, start) for p in prepared[start:start + size]]
+                start += size
+        return out
+
+    @staticmethod
+    def _submission(kind: str, prepared: list[Prepared | ItemError], options: dict[str, Any]) -> Submission:
         good = sorted((p for p in prepared if isinstance(p, Prepared)), key=lambda p: -len(p.ids))
-        job = Submission(kind, [p if isinstance(p, ItemError) else None for p in prepared], deque(good), dense, sparse,
-                  colbert, sum(p.truncated for p in good), sum(len(p.ids) for p in good), open_items=len(good))
-        if not good:
-            job.future.set_result(self._result(job))
-            return job.future
-        with self._cond:
-            if self._stopped:
-                raise RuntimeError("engine is stopped")
-            self._queues[kind].append(job)
-            if kind == "queries":
-                self._last_query = job.submitted
-            self._cond.notify()
-        return job.future
+        return Submission(kind, [p if isinstance(p, ItemError) else None for p in prepared], deque(good),
+                          options.get("dense", True), options.get("sparse", True), options.get("colbert", False),
+                          sum(p.truncated for p in good), sum(len(p.ids) for p in good), open_items=len(good))
 
     def encode(self, texts: Sequence[object], kind: str = "documents", timeout_s: float | None = None,
                **options) -> EncodeResult:
@@ -236,3 +273,8 @@ def _only_requested(item: Item, job: Submission) -> Item:
     return Embedding(item.dense if job.dense else None, item.sparse_ids if job.sparse else None,
                      item.sparse_weights if job.sparse else None, item.colbert if job.colbert else None,
                      item.n_tokens, item.truncated)
+
+
+def _reindexed(p: Prepared | ItemError, start: int) -> Prepared | ItemError:
+    """``p`` with its index counted from ``start`` (its place in its own job, not in the batch it was prepared in)."""
+    return p if isinstance(p, ItemError) or not start else dataclasses.replace(p, index=p.index - start)

@@ -3,10 +3,10 @@ reply lists.
 
 The wire contract is :mod:`producer.contract.stream`. One reader thread takes up to the free prefetch
 (``M3Q_QUERY_PREFETCH`` minus the jobs it holds) in one ``XREADGROUP``, checks each payload exactly as the
-Celery path does and hands it to the device loop, which batches across jobs (a rerank's ``m3q.score`` job
-too: :mod:`worker.scoring`). One writer thread answers every
-job finished by then in one pipeline: the replies first, then one ``XACK`` and one ``XDEL`` (at least once:
-a worker that dies before the acknowledgement leaves its entries pending).
+Celery path does and hands the read's jobs to the device loop together (their texts tokenized in one call;
+a rerank's ``m3q.score`` job too: :mod:`worker.scoring`), which batches across jobs. One writer thread
+answers every job finished by then in one pipeline: the replies first, then one ``XACK`` and one ``XDEL``
+(at least once: a worker that dies before the acknowledgement leaves its entries pending).
 
 A dead worker's entries come back within ``M3Q_DEAD_WORKER_S``, like Celery jobs: at each
 heartbeat the reader lists the entries pending longer than a heartbeat's lifetime on consumers whose
@@ -21,7 +21,8 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable
+from functools import partial
+from typing import Any, Callable, NamedTuple
 
 import redis
 from celery import bootsteps
@@ -54,6 +55,15 @@ class Done:
     job: Job
     result: dict | None = None
     error: Exception | None = None
+
+
+class Encode(NamedTuple):
+    """An encode job taken from the stream, checked, waiting for the rest of its read to be submitted."""
+
+    request: stream.Request
+    job: Job
+    texts: list
+    options: dict[str, Any]
 
 
 class StreamReader:
@@ -185,15 +195,22 @@ class StreamReader:
     def _read(self, count: int) -> None:
         response = self.r.xreadgroup(stream.GROUP, self.name, {key: ">" for key in self.streams}, count=count,
                                      block=BLOCK_MS)
+        taken = []
         for key, entries in _streams(response):
             if entries:
                 self.stats.read(len(entries))
-            for entry_id, fields in entries:
-                self._take(_text(key), entry_id, fields)
+            taken += [(_text(key), entry_id, fields) for entry_id, fields in entries]
+        self._take_all(taken)
 
-    def _take(self, key: str, entry_id: bytes, fields: dict | None) -> None:
-        """Check one entry and queue it for the device (or answer it at once: :data:`INSTANT_TASKS`); a bad
-        one is answered with why."""
+    def _take_all(self, entries: list[tuple[str, bytes, dict | None]]) -> None:
+        """Take entries (read, or claimed from a dead worker); their encode jobs go to the device together."""
+        encodes = [encode for encode in (self._take(*entry) for entry in entries) if encode is not None]
+        if encodes:
+            self._submit(encodes)
+
+    def _take(self, key: str, entry_id: bytes, fields: dict | None) -> Encode | None:
+        """Check one entry: an encode job is returned (for :meth:`_submit`), a score job queued, an instant one
+        (:data:`INSTANT_TASKS`) answered at once, a bad one answered with why."""
         request = self._held_request(key, entry_id, fields)
         instant = INSTANT_TASKS.get(request.task)  # no device, and not counted as a job
         label = request.task if instant or request.task == scoring.TASK else TASK
@@ -203,24 +220,32 @@ class StreamReader:
                 raise PayloadError(request.error)
             if instant:
                 self._done.put(Done(request, job, instant(self.rt, request.payload)))
-                return
-            future, finish = self._device_job(request, job)
+            elif request.task == scoring.TASK:
+                job.run_test_hook(request.payload)
+                self._when_done(request, job, scoring.start(self.rt, request.payload), lambda answer: answer)
+            elif request.task != TASK:
+                raise PayloadError(f"task {request.task!r} does not travel on the query stream")
+            else:
+                payload, options = encode_options(self.rt, request.payload)
+                job.run_test_hook(payload)
+                return Encode(request, job, payload["texts"], options)
         except Exception as e:  # noqa: BLE001 - a bad job is answered, never dropped
             self._done.put(Done(request, job, error=e))
-            return
-        # Runs on the device (or scoring) thread: only a queue put there; results are serialized by the writer.
-        future.add_done_callback(lambda f: self._done.put((request, job, f, finish)))
+        return None
 
-    def _device_job(self, request: stream.Request, job: Job) -> tuple[Future, Callable[[Any], dict]]:
-        """Queue a job's texts on the device loop: its future, and what turns the result into the answer."""
-        if request.task == scoring.TASK:
-            job.run_test_hook(request.payload)
-            return scoring.start(self.rt, request.payload), lambda answer: answer  # scored already
-        if request.task != TASK:
-            raise PayloadError(f"task {request.task!r} does not travel on the query stream")
-        payload, options = encode_options(self.rt, request.payload)
-        job.run_test_hook(payload)
-        return self.rt.engine.submit(payload["texts"], "queries", **options), lambda r: encode_result(self.rt, r)
+    def _submit(self, encodes: list[Encode]) -> None:
+        """The encode jobs of one read, queued on the device together: their texts are tokenized in one call."""
+        try:
+            futures = self.rt.engine.submit_many([(e.texts, e.options) for e in encodes], "queries")
+        except Exception as error:  # noqa: BLE001 - the engine refused them (it stops): each is answered so
+            for e in encodes:
+                self._done.put(Done(e.request, e.job, error=error))
+            return
+        for e, future in zip(encodes, futures):
+            self._when_done(e.request, e.job, future, partial(encode_result, self.rt))
+
+    def _when_done(self, request: stream.Request, job: Job, future: Future, finish: Callable[[Any], dict]) -> None:
+        future.add_done_callback(lambda f: self._done.put((request, job, f, finish)))  # the writer serializes
 
     def _held_request(self, key: str, entry_id: bytes, fields: dict | None) -> stream.Request:
         request = stream.read_request(entry_id, fields or {})
@@ -265,13 +290,11 @@ class StreamReader:
             return
         # min-idle again: of several live workers sweeping at once, only the first claims an entry.
         claimed = self.r.xclaim(key, stream.GROUP, self.name, ttl_ms, ids)
-        given_up = 0
         for entry_id, fields in claimed:
             if entry_id in poison:
                 self._give_up(key, entry_id, fields, poison[entry_id])
-                given_up += 1
-            else:
-                self._take(key, entry_id, fields)
+        self._take_all([(key, entry_id, fields) for entry_id, fields in claimed if entry_id not in poison])
+        given_up = sum(entry_id in poison for entry_id, _ in claimed)
         if claimed:
             self.stats.reclaimed(len(claimed), given_up)
             log.warning("claimed %d query job(s) from dead workers on %s (%d given up as poison)", len(claimed),
@@ -387,10 +410,8 @@ def _reply(done: Done) -> bytes:
 
 
 def _streams(response: Any) -> list:
-    # RESP2 answers a list of [stream, entries]; RESP3 a map.
-    if not response:
-        return []
-    return list(response.items()) if isinstance(response, dict) else response
+    # RESP2 answers a list of [stream, entries]; RESP3 a map; nothing came: None.
+    return list(response.items()) if isinstance(response, dict) else list(response or [])
 
 
 def _stream_gone(error: redis.ResponseError) -> bool:
@@ -403,11 +424,9 @@ def _text(value: bytes | str) -> str:
 
 
 class QueryStreamStep(bootsteps.StartStopStep):
-    """A consumer step that runs the query stream beside Celery's own consumers.
-
-    The reader has its own Redis connection: a consumer restart after a broker error leaves it running (it
-    reconnects itself); a worker shutdown stops it, answering what it took first.
-    """
+    """A consumer step that runs the query stream beside Celery's own consumers. The reader has its own Redis
+    connection: a consumer restart after a broker error leaves it running (it reconnects itself); a worker
+    shutdown stops it, answering what it took first."""
 
     def __init__(self, parent, **kwargs) -> None:
         super().__init__(parent, **kwargs)
