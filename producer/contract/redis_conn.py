@@ -27,7 +27,7 @@ from redis.asyncio import sentinel as async_sentinel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from producer.contract.redis_urls import SentinelURL, is_sentinel, parse_sentinel  # noqa: F401 - also from here
+from producer.contract.redis_urls import SentinelURL, is_sentinel, parse_sentinel
 from producer.contract.settings import Settings
 
 SENTINEL_TIMEOUT_S = 1.0
@@ -49,22 +49,22 @@ def redis_client(s: Settings, url: str | None = None, retry_s: float = 0) -> red
         retries = int(retry_s / RETRY_CAP_S) + 5  # the first five pauses are shorter than the cap
         options.update(retry=Retry(ExponentialBackoff(cap=RETRY_CAP_S, base=0.2), retries),
                        retry_on_error=[redis.ConnectionError, redis.TimeoutError])
-    if not is_sentinel(url):
-        return redis.Redis.from_url(url, **options)
-    where = parse_sentinel(url)
-    manager = sync_sentinel.Sentinel(list(where.nodes), sentinel_kwargs=sentinel_options(s), **options)
-    return manager.master_for(s.sentinel_master, redis_class=redis.Redis, **_primary(where))
+    return _connect(s, url, options, redis.Redis, sync_sentinel.Sentinel)
 
 
 def async_redis(s: Settings, url: str | None = None) -> aioredis.Redis:
     """The ``redis.asyncio`` twin of :func:`redis_client`."""
     url = url or s.broker_url
+    return _connect(s, url, redis_options(s, url), aioredis.Redis, async_sentinel.Sentinel)
+
+
+def _connect(s: Settings, url: str, options: dict[str, Any], redis_class: type, sentinel_class: type) -> Any:
+    """A ``redis_class`` client on ``url``: directly, or on the primary the Sentinels name."""
     if not is_sentinel(url):
-        return aioredis.Redis.from_url(url, **redis_options(s, url))
+        return redis_class.from_url(url, **options)
     where = parse_sentinel(url)
-    manager = async_sentinel.Sentinel(list(where.nodes), sentinel_kwargs=sentinel_options(s),
-                                      **redis_options(s, url))
-    return manager.master_for(s.sentinel_master, redis_class=aioredis.Redis, **_primary(where))
+    manager = sentinel_class(list(where.nodes), sentinel_kwargs=sentinel_options(s), **options)
+    return manager.master_for(s.sentinel_master, redis_class=redis_class, **_primary(where))
 
 
 def _primary(where: SentinelURL) -> dict[str, Any]:

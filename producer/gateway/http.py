@@ -23,7 +23,7 @@ import redis
 from starlette.requests import Request
 from starlette.responses import Response
 
-from producer.contract import errors
+from producer.contract import errors, wire
 from producer.contract.redis_conn import brief
 
 log = logging.getLogger("m3q.gateway")
@@ -171,6 +171,14 @@ def get_str(body: dict[str, Any], name: str, default: str | None = None, *, need
     if need and not value.strip():
         raise invalid(name, "must not be empty")
     return value
+
+
+def truncation_side(body: dict[str, Any]) -> str:
+    """TEI's ``truncation_direction`` ("Right", the default, or "Left") as a job's ``truncation_side``."""
+    side = get_str(body, "truncation_direction", "right").lower()
+    if side not in wire.TRUNCATION_SIDES:
+        raise invalid("truncation_direction", f"must be 'Right' or 'Left', got {body['truncation_direction']!r}")
+    return side
 
 
 def get_bool(body: dict[str, Any], name: str, default: bool) -> bool:

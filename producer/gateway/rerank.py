@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
-from producer.contract import checks, wire
+from producer.contract import checks
 from producer.gateway import http
 from producer.gateway.encode import texts_of
 from producer.gateway.http import ApiError, invalid
@@ -33,9 +33,7 @@ CAPABILITY = {"route": "/rerank", "scores": SCORES, "weights": list(RERANK_WEIGH
 
 def options(body: dict[str, Any]) -> tuple[bool, str]:
     """TEI's ``truncate`` (default false: a text over its limit is refused) and ``truncation_direction``."""
-    side = http.get_str(body, "truncation_direction", "right").lower()
-    if side not in wire.TRUNCATION_SIDES:
-        raise invalid("truncation_direction", f"must be 'Right' or 'Left', got {body['truncation_direction']!r}")
+    side = http.truncation_side(body)
     http.get_bool(body, "raw_scores", False)  # checked, and without effect: the scores are similarities
     return http.get_bool(body, "truncate", False), side
 

@@ -38,9 +38,7 @@ def options(body: dict[str, Any], normalize: bool = False) -> tuple[bool, dict[s
     for name in ("prompt_name", "dimensions"):
         if body.get(name) is not None:
             raise invalid(name, "is not supported by BGE-M3 (no prompts, no shortened vectors); omit it")
-    side = http.get_str(body, "truncation_direction", "right").lower()
-    if side not in wire.TRUNCATION_SIDES:
-        raise invalid("truncation_direction", f"must be 'Right' or 'Left', got {body['truncation_direction']!r}")
+    side = http.truncation_side(body)
     job: dict[str, Any] = {"truncation_side": "left"} if side == "left" else {}
     if normalize and not http.get_bool(body, "normalize", True):
         job["normalize"] = False  # the raw CLS state, as TEI returns it
