@@ -153,14 +153,13 @@ class ReplyReader(Resends):
             with self._lock:
                 future = self._waiters.pop(job_id, None)
                 self._resends.pop(job_id, None)
-            if future is not None:
-                future.set_result(reply)
+            _resolve(future, reply)
 
 
-def _resolve(replies: list[tuple[asyncio.Future, Reply]]) -> None:
-    for future, reply in replies:
-        if not future.done():
-            future.set_result(reply)
+def _resolve(future: Future | asyncio.Future | None, reply: Reply) -> None:
+    """Give ``reply`` to the caller waiting on ``future``, if one still is (a second reply is dropped)."""
+    if future is not None and not future.done():
+        future.set_result(reply)
 
 
 def fail(future: Future | asyncio.Future, error: BaseException) -> None:
@@ -291,10 +290,9 @@ class LoopReplies(PerLoop, Resends):
                 continue
             if self._outage_since is not None:
                 self._back()
-            answered = [(job_id, reply) for job_id, reply in map(_decoded, raws) if job_id in self._waiters]
-            _resolve([(self._waiters.pop(job_id), reply) for job_id, reply in answered])
-            for job_id, _ in answered:
+            for job_id, reply in map(_decoded, raws):  # a job sent again may be answered twice in one read
                 self._resends.pop(job_id, None)
+                _resolve(self._waiters.pop(job_id, None), reply)
             if self._waiters:
                 idle_since = time.monotonic()
 

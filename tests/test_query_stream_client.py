@@ -217,6 +217,27 @@ def test_a_duplicate_or_stray_reply_is_dropped_and_the_reader_goes_on(client, en
     _close(item, encoder.encode(["an awaited lane handle"], "queries").items[0])
 
 
+def test_two_replies_to_one_job_in_one_read_resolve_it_once_and_the_loops_reader_goes_on(redis_client):
+    from producer.replies import LoopReplies
+
+    s = make_settings()
+
+    async def two_replies_then_a_third_job() -> list:
+        replies = LoopReplies.for_loop(s)
+        first, second = replies.expect("sent-twice"), replies.expect("other")
+        redis_client.rpush(replies.key, stream.encode_reply("sent-twice", {"n": 1}),
+                           stream.encode_reply("sent-twice", {"n": 2}), stream.encode_reply("other", {"n": 3}))
+        answered = await asyncio.wait_for(asyncio.gather(first, second), 10)
+        third = replies.expect("later")
+        redis_client.rpush(replies.key, stream.encode_reply("later", {"n": 4}))
+        answered.append(await asyncio.wait_for(third, 10))
+        await LoopReplies.close_loop(s)
+        return answered
+
+    answered = asyncio.run(two_replies_then_a_third_job())
+    assert [result for result, _error in answered] == [{"n": 1}, {"n": 3}, {"n": 4}]
+
+
 def test_job_timeout_when_no_worker(redis_client):
     s = make_settings(require_worker=False, job_timeout_s=2.0)
     client = Client(s)

@@ -4,6 +4,7 @@ a SIGKILL of the primary: the Sentinels promote the replica about 2 s later (dow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
@@ -93,6 +94,27 @@ def test_an_unknown_master_name_is_reported_naming_both_settings(stack):
     assert run.returncode != 0
     assert "M3Q_SENTINEL_MASTER='nosuch'" in run.stderr and "M3Q_BROKER_URL" in run.stderr, run.stderr
     assert "no Sentinel names a primary" in run.stderr and len(run.stderr) < 700, run.stderr
+
+
+def test_a_command_whose_connection_the_failover_broke_is_tried_again_on_the_new_primary(stack):
+    s = ha_settings(stack)
+    held = redis_conn.redis_client(s, retry_s=30).client()  # one connection each, held across the failover
+    held_async = redis_conn.async_redis(s).client()
+
+    async def across_a_failover() -> int:
+        held.set("k", "before")
+        await held_async.set("a", "before")
+        new = await asyncio.to_thread(stack.wait_failover, stack.kill_primary())
+        assert held.set("k", "after")  # tried again within the call (retry_s)
+        with contextlib.suppress(redis_py.ConnectionError):  # no retries: the command the failover broke fails
+            await held_async.ping()
+        assert await held_async.set("a", "after")  # and the next one finds the new primary
+        assert (held.get("k"), await held_async.get("a")) == (b"after", b"after")
+        assert held.connection.port == held_async.connection.port == new.port
+        await held_async.aclose()
+        return new.port
+
+    asyncio.run(across_a_failover())
 
 
 def test_passwords_of_the_primary_and_of_the_sentinels(tmp_path, workers):

@@ -64,7 +64,10 @@ def _connect(s: Settings, url: str, options: dict[str, Any], redis_class: type, 
         return redis_class.from_url(url, **options)
     where = parse_sentinel(url)
     manager = sentinel_class(list(where.nodes), sentinel_kwargs=sentinel_options(s), **options)
-    return manager.master_for(s.sentinel_master, redis_class=redis_class, **_primary(where))
+    asyncio_side = sentinel_class is async_sentinel.Sentinel
+    connection = _CONNECTIONS[asyncio_side, bool(options.get("ssl"))]
+    return manager.master_for(s.sentinel_master, redis_class=redis_class, connection_class=connection,
+                              **_primary(where))
 
 
 def _primary(where: SentinelURL) -> dict[str, Any]:
@@ -107,6 +110,40 @@ def tls_options(s: Settings) -> dict[str, Any]:
     if s.redis_tls_ca_file:
         options["ssl_ca_certs"] = s.redis_tls_ca_file
     return options
+
+
+# ---- connections that find the primary again -----------------------------------------------------------
+# A command that loses its connection is tried again on the same connection object, which redis-py reconnects
+# at the address it last had (send_packed_command calls connect_check_health, not the Sentinel-aware
+# connect). After a failover that address is the dead primary, so every try of the command fails. These
+# connections ask the Sentinels for the primary each time they reconnect.
+
+class _Rediscovering(sync_sentinel.SentinelManagedConnection):
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self._sock:
+            self.connect()
+        super().send_packed_command(command, check_health)
+
+
+class _RediscoveringSSL(_Rediscovering, sync_sentinel.SentinelManagedSSLConnection):
+    pass
+
+
+class _AsyncRediscovering(async_sentinel.SentinelManagedConnection):
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self.is_connected:
+            await self.connect()
+        await super().send_packed_command(command, check_health)
+
+
+class _AsyncRediscoveringSSL(_AsyncRediscovering, async_sentinel.SentinelManagedSSLConnection):
+    pass
+
+
+_CONNECTIONS: dict[tuple[bool, bool], type] = {
+    (False, False): _Rediscovering, (False, True): _RediscoveringSSL,
+    (True, False): _AsyncRediscovering, (True, True): _AsyncRediscoveringSSL}
+"""The connection class of a Sentinel-managed pool, by (asyncio, TLS)."""
 
 
 # ---- Celery's broker and result backend -----------------------------------------------------------------
