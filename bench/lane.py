@@ -8,13 +8,22 @@ the client's CPU per query (``time.process_time`` of this process), the worker's
 most threads this process had. ``--path celery`` is a Celery-native caller's path: each query an
 ``m3q.encode_queries`` task sent with ``app.send_task`` to the query queue and waited for with Celery's ``get``,
 one thread per await (``asyncio.to_thread``); ``--path lane`` is ``encode_queries`` / ``aencode_queries`` on
-the query stream. Last, the
-in-process rate of the same encoder (its device loop, ``--threads`` threads, no queue) for the ratio.
+the query stream. Last, the in-process rate of the same encoder (its device loop, ``--threads`` threads, no
+queue) for the ratio.
+
+The worker's CPU is split by its threads: the query stream's reader and writer (the queue's own cost), the
+device loop (the forward pass and its batching) and the rest; Redis's own CPU comes from ``INFO cpu``.
+
+``--ceiling`` sizes the most queries one worker can ever serve, however fast its device: the TEST-ONLY
+stand-in encoder with no forward pass (``M3Q_MODEL=test-stand-in:sleep-us-per-token=0``, which loads only
+with ``M3Q_TESTING=1``: the benchmark's workers set it) behind the real query stream, ``--tasks`` asyncio
+tasks. Its tokenizer is a hash of each word, not the checkpoint's.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import sys
@@ -22,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo root, not bench/
 
@@ -30,7 +39,11 @@ from bench import corpus  # noqa: E402
 from bench.infra import bench_settings, percentile, start_workers, threads_shape  # noqa: E402
 from bench.load import _proc_cpu  # noqa: E402
 from producer.client import Client  # noqa: E402
-from producer.contract import wire  # noqa: E402
+from producer.contract import redis_conn, wire  # noqa: E402
+from worker import threads  # noqa: E402
+
+CEILING_MODEL = "test-stand-in:sleep-us-per-token=0"
+"""``--ceiling``'s encoder: no forward pass at all, so what is left is the queue's own cost."""
 
 
 @dataclass
@@ -41,30 +54,35 @@ class Shape:
     latencies: list[float]
     seconds: float
     client_cpu_s: float
-    worker_cpu_s: float
+    worker_cpu_s: dict[str, float]
+    redis_cpu_s: float
     threads: int
 
     def line(self) -> str:
         n = max(1, len(self.latencies))
+        ms = {part: seconds / n * 1e3 for part, seconds in self.worker_cpu_s.items()}
         return (f"{self.name:<44} {len(self.latencies) / self.seconds:8.1f} q/s  "
                 f"p50 {statistics.median(self.latencies) * 1e3:7.1f} ms  "
-                f"p99 {percentile(self.latencies, 99) * 1e3:7.1f} ms  "
-                f"client CPU {self.client_cpu_s / n * 1e3:5.2f} ms/q  "
-                f"worker CPU {self.worker_cpu_s / n * 1e3:5.2f} ms/q  "
-                f"threads {self.threads}")
+                f"p99 {percentile(self.latencies, 99) * 1e3:7.1f} ms  threads {self.threads}\n"
+                f"{'':<4}CPU per query: client {self.client_cpu_s / n * 1e3:.3f} ms, "
+                f"worker {sum(ms.values()):.3f} ms (query stream {ms['stream']:.3f}, "
+                f"device loop {ms['device']:.3f}, rest {ms['rest']:.3f}), Redis {self.redis_cpu_s / n * 1e3:.3f} ms")
 
 
 class Meter:
-    """Client and worker CPU seconds and this process's most threads, from start to stop."""
+    """CPU seconds of this process (the clients), the worker (by thread: :func:`worker_threads_cpu`) and Redis,
+    and this process's most threads, from start to stop."""
 
-    def __init__(self, worker_pid: int | None) -> None:
-        self.worker = worker_pid
+    def __init__(self, worker_pid: int, redis: Any) -> None:
+        self.worker, self.redis = worker_pid, redis
         self.most_threads = threading.active_count()
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample, daemon=True)  # sleeps nearly all the time
 
-    def _cpu(self) -> tuple[float, float]:
-        return time.process_time(), _proc_cpu(self.worker) if self.worker else 0.0
+    def _cpu(self) -> tuple[float, dict[str, float], float]:
+        info = self.redis.info("cpu")
+        return (time.process_time(), worker_threads_cpu(self.worker),
+                info["used_cpu_user"] + info["used_cpu_sys"])
 
     def _sample(self) -> None:
         while not self._stop.wait(0.01):
@@ -79,7 +97,29 @@ class Meter:
         self._stop.set()
         self._sampler.join()
         end = self._cpu()
-        self.client_s, self.worker_s = end[0] - self.start[0], end[1] - self.start[1]
+        self.client_s, self.redis_s = end[0] - self.start[0], end[2] - self.start[2]
+        self.worker_s = {part: end[1][part] - self.start[1][part] for part in end[1]}
+
+
+def worker_threads_cpu(pid: int) -> dict[str, float]:
+    """A worker's CPU seconds so far, by the OS names of its threads (:mod:`worker.threads`): ``stream`` (the
+    query stream's reader and writer: the queue's own cost), ``device`` (the device loop: the forward pass and
+    its batching) and ``rest`` (Celery's main thread, the heartbeat, torch's own threads, threads that ended)."""
+    parts = dict.fromkeys(("stream", "device", "rest"), 0.0)
+    live = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile: its time is in the process's total
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        live += seconds
+        part = ("stream" if name in (threads.STREAM_READER, threads.STREAM_WRITER)
+                else "device" if name == threads.DEVICE else "rest")
+        parts[part] += seconds
+    parts["rest"] += max(0.0, _proc_cpu(pid) - live)
+    return parts
 
 
 def tasks_shape(ask: Callable[[str], Awaitable[object]], texts: list[str], n: int, seconds: float) -> list[float]:
@@ -122,13 +162,15 @@ def run_path(args, path: str, texts: list[str]) -> list[Shape]:
         blocking, awaitable = askers(client, path)
         [blocking(t) for t in texts[:20]]  # warm: connections, the worker's first steps
         shapes = []
-        for name, measure in ((f"{path}: {args.threads} threads, blocking", lambda: threads_shape(
-                                  blocking, texts, args.threads, args.seconds)),
-                              (f"{path}: {args.tasks} asyncio tasks, one loop", lambda: tasks_shape(
-                                  awaitable, texts, args.tasks, args.seconds))):
-            with Meter(worker.proc.pid) as meter:
+        measures = [(f"{path}: {args.threads} threads, blocking", lambda: threads_shape(
+                        blocking, texts, args.threads, args.seconds)),
+                    (f"{path}: {args.tasks} asyncio tasks, one loop", lambda: tasks_shape(
+                        awaitable, texts, args.tasks, args.seconds))]
+        for name, measure in measures[1:] if args.ceiling else measures:
+            with Meter(worker.proc.pid, redis_conn.redis_client(s)) as meter:
                 latencies = measure()
-            shapes.append(Shape(name, latencies, args.seconds, meter.client_s, meter.worker_s, meter.most_threads))
+            shapes.append(Shape(name, latencies, args.seconds, meter.client_s, meter.worker_s, meter.redis_s,
+                                meter.most_threads))
             print(shapes[-1].line(), flush=True)
     finally:
         worker.stop()
@@ -161,8 +203,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=32)
     p.add_argument("--tasks", type=int, default=256)
     p.add_argument("--path", default="celery,lane", help="celery, lane, or both (comma-separated)")
+    p.add_argument("--ceiling", action="store_true",
+                   help=f"one worker's ceiling: the TEST-ONLY stand-in encoder at zero cost ({CEILING_MODEL}) "
+                        "behind the real query stream, --tasks asyncio tasks (sets --model and --path lane)")
     args = p.parse_args(argv)
     texts = corpus.queries(500)
+    if args.ceiling:
+        args.model, args.path = CEILING_MODEL, "lane"
+        run_path(args, "lane", texts)
+        return 0
     shapes = [shape for path in args.path.split(",") for shape in run_path(args, path.strip(), texts)]
     rate = in_process_rate(args, texts)
     for shape in shapes:

@@ -16,7 +16,6 @@ import asyncio
 import logging
 import threading
 import time
-import uuid
 import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -232,7 +231,7 @@ class QueryStream:
         ``device``'s own; the handle waits for its reply (``loop``: the running loop, which awaits it)."""
         s = self.settings
         replies, sender = self._loop_ends(loop) if loop is not None else (reply_reader(s), stream_sender(s))
-        job_id = str(uuid.uuid4())
+        job_id = stream.new_job_id()
         key, fields = stream.stream_key(s, device), stream.request_fields(job_id, replies.key, payload, body, task)
 
         def failed(why: BaseException) -> None:

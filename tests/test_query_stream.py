@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pickle
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from producer.contract.settings import Settings
 from producer.contract.wire import failures_key
 from tests.conftest import TINY, make_settings, wait_for
 from tests.test_faults import CRASH_EXIT_CODE, crash_on
+from worker import threads
 from worker.encoder import Encoder
 
 TOL = 1e-5
@@ -102,7 +104,7 @@ def assert_same(item: dict, expected) -> None:
 
 def test_a_burst_is_answered_with_the_in_process_vectors_in_few_reads(workers, local_encoder):
     s = make_settings(dead_worker_s=6)
-    workers(s)
+    worker = workers(s)
     r = client(s)
     reply_to = new_reply_key(s)
     texts = [f"query number {i} about {'red green blue'.split()[i % 3]} things" for i in range(BURST)]
@@ -127,6 +129,10 @@ def test_a_burst_is_answered_with_the_in_process_vectors_in_few_reads(workers, l
     assert figures["reads"] <= BURST // 8, figures
     assert figures["pending"] == 0
     assert_clean(s, r)
+
+    # The worker's own threads carry their names for the OS (top -H; bench/lane.py splits CPU by them).
+    names = {task.joinpath("comm").read_text().strip() for task in Path(f"/proc/{worker.proc.pid}/task").iterdir()}
+    assert {threads.DEVICE, threads.HEARTBEAT, threads.STREAM_READER, threads.STREAM_WRITER} <= names, names
 
 
 def test_bad_entries_are_answered_naming_why_and_the_rest_of_the_burst_succeeds(workers):

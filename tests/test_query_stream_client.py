@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -215,6 +216,24 @@ def test_a_duplicate_or_stray_reply_is_dropped_and_the_reader_goes_on(client, en
 
     (item,) = asyncio.run(awaited())
     _close(item, encoder.encode(["an awaited lane handle"], "queries").items[0])
+
+
+def test_job_ids_are_unique_across_threads_and_in_a_forked_child():
+    import os
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = [i for chunk in pool.map(lambda _: [stream.new_job_id() for _ in range(2000)], range(8)) for i in chunk]
+    assert len(set(ids)) == len(ids) == 16000
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child's first ids, written back to the parent
+        os.write(write, " ".join(stream.new_job_id() for _ in range(3)).encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    from_child = os.read(read, 4096).decode().split()
+    mine = [stream.new_job_id() for _ in range(3)]
+    assert len(from_child) == 3 and not set(from_child) & set(mine + ids)
+    assert from_child[0].split("-")[0] != mine[0].split("-")[0], "a forked child gets its own prefix"
 
 
 def test_two_replies_to_one_job_in_one_read_resolve_it_once_and_the_loops_reader_goes_on(redis_client):

@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 from producer.contract.errors import ConfigError
 from producer.contract.settings import Settings
 from producer.contract.wire import Embedding, Item, ItemError
+from worker import threads
 from worker.batcher import fits
 from worker.encoder import Encoder, EncodeResult, Prepared
 from worker.slicing import Slicer
@@ -90,7 +91,7 @@ class Engine:
         self._queues: dict[str, deque[Submission]] = {"queries": deque(), "documents": deque()}
         self._cond = threading.Condition()
         self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="m3q-device", daemon=True)
+        self._thread = threads.thread(self._loop, threads.DEVICE)
         self._thread.start()
 
     @classmethod

@@ -30,7 +30,7 @@ from celery import bootsteps
 from producer.contract import stream, wire
 from producer.contract.redis_conn import brief
 from producer.contract.wire import PayloadError
-from worker import celery_internals, runtime, scoring
+from worker import celery_internals, runtime, scoring, threads
 from worker.jobs import Job, poison
 from worker.stream_stats import StreamStats
 from worker.tasks import INSTANT_TASKS, encode_options, encode_result
@@ -85,8 +85,8 @@ class StreamReader:
         self._drain_until = float("inf")  # past this, the writer gives up on Redis and leaves entries pending
         self._writer_stop = threading.Event()
         self._groups_ready = False
-        self._reader = threading.Thread(target=self._read_loop, name="m3q-stream-reader", daemon=True)
-        self._writer = threading.Thread(target=self._write_loop, name="m3q-stream-writer", daemon=True)
+        self._reader = threads.thread(self._read_loop, threads.STREAM_READER)
+        self._writer = threads.thread(self._write_loop, threads.STREAM_WRITER)
 
     # ---- life cycle ------------------------------------------------------------------------------------
 

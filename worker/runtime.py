@@ -16,7 +16,7 @@ from typing import Callable
 from producer.contract import wire
 from producer.contract.redis_conn import brief
 from producer.contract.settings import Settings
-from worker import testing
+from worker import testing, threads
 from worker.encoder import Encoder, Limits
 from worker.engine import Engine, StepStats
 
@@ -71,7 +71,7 @@ class Runtime:
         self.query_stream: Callable[[], dict] = dict  # its figures (set by worker.query_stream.QueryStreamStep)
         self.reclaimer = reclaimer  # a worker.reclaim.Reclaimer: jobs of dead workers go back at each heartbeat
         self._stop = threading.Event()
-        self._heartbeat = threading.Thread(target=self._beat, name="m3q-heartbeat", daemon=True)
+        self._heartbeat = threads.thread(self._beat, threads.HEARTBEAT)
 
     def start(self) -> None:
         """Start the heartbeat (the device loop runs already)."""

@@ -16,6 +16,8 @@ Both sides import this module (it needs neither torch nor Celery). The flow:
 """
 from __future__ import annotations
 
+import itertools
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -54,6 +56,21 @@ def reply_key(s: Settings, client_id: str) -> str:
 def new_client_id() -> str:
     """A fresh id for a client process's reply list."""
     return uuid.uuid4().hex
+
+
+def new_job_id() -> str:
+    """A job id unique across processes and hosts: this process's random prefix, then a count. No system
+    call per job (``uuid4`` reads the OS's random source each time, and a thread that does gives up the GIL)."""
+    return f"{_job_ids.prefix}-{next(_job_ids.count):x}"
+
+
+class _JobIds:
+    def __init__(self) -> None:
+        self.prefix, self.count = uuid.uuid4().hex[:16], itertools.count()
+
+
+_job_ids = _JobIds()
+os.register_at_fork(after_in_child=_job_ids.__init__)  # a forked child must not repeat its parent's ids
 
 
 def request_fields(job_id: str, reply_to: str, payload: dict[str, Any], body: bytes | None = None,
