@@ -24,7 +24,7 @@ from producer.client import Client
 from producer.contract import milvus, redis_conn, stream, wire
 from producer.contract.errors import ConfigError, InfraError
 from producer.contract.settings import Settings
-from producer.devstack import SentinelStack
+from producer.devstack import RedisServer, SentinelStack
 from tests.conftest import ROOT, GatewayProcess, make_settings, settings_env, wait_for
 from tests.test_faults import make_certificates
 
@@ -297,6 +297,31 @@ def test_a_plain_redis_url_builds_a_plain_client():
     client = redis_conn.redis_client(make_settings())
     assert type(client.connection_pool) is redis_py.ConnectionPool
     client.close()
+
+
+def test_a_write_refused_by_a_demoted_primary_reconnects_and_lands_once_the_address_is_a_primary(tmp_path):
+    """A managed Redis that failed over can leave a connection on the demoted primary, which answers every
+    write with READONLY. Here one server is demoted and, 1.5 s later, promoted again: a managed endpoint's
+    name reaching a primary once more."""
+    a = RedisServer(tmp_path / "a", ("--repl-diskless-sync-delay", "0")).start()
+    b = RedisServer(tmp_path / "b").start()
+    try:
+        s = make_settings(broker_url=a.url())
+        retrying, plain = redis_conn.redis_client(s, retry_s=30), redis_conn.async_redis(s)
+        retrying.set("k", "before")
+        asyncio.run(plain.set("k", "before"))
+        admin = redis_py.Redis(port=a.port)
+        admin.replicaof("127.0.0.1", b.port)
+        with pytest.raises(redis_py.ConnectionError, match="demoted by a failover"):  # an outage, not a refusal
+            asyncio.run(redis_conn.async_redis(s).set("k", "refused"))
+        threading.Timer(1.5, lambda: admin.replicaof("NO", "ONE")).start()
+        started = time.monotonic()
+        assert retrying.set("k", "after")  # tried again within the call (retry_s), on a new connection
+        assert time.monotonic() - started >= 1.0, "the write landed before the server was a primary again"
+        assert admin.get("k") == b"after"
+    finally:
+        a.stop()
+        b.stop()
 
 
 def queued(r: redis_py.Redis, s: Settings, kind: str) -> bytes | None:

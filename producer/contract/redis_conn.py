@@ -61,6 +61,8 @@ def async_redis(s: Settings, url: str | None = None) -> aioredis.Redis:
 def _connect(s: Settings, url: str, options: dict[str, Any], redis_class: type, sentinel_class: type) -> Any:
     """A ``redis_class`` client on ``url``: directly, or on the primary the Sentinels name."""
     if not is_sentinel(url):
+        if url.startswith(("redis://", "rediss://")):
+            options["connection_class"] = _PRIMARY[redis_class is aioredis.Redis, url.startswith("rediss://")]
         return redis_class.from_url(url, **options)
     where = parse_sentinel(url)
     manager = sentinel_class(list(where.nodes), sentinel_kwargs=sentinel_options(s), **options)
@@ -144,6 +146,49 @@ _CONNECTIONS: dict[tuple[bool, bool], type] = {
     (False, False): _Rediscovering, (False, True): _RediscoveringSSL,
     (True, False): _AsyncRediscovering, (True, True): _AsyncRediscoveringSSL}
 """The connection class of a Sentinel-managed pool, by (asyncio, TLS)."""
+
+
+# ---- a managed Redis that failed over ----------------------------------------------------------------------
+# A managed service (ElastiCache, Memorystore, Azure Cache) fails over by pointing its endpoint's name at the
+# promoted replica. A connection opened before may still reach the demoted primary, which refuses every write
+# with READONLY. That is a lost connection, not a refusal: these connections drop themselves and raise
+# ConnectionError, so every retry and resend of m3-queue reconnects through the name, to the new primary.
+# (A Sentinel-managed connection does the same on its own.)
+
+def _demoted(connection: Any, error: redis.exceptions.ReadOnlyError) -> redis.ConnectionError:
+    return redis.ConnectionError(f"{error} (the server was demoted by a failover: reconnecting to "
+                                 f"{connection.host}:{connection.port})")
+
+
+class _Primary(redis.Connection):
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)
+        except redis.exceptions.ReadOnlyError as e:
+            self.disconnect()
+            raise _demoted(self, e) from e
+
+
+class _PrimarySSL(_Primary, redis.SSLConnection):
+    pass
+
+
+class _AsyncPrimary(aioredis.Connection):
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except redis.exceptions.ReadOnlyError as e:
+            await self.disconnect()
+            raise _demoted(self, e) from e
+
+
+class _AsyncPrimarySSL(_AsyncPrimary, aioredis.SSLConnection):
+    pass
+
+
+_PRIMARY: dict[tuple[bool, bool], type] = {
+    (False, False): _Primary, (False, True): _PrimarySSL, (True, False): _AsyncPrimary, (True, True): _AsyncPrimarySSL}
+"""The connection class of a redis:// or rediss:// pool, by (asyncio, TLS)."""
 
 
 # ---- Celery's broker and result backend -----------------------------------------------------------------
