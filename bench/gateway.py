@@ -30,9 +30,8 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo root, not bench/
 
 from bench import corpus  # noqa: E402
-from bench.infra import ROOT, bench_settings, percentile, start_workers  # noqa: E402
+from bench.infra import ROOT, bench_settings, percentile, proc_cpu, start_workers  # noqa: E402
 from bench.lane import tasks_shape  # noqa: E402
-from bench.load import _proc_cpu  # noqa: E402
 from producer.client import Client  # noqa: E402
 from producer.contract.settings import Settings  # noqa: E402
 from producer.devstack import free_port  # noqa: E402
@@ -128,9 +127,9 @@ def http_shape(url: str, texts: list[str], n: int, seconds: float) -> tuple[list
 
 def measure(name: str, run, gateway_pid: int, worker_pid: int, seconds: float) -> Shape:
     """Run one shape, with the CPU seconds of this process, the gateway and the worker meanwhile."""
-    before = (time.process_time(), _proc_cpu(gateway_pid), _proc_cpu(worker_pid))
+    before = (time.process_time(), proc_cpu(gateway_pid), proc_cpu(worker_pid))
     latencies, errors = run()
-    after = (time.process_time(), _proc_cpu(gateway_pid), _proc_cpu(worker_pid))
+    after = (time.process_time(), proc_cpu(gateway_pid), proc_cpu(worker_pid))
     return Shape(name, latencies, errors, seconds, *(b - a for a, b in zip(before, after)))
 
 

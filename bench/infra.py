@@ -1,6 +1,7 @@
 """Benchmark plumbing: real worker processes on a private queue prefix."""
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -34,6 +35,24 @@ def start_workers(s: Settings, n: int, device: str = "cpu") -> list[Worker]:
     """``n`` workers, all ready."""
     workers = [Worker(s, device=f"{device}:{i}" if n > 1 else device) for i in range(n)]
     return [w.wait_ready() for w in workers]
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (its live threads and reaped children)."""
+    return stat_cpu(Path(f"/proc/{pid}/stat"))
+
+
+def stat_cpu(stat: Path, children: bool = True) -> float:
+    """User + system CPU seconds in a ``/proc`` stat file: a process's (with its reaped children), or with
+    ``children=False`` a thread's (``/proc/PID/task/TID/stat``)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15 if children else 13]) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_cpu(r) -> float:
+    """User + system CPU seconds the Redis server ``r`` has used (``INFO cpu``)."""
+    info = r.info("cpu")
+    return info["used_cpu_user"] + info["used_cpu_sys"]
 
 
 def percentile(values: list[float], q: float) -> float:

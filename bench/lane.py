@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import statistics
 import sys
@@ -36,8 +35,7 @@ from typing import Any, Awaitable, Callable
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo root, not bench/
 
 from bench import corpus  # noqa: E402
-from bench.infra import bench_settings, percentile, start_workers, threads_shape  # noqa: E402
-from bench.load import _proc_cpu  # noqa: E402
+from bench.infra import bench_settings, percentile, proc_cpu, redis_cpu, start_workers, stat_cpu, threads_shape  # noqa: E402
 from producer.client import Client  # noqa: E402
 from producer.contract import redis_conn, wire  # noqa: E402
 from worker import threads  # noqa: E402
@@ -80,9 +78,7 @@ class Meter:
         self._sampler = threading.Thread(target=self._sample, daemon=True)  # sleeps nearly all the time
 
     def _cpu(self) -> tuple[float, dict[str, float], float]:
-        info = self.redis.info("cpu")
-        return (time.process_time(), worker_threads_cpu(self.worker),
-                info["used_cpu_user"] + info["used_cpu_sys"])
+        return time.process_time(), worker_threads_cpu(self.worker), redis_cpu(self.redis)
 
     def _sample(self) -> None:
         while not self._stop.wait(0.01):
@@ -109,16 +105,14 @@ def worker_threads_cpu(pid: int) -> dict[str, float]:
     live = 0.0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            name, seconds = (task / "comm").read_text().strip(), stat_cpu(task / "stat", children=False)
         except OSError:  # the thread ended meanwhile: its time is in the process's total
             continue
-        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         live += seconds
         part = ("stream" if name in (threads.STREAM_READER, threads.STREAM_WRITER)
                 else "device" if name == threads.DEVICE else "rest")
         parts[part] += seconds
-    parts["rest"] += max(0.0, _proc_cpu(pid) - live)
+    parts["rest"] += max(0.0, proc_cpu(pid) - live)
     return parts
 
 
@@ -161,13 +155,13 @@ def run_path(args, path: str, texts: list[str]) -> list[Shape]:
         client = Client(s)
         blocking, awaitable = askers(client, path)
         [blocking(t) for t in texts[:20]]  # warm: connections, the worker's first steps
-        shapes = []
+        shapes, r = [], redis_conn.redis_client(s)
         measures = [(f"{path}: {args.threads} threads, blocking", lambda: threads_shape(
                         blocking, texts, args.threads, args.seconds)),
                     (f"{path}: {args.tasks} asyncio tasks, one loop", lambda: tasks_shape(
                         awaitable, texts, args.tasks, args.seconds))]
         for name, measure in measures[1:] if args.ceiling else measures:
-            with Meter(worker.proc.pid, redis_conn.redis_client(s)) as meter:
+            with Meter(worker.proc.pid, r) as meter:
                 latencies = measure()
             shapes.append(Shape(name, latencies, args.seconds, meter.client_s, meter.worker_s, meter.redis_s,
                                 meter.most_threads))

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo root, not bench/
 
 from bench import corpus  # noqa: E402
-from bench.infra import bench_settings, percentile, start_workers, threads_shape  # noqa: E402
+from bench.infra import bench_settings, percentile, proc_cpu, redis_cpu, start_workers, threads_shape  # noqa: E402
 from producer.client import Client  # noqa: E402
 from producer.contract.redis_conn import redis_client  # noqa: E402
 
@@ -77,21 +77,14 @@ class CpuSeconds:
 
     def _now(self) -> dict[str, float]:
         if not self.pids:  # in-process: clients and device loop share this process
-            return {"this process": _proc_cpu(os.getpid())}
-        now = {"clients": _proc_cpu(os.getpid()), "worker": sum(_proc_cpu(p) for p in self.pids)}
+            return {"this process": proc_cpu(os.getpid())}
+        now = {"clients": proc_cpu(os.getpid()), "worker": sum(proc_cpu(p) for p in self.pids)}
         if self.redis is not None:
-            info = self.redis.info("cpu")
-            now["redis"] = info["used_cpu_user"] + info["used_cpu_sys"]
+            now["redis"] = redis_cpu(self.redis)
         return now
 
     def since(self) -> dict[str, float]:
         return {k: v - self.start[k] for k, v in self._now().items()}
-
-
-def _proc_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process (its live threads and reaped children)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def cmd_queries(args) -> None:
