@@ -3,7 +3,7 @@ tokenizer's and ``m3q.info``'s jobs, as entries on a Redis stream (wire contract
 :mod:`producer.contract.stream`).
 
 A send never blocks its caller: :meth:`QueryStream.submit` registers the job's waiter with a reply reader,
-hands the entry to a sender, which puts every entry queued by then in one pipeline, and returns a
+hands the entry to a sender, which writes every entry queued by then at once, and returns a
 :class:`StreamHandle`: ``handle.result()`` blocks on the reply, ``await handle`` awaits it without a thread.
 A blocking caller's reader and sender are the process's threads (:class:`~producer.replies.ReplyReader`,
 :class:`StreamSender`); an asyncio caller's are tasks of its event loop
@@ -17,19 +17,22 @@ import logging
 import threading
 import time
 import weakref
-from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Callable
+
+import hiredis
 
 from producer import redis_errors
 from producer.celery_jobs import RESULT_POLL_S, failed_message, timeout_message
 from producer.contract import stream, wire
 from producer.contract.errors import JobFailed, JobTimeout
-from producer.contract.redis_conn import async_redis, redis_client
+from producer.contract.redis_conn import asend_packed, async_redis, redis_client, send_packed
 from producer.contract.settings import Settings
 from producer.contract.wire import Item, PayloadError, decode_item
 from producer.replies import LoopReplies, PerLoop, Reply, fail, per_process, reply_reader
+from producer.waiter import Waiter
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,8 @@ class StreamHandle:
     """A job sent on the query stream; its reply comes through this process's reader."""
 
     id: str
-    reply: Future | asyncio.Future
-    """Resolved by the process's reply reader: a thread future, or the sending loop's own future."""
+    reply: Waiter | asyncio.Future
+    """Resolved by the process's reply reader: a blocking sender's waiter, or the sending loop's own future."""
     forget: Callable[[str], None]
     task: str
     size: int
@@ -73,7 +76,7 @@ class StreamHandle:
     async def araw(self, timeout_s: float | None = None) -> dict:
         """:meth:`raw` for asyncio, without a thread: the reader's future, awaited on this loop."""
         timeout_s = timeout_s or self.timeout_s
-        waiter = self.reply if isinstance(self.reply, asyncio.Future) else asyncio.wrap_future(self.reply)
+        waiter = self.reply if isinstance(self.reply, asyncio.Future) else self.reply.loop_future()
         try:
             reply = await asyncio.wait_for(waiter, timeout_s)
         except asyncio.TimeoutError:
@@ -109,7 +112,7 @@ class StreamHandle:
 
 class StreamSender:
     """The process's sending thread for the query stream (per Redis and queue prefix): the entries of every
-    caller, blocking or asyncio, go out together, one pipeline per round trip, retried with
+    caller, blocking or asyncio, go out together, one write per round trip (:func:`_packed`), retried with
     :class:`~producer.redis_errors.Backoff` while Redis restarts."""
 
     def __init__(self, s: Settings) -> None:
@@ -141,7 +144,7 @@ class StreamSender:
         backoff = redis_errors.Backoff(self.settings, f"{len(batch)} job(s) on the query stream")
         while True:
             try:
-                _xadds(self._redis.pipeline(transaction=False), batch, self.settings).execute()
+                send_packed(self._redis, _packed(batch, self.settings), len(batch))
                 return
             except Exception as e:  # noqa: BLE001 - sorted by Backoff: unreachable is retried, the rest raised
                 delay_s = _retry_after(backoff, e, batch)
@@ -151,7 +154,7 @@ class StreamSender:
 
 
 class LoopSender(PerLoop):
-    """An event loop's sends on the query stream, in one pipeline per round trip on the loop itself: the
+    """An event loop's sends on the query stream, in one write per round trip on the loop itself: the
     asyncio side of :class:`StreamSender`, with the same batches, retry and failures. Why a loop sends and
     reads (:class:`~producer.replies.LoopReplies`) on its own: a thread that takes the GIL from a busy loop
     at every batch cost the gateway 8-16% of its rate."""
@@ -176,7 +179,7 @@ class LoopSender(PerLoop):
             backoff = redis_errors.Backoff(self.settings, f"{len(batch)} job(s) on the query stream")
             while True:
                 try:
-                    await _xadds(self._redis.pipeline(transaction=False), batch, self.settings).execute()
+                    await asend_packed(self._redis, _packed(batch, self.settings), len(batch))
                     break
                 except Exception as e:  # noqa: BLE001 - sorted by Backoff: unreachable is retried, the rest raised
                     delay_s = _retry_after(backoff, e, batch)
@@ -189,10 +192,12 @@ Entry = tuple[str, dict[bytes, bytes], Callable[[BaseException], None]]
 """(stream key, fields, what to call if it is never sent) of one queued ``XADD``."""
 
 
-def _xadds(pipe: Any, batch: list[Entry], s: Settings) -> Any:
-    for key, fields, _ in batch:
-        pipe.xadd(key, fields, maxlen=s.query_stream_max, approximate=True)
-    return pipe
+def _packed(batch: list[Entry], s: Settings) -> bytes:
+    """The batch's ``XADD``s as one write, packed by hiredis in C: with redis-py's pipeline, which packs in
+    Python on asyncio and times each reply, a send cost the client 2-2.5x the CPU (docs/benchmarks)."""
+    head = (b"MAXLEN", b"~", str(s.query_stream_max).encode(), b"*")
+    return b"".join(hiredis.pack_command((b"XADD", key, *head, *chain.from_iterable(fields.items())))
+                    for key, fields, _ in batch)
 
 
 def _retry_after(backoff: redis_errors.Backoff, error: Exception, batch: list[Entry]) -> float | None:

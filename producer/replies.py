@@ -1,8 +1,8 @@
 """Replies without a thread per waiter: the query stream's reply readers and the asyncio wait for Celery results.
 
 - :class:`ReplyReader`: one daemon thread per process (per broker URL and queue prefix) reads the process's
-  reply list (``BLPOP``, then ``LPOP`` of what else is there) and hands each reply to its waiter's
-  ``concurrent.futures.Future``, found by job id: every blocking caller of the process.
+  reply list (``BLPOP``, then ``LPOP`` of what else is there) and hands each reply to its
+  :class:`~producer.waiter.Waiter`, found by job id: every blocking caller of the process.
 - :class:`LoopReplies`: the same for an event loop's callers, one reader task per loop on a reply list of
   its own (why a second reader: its docstring has the measurement).
 - :class:`AsyncResults`: Celery results (document jobs) awaited through one ``redis.asyncio`` pub/sub
@@ -19,7 +19,6 @@ import os
 import threading
 import time
 import weakref
-from concurrent.futures import Future
 from typing import Any, Awaitable, Callable
 
 import redis
@@ -27,6 +26,7 @@ import redis
 from producer.contract import stream
 from producer.contract.redis_conn import async_redis, brief, redis_client
 from producer.contract.settings import Settings
+from producer.waiter import Waiter
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +92,14 @@ class ReplyReader(Resends):
         self.client_id = stream.new_client_id()
         self.key = stream.reply_key(s, self.client_id)
         self._redis = redis_client(s)
-        self._waiters: dict[str, Future] = {}
+        self._waiters: dict[str, Waiter] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def expect(self, job_id: str, resend: Callable[[], None] | None = None) -> Future:
+    def expect(self, job_id: str, resend: Callable[[], None] | None = None) -> Waiter:
         """A future that gets the reply to ``job_id``; register it before the job is sent. ``resend`` sends
         the job again (see :class:`Resends`)."""
-        future: Future = Future()
+        future = Waiter()
         with self._lock:
             self._waiters[job_id] = future
             self._remember(job_id, resend)
@@ -156,13 +156,13 @@ class ReplyReader(Resends):
             _resolve(future, reply)
 
 
-def _resolve(future: Future | asyncio.Future | None, reply: Reply) -> None:
+def _resolve(future: Waiter | asyncio.Future | None, reply: Reply) -> None:
     """Give ``reply`` to the caller waiting on ``future``, if one still is (a second reply is dropped)."""
     if future is not None and not future.done():
         future.set_result(reply)
 
 
-def fail(future: Future | asyncio.Future, error: BaseException) -> None:
+def fail(future: Waiter | asyncio.Future, error: BaseException) -> None:
     """Fail a waiter (from its own loop's thread, for an asyncio one)."""
     if not future.done():
         future.set_exception(error)

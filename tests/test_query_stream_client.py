@@ -236,6 +236,53 @@ def test_job_ids_are_unique_across_threads_and_in_a_forked_child():
     assert from_child[0].split("-")[0] != mine[0].split("-")[0], "a forked child gets its own prefix"
 
 
+def test_a_waiter_set_by_a_reply_and_a_failure_at_once_keeps_one_and_wakes_blocking_and_awaiting_callers():
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    from producer.waiter import Waiter
+
+    waiters, errors = [Waiter() for _ in range(3000)], []
+
+    def settle(how) -> None:
+        try:
+            for waiter in waiters:
+                how(waiter)
+        except Exception as e:  # noqa: BLE001 - a second set must never raise in the reader or the sender
+            errors.append(e)
+
+    racers = [threading.Thread(target=settle, args=(lambda w: w.set_result("reply"),)),
+              threading.Thread(target=settle, args=(lambda w: w.set_exception(JobTimeout("gave up")),))]
+    [t.start() for t in racers]
+    [t.join() for t in racers]
+    assert errors == []
+
+    def outcome(waiter: Waiter) -> str:
+        try:
+            return waiter.result(timeout=0)
+        except JobTimeout:
+            return "failed"
+    firsts = [outcome(w) for w in waiters]
+    assert set(firsts) <= {"reply", "failed"} and [outcome(w) for w in waiters] == firsts  # the same at every look
+
+    late = Waiter()
+    with pytest.raises(FutureTimeout):
+        late.result(timeout=0.05)
+    threading.Timer(0.1, late.set_result, ("late reply",)).start()
+    assert late.result(timeout=5) == "late reply"
+
+    async def awaited() -> list:
+        before, after, abandoned = Waiter(), Waiter(), Waiter()
+        before.set_result("set before the await")
+        threading.Timer(0.1, after.set_result, ("set from a thread during the await",)).start()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(abandoned.loop_future(), 0.05)
+        abandoned.set_result("after its waiter gave up")  # dropped, without an error on the loop
+        got = [await before.loop_future(), await asyncio.wait_for(after.loop_future(), 5)]
+        await asyncio.sleep(0.05)
+        return got
+    assert asyncio.run(awaited()) == ["set before the await", "set from a thread during the await"]
+
+
 def test_two_replies_to_one_job_in_one_read_resolve_it_once_and_the_loops_reader_goes_on(redis_client):
     from producer.replies import LoopReplies
 
@@ -270,6 +317,39 @@ def test_job_timeout_when_no_worker(redis_client):
         assert redis_client.xlen(stream.stream_key(s)) == 2  # both waited on the stream, not a Celery queue
     finally:
         redis_client.delete(stream.stream_key(s))
+
+
+def test_sends_redis_refuses_fail_at_once_and_the_next_sends_on_the_same_client_are_answered(
+        private_redis, spawn_worker, encoder):
+    import redis
+
+    server = private_redis()
+    s = make_settings(broker_url=server.url())
+    spawn_worker(s)
+    client, admin = Client(s), redis.Redis.from_url(server.url())
+    texts = [f"question {i} around a full Redis" for i in range(8)]
+    expected = encoder.encode(texts, "queries").items
+
+    async def together(batch: list[str]) -> list:
+        return await asyncio.gather(*(client.aencode_queries([t]) for t in batch), return_exceptions=True)
+
+    client.encode_queries(["warm"])
+    asyncio.run(together(["warm"]))
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", 1)
+    try:
+        started = time.monotonic()
+        with pytest.raises(redis.exceptions.OutOfMemoryError, match="maxmemory"):
+            client.encode_queries(texts[:1])
+        refused = asyncio.run(together(texts))  # one write of eight XADDs, every one refused
+        assert all(isinstance(e, redis.exceptions.OutOfMemoryError) for e in refused), refused
+        assert time.monotonic() - started < 5  # a refusal is not retried like an outage
+    finally:
+        admin.config_set("maxmemory", 0)
+    # The seven error replies left unread after the first must not reach the next sends.
+    answered = [*(r[0] for r in asyncio.run(together(texts))), *(client.encode_queries([t])[0] for t in texts)]
+    for item, want in zip(answered, [*expected, *expected]):
+        _close(item, want)
 
 
 CLIENT_SCRIPT = r"""

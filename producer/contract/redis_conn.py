@@ -16,6 +16,8 @@ Celery's broker and result backend get the same addresses and options from :func
 """
 from __future__ import annotations
 
+import asyncio
+import math
 import re
 import ssl
 from typing import Any
@@ -112,6 +114,44 @@ def tls_options(s: Settings) -> dict[str, Any]:
     if s.redis_tls_ca_file:
         options["ssl_ca_certs"] = s.redis_tls_ca_file
     return options
+
+
+# ---- many commands in one write ------------------------------------------------------------------------------
+
+def send_packed(r: redis.Redis, packed: bytes, replies: int) -> None:
+    """Send commands already packed as one write (``hiredis.pack_command``s joined) on one of ``r``'s
+    connections and read their ``replies``: a pipeline without redis-py's per-command costs. The first error
+    reply is raised; on any error the connection is dropped, with what it had not read."""
+    pool = r.connection_pool
+    connection = pool.get_connection()
+    try:
+        connection.send_packed_command([packed])
+        for _ in range(replies):
+            connection.read_response()
+    except BaseException:
+        connection.disconnect()
+        raise
+    finally:
+        pool.release(connection)
+
+
+async def asend_packed(r: aioredis.Redis, packed: bytes, replies: int) -> None:
+    """:func:`send_packed` for ``redis.asyncio``: one timeout (the socket's) for all the replies, not one each."""
+    pool = r.connection_pool
+    connection = await pool.get_connection()
+    try:
+        await connection.send_packed_command(packed)
+        await asyncio.wait_for(_read_all(connection, replies), connection.socket_timeout)
+    except BaseException:
+        await connection.disconnect()
+        raise
+    finally:
+        await pool.release(connection)
+
+
+async def _read_all(connection: Any, replies: int) -> None:
+    for _ in range(replies):
+        await connection.read_response(timeout=math.inf)  # no timer per reply: asend_packed's covers them all
 
 
 # ---- connections that find the primary again -----------------------------------------------------------
