@@ -3,7 +3,7 @@
 :meth:`CeleryJobs.submit` publishes a job (retrying while Redis restarts) and returns a :class:`Handle`.
 Celery's publish blocks, so an asyncio caller's jobs are published on this client's one publishing thread
 (``background=True``) and the handle is returned at once. ``handle.result()`` blocks; ``await handle`` waits
-on the event loop's one pub/sub listener (:class:`~producer.replies.AsyncResults`), since Celery itself has
+on the event loop's one pub/sub listener (:class:`~producer.celery_results.AsyncResults`), since Celery itself has
 no asyncio wait.
 """
 from __future__ import annotations
@@ -22,13 +22,13 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
 from producer import redis_errors
+from producer.celery_results import AsyncResults
 from producer.contract import wire
 from producer.contract.errors import JobFailed, JobTimeout
 from producer.contract.redis_conn import brief
 from producer.contract.settings import Settings
 from producer.contract.wire import Item, PayloadError, decode_item
 from producer.liveness import Liveness, LostJob
-from producer.replies import AsyncResults
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ Redis restart Celery's pub/sub listener may have lost the subscription and would
 
 
 def timeout_message(job_id: str, task: str, size: int, timeout_s: float) -> str:
-    return (f"job {job_id} ({task}, {size} texts) had no result after {timeout_s:.0f}s: is a worker running? "
+    return (f"job {job_id} ({task}, {size} texts) had no result after {timeout_s:g}s: is a worker running? "
             "(`m3q worker` starts one, `m3q status` shows them)")
 
 

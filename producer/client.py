@@ -22,6 +22,7 @@ import msgpack
 
 from producer import index_batches, pipeline
 from producer.celery_jobs import CeleryJobs, Handle
+from producer.celery_results import AsyncResults
 from producer.contract import wire
 from producer.contract.errors import BrokerError, ConfigError, JobFailed, JobTimeout, NoWorker  # noqa: F401 - re-exported
 from producer.contract.settings import Settings
@@ -30,7 +31,7 @@ from producer.index_batches import IndexReport, Row  # noqa: F401 - re-exported
 from producer.liveness import Liveness
 from producer.query_stream import LoopSender, QueryStream, StreamHandle
 from producer.redis_errors import check_broker  # noqa: F401 - re-exported
-from producer.replies import AsyncResults, LoopReplies
+from producer.replies import LoopReplies
 from producer.rerank import RERANK_WEIGHTS, Ranked, ScoreCall, ScoreJob, Scores, ranked, rerank_pairs
 
 Job = Handle | StreamHandle

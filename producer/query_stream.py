@@ -54,6 +54,8 @@ class StreamHandle:
     first_index: int = 0
     watch: Callable[[float], None] | None = None
     rows: list[int] | None = None
+    expire: Callable[[str, float], None] | None = None
+    """For a reply of the sending loop: ends the wait at a deadline (:meth:`~producer.replies.LoopReplies.expire`)."""
 
     def raw(self, timeout_s: float | None = None) -> dict:
         """The job's result as the worker sent it, waiting up to the timeout."""
@@ -76,9 +78,13 @@ class StreamHandle:
     async def araw(self, timeout_s: float | None = None) -> dict:
         """:meth:`raw` for asyncio, without a thread: the reader's future, awaited on this loop."""
         timeout_s = timeout_s or self.timeout_s
-        waiter = self.reply if isinstance(self.reply, asyncio.Future) else self.reply.loop_future()
+        if self.expire is not None:  # the loop's own reply reader ends the wait at its deadline
+            self.expire(self.id, timeout_s)
+            waiter = self.reply
+        else:  # sent blocking, awaited here
+            waiter = asyncio.wait_for(self.reply.loop_future(), timeout_s)
         try:
-            reply = await asyncio.wait_for(waiter, timeout_s)
+            reply = await waiter
         except asyncio.TimeoutError:
             self.forget(self.id)
             raise JobTimeout(timeout_message(self.id, self.task, self.size, timeout_s)) from None
@@ -247,7 +253,7 @@ class QueryStream:
         sender.send(key, fields, failed)
         size = len(payload.get("pairs") or payload.get("texts") or payload.get("sequences") or ())
         return StreamHandle(job_id, reply, replies.forget, task, size, s.job_timeout_s, first_index,
-                            watch=self._watch_of(device))
+                            watch=self._watch_of(device), expire=replies.expire if loop is not None else None)
 
     def _watch_of(self, device: str | None) -> Callable[[float], None]:
         queue = wire.device_queue(self.settings, device) if device else wire.query_queue(self.settings)

@@ -1,15 +1,14 @@
-"""Replies without a thread per waiter: the query stream's reply readers and the asyncio wait for Celery results.
+"""The query stream's reply readers: replies without a thread per waiter.
 
 - :class:`ReplyReader`: one daemon thread per process (per broker URL and queue prefix) reads the process's
   reply list (``BLPOP``, then ``LPOP`` of what else is there) and hands each reply to its
   :class:`~producer.waiter.Waiter`, found by job id: every blocking caller of the process.
 - :class:`LoopReplies`: the same for an event loop's callers, one reader task per loop on a reply list of
   its own (why a second reader: its docstring has the measurement).
-- :class:`AsyncResults`: Celery results (document jobs) awaited through one ``redis.asyncio`` pub/sub
-  connection per event loop, subscribed to each pending job's result key.
 
 A reply for an id nobody waits for (a duplicate after a redelivery, or a waiter that gave up) is dropped.
-Waiting itself (timeouts, error messages) is the client's: this module only delivers.
+Waiting itself (error messages, a blocking caller's timeout) is the client's; an event loop's waits end at
+their deadlines here (:meth:`LoopReplies.expire`).
 """
 from __future__ import annotations
 
@@ -36,10 +35,11 @@ DRAIN = 500
 """Replies taken by one ``LPOP`` after a ``BLPOP`` returned (all of a worker's step, usually)."""
 IDLE_EXIT_S = 10.0
 """A reader with no waiter for this long stops; the next waiter starts a new one."""
-SWEEP_S = 5.0
-"""Pending Celery results are also read directly this often (a Redis restart drops subscriptions)."""
 BACKOFF_MAX_S = 5.0
 """Longest pause of a reader between two tries while Redis is down (doubling from 0.2 s)."""
+EXPIRY_S = 0.25
+"""How often an event loop's waits are held against their deadlines: a wait ends up to this long after its
+timeout."""
 
 Reply = tuple[dict[str, Any] | None, str | None]
 """(result, error) of one query job, as a worker answered it."""
@@ -50,7 +50,8 @@ def _settings_key(s: Settings) -> tuple[int, str, str]:
     return os.getpid(), s.broker_url, s.queue_prefix
 
 
-def _backoff(delay_s: float) -> float:
+def backoff(delay_s: float) -> float:
+    """The next pause of a reader that could not reach Redis, after ``delay_s``."""
     return min(2 * delay_s, BACKOFF_MAX_S)
 
 
@@ -125,7 +126,7 @@ class ReplyReader(Resends):
                 log.warning("reading replies from %s: %s; retrying in %.1fs", self.key, brief(e), delay_s)
                 self._outage()
                 time.sleep(delay_s)
-                delay_s = _backoff(delay_s)
+                delay_s = backoff(delay_s)
                 continue
             if self._outage_since is not None:
                 with self._lock:
@@ -255,6 +256,8 @@ class LoopReplies(PerLoop, Resends):
         self._redis = async_redis(s)
         self._waiters: dict[str, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
+        self._deadlines: dict[str, float] = {}  # job id -> the loop's time at which its wait ends
+        self._expiry: asyncio.TimerHandle | None = None
 
     def expect(self, job_id: str, resend: Callable[[], None] | None = None) -> asyncio.Future:
         """A future that gets the reply to ``job_id``; register it before the job is sent. ``resend`` sends
@@ -270,9 +273,33 @@ class LoopReplies(PerLoop, Resends):
         """Stop waiting for ``job_id``: a late reply is dropped."""
         self._waiters.pop(job_id, None)
         self._resends.pop(job_id, None)
+        self._deadlines.pop(job_id, None)
+
+    def expire(self, job_id: str, timeout_s: float) -> None:
+        """End the wait for ``job_id`` with ``asyncio.TimeoutError`` if no reply came ``timeout_s`` from now,
+        within :data:`EXPIRY_S`. One timer of the loop checks every wait: ``asyncio.wait_for``, a timer and a
+        future for each, cost about 5 µs of CPU per query (docs/benchmarks)."""
+        loop = asyncio.get_running_loop()
+        self._deadlines[job_id] = loop.time() + timeout_s
+        if self._expiry is None:
+            self._expiry = loop.call_later(EXPIRY_S, self._expire, loop)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for job_id in [job_id for job_id, deadline in self._deadlines.items() if deadline <= now]:
+            future = self._waiters.get(job_id)
+            self.forget(job_id)
+            if future is not None and not future.done():
+                future.set_exception(asyncio.TimeoutError())
+        self._expiry = loop.call_later(EXPIRY_S, self._expire, loop) if self._deadlines else None
 
     def _futures(self) -> list[asyncio.Future]:
         return list(self._waiters.values())
+
+    async def aclose(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        await super().aclose()
 
     async def _run(self) -> None:
         idle_since = time.monotonic()
@@ -286,146 +313,16 @@ class LoopReplies(PerLoop, Resends):
                 log.warning("reading replies from %s: %s; retrying in %.1fs", self.key, brief(e), delay_s)
                 self._outage()
                 await asyncio.sleep(delay_s)
-                delay_s = _backoff(delay_s)
+                delay_s = backoff(delay_s)
                 continue
             if self._outage_since is not None:
                 self._back()
             for job_id, reply in map(_decoded, raws):  # a job sent again may be answered twice in one read
                 self._resends.pop(job_id, None)
+                self._deadlines.pop(job_id, None)
                 _resolve(self._waiters.pop(job_id, None), reply)
             if self._waiters:
                 idle_since = time.monotonic()
-
-
-# ---- asyncio: Celery results through one pub/sub connection per event loop ----------------------------------
-
-class AsyncResults(PerLoop):
-    """Awaits Celery results: SUBSCRIBE to the result key's channel (the Redis backend PUBLISHes each result
-    there when it stores it), then GET it once (a result stored before the subscription), plus a GET sweep
-    of every pending key each :data:`SWEEP_S` (subscriptions lost in a Redis restart)."""
-
-    _instances = weakref.WeakKeyDictionary()
-
-    def __init__(self, s: Settings, backend: Any) -> None:
-        self.backend = backend
-        self._redis = async_redis(s, s.backend_url)
-        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-        self._pending: dict[bytes, asyncio.Future] = {}
-        self._watches: dict[bytes, tuple[Callable[[float], None], float]] = {}  # key -> (watch, started)
-        self._reader: asyncio.Task | None = None
-        self._watching: asyncio.Task | None = None
-        # redis-py's PubSub opens its connection on the first command: concurrent first subscribes would
-        # each open one, and all but the last would be lost.
-        self._subscribing = asyncio.Lock()
-
-    async def wait(self, task_id: str, watch: Callable[[float], None] | None = None) -> dict[str, Any]:
-        """The task's final meta (status, result), decoded by the backend; cancel to stop waiting.
-
-        ``watch(waited_s)``, if given, is called with the other waits' every :data:`SWEEP_S` while this one
-        lasts, all in one worker thread (it may block on Redis): the client's check for a job a worker lost.
-        """
-        key = _as_bytes(self.backend.get_key_for_task(task_id))
-        future = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
-        if watch is not None:
-            self._watches[key] = (watch, time.monotonic())
-        try:
-            await self._watch(key)
-            return await future
-        finally:
-            self._pending.pop(key, None)
-            self._watches.pop(key, None)
-            await self._unwatch(key)
-
-    def _futures(self) -> list[asyncio.Future]:
-        return list(self._pending.values())
-
-    def _tasks(self) -> list[asyncio.Task | None]:
-        return [self._reader, self._watching]
-
-    async def aclose(self) -> None:
-        await super().aclose()
-        await self._pubsub.aclose()
-
-    async def _watch(self, key: bytes) -> None:
-        try:
-            async with self._subscribing:
-                await self._pubsub.subscribe(key)
-        except (redis.RedisError, OSError, RuntimeError) as e:
-            # Redis down, or the listener reconnecting on the same connection ("readuntil() called while
-            # another coroutine is already waiting"): the sweep reads the key once it is back.
-            log.debug("subscribing to %r: %s", key, e)
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._run(), name="m3q-results")
-        try:
-            self._offer(key, await self._redis.get(key))
-        except (redis.RedisError, OSError):
-            pass
-
-    async def _unwatch(self, key: bytes) -> None:
-        try:
-            async with self._subscribing:
-                await self._pubsub.unsubscribe(key)
-        except (redis.RedisError, OSError, RuntimeError):
-            pass  # dropped with the connection anyway, or unsubscribed when the listener reconnects
-
-    def _offer(self, key: bytes, raw: bytes | None) -> None:
-        """Resolve ``key``'s waiter if ``raw`` is a final state."""
-        future = self._pending.get(key)
-        if raw is None or future is None or future.done():
-            return
-        meta = self.backend.decode_result(raw)
-        if meta.get("status") in ("SUCCESS", "FAILURE", "REVOKED"):
-            future.set_result(meta)
-
-    async def _run(self) -> None:
-        swept = time.monotonic()
-        delay_s = 0.2
-        try:
-            while self._pending:
-                try:
-                    await self._listen()
-                    delay_s = 0.2
-                except (redis.RedisError, OSError, RuntimeError) as e:
-                    log.debug("result listener: %s; retrying in %.1fs", brief(e), delay_s)
-                    await asyncio.sleep(delay_s)
-                    delay_s = _backoff(delay_s)
-                if time.monotonic() - swept >= SWEEP_S:
-                    swept = time.monotonic()
-                    await self._sweep()
-                    if self._watches and (self._watching is None or self._watching.done()):
-                        # A task of its own: the listener goes on while the checks wait on Redis.
-                        self._watching = asyncio.get_running_loop().create_task(
-                            asyncio.to_thread(self._run_watches, list(self._watches.values())))
-        finally:
-            self._reader = None
-
-    @staticmethod
-    def _run_watches(watches: list[tuple[Callable[[float], None], float]]) -> None:
-        for watch, started in watches:
-            try:
-                watch(time.monotonic() - started)
-            except Exception as e:  # noqa: BLE001 - a check that fails (Redis down) is tried at the next sweep
-                log.debug("watching a pending result: %s", e)
-
-    async def _listen(self) -> None:
-        message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=BLOCK_S)
-        if message and message.get("type") == "message":
-            self._offer(_as_bytes(message["channel"]), message["data"])
-
-    async def _sweep(self) -> None:
-        keys = list(self._pending)
-        try:
-            for start in range(0, len(keys), DRAIN):
-                chunk = keys[start:start + DRAIN]
-                for key, raw in zip(chunk, await self._redis.mget(chunk)):
-                    self._offer(key, raw)
-        except (redis.RedisError, OSError) as e:
-            log.debug("result sweep: %s", e)
-
-
-def _as_bytes(value: str | bytes) -> bytes:
-    return value if isinstance(value, bytes) else value.encode()
 
 
 def call_once_per_loop(holder: "weakref.WeakKeyDictionary", key: Any,

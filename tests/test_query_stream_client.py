@@ -304,6 +304,41 @@ def test_two_replies_to_one_job_in_one_read_resolve_it_once_and_the_loops_reader
     assert [result for result, _error in answered] == [{"n": 1}, {"n": 3}, {"n": 4}]
 
 
+def test_awaits_of_one_loop_end_at_their_own_deadlines_and_a_reply_after_its_deadline_is_dropped(redis_client):
+    from producer.query_stream import QueryStream
+    from producer.replies import EXPIRY_S, LoopReplies
+
+    s = make_settings(require_worker=False, job_timeout_s=60)
+    queries = QueryStream(s, watch=lambda queue: None)
+
+    async def wait(handle, timeout_s: float) -> float:
+        started = time.monotonic()
+        with pytest.raises(JobTimeout, match=rf"{handle.id} .*after {timeout_s:g}s"):
+            await handle.araw(timeout_s)
+        return time.monotonic() - started
+
+    async def run() -> tuple[list[float], list[float], tuple]:
+        loop = asyncio.get_running_loop()
+        send = lambda: queries.submit(wire.TASK_INFO, {}, b"\x80", loop=loop)  # noqa: E731 - nobody answers
+        short, long = [send() for _ in range(40)], [send() for _ in range(40)]
+        waited = await asyncio.gather(*(wait(h, 0.5) for h in short), *(wait(h, 1.5) for h in long))
+        replies, later = LoopReplies.for_loop(s), send()
+        redis_client.rpush(replies.key, stream.encode_reply(short[0].id, {"late": True}),
+                           stream.encode_reply(later.id, {"n": 1}))
+        answered = await later.araw(10)
+        await LoopReplies.close_loop(s)
+        return waited[:40], waited[40:], answered
+
+    try:
+        short, long, answered = asyncio.run(run())
+        slack = EXPIRY_S + 0.5  # one check interval, plus a busy machine
+        assert all(0.5 <= w < 0.5 + slack for w in short), short
+        assert all(1.5 <= w < 1.5 + slack for w in long), long
+        assert answered == {"n": 1}
+    finally:
+        redis_client.delete(stream.stream_key(s))
+
+
 def test_job_timeout_when_no_worker(redis_client):
     s = make_settings(require_worker=False, job_timeout_s=2.0)
     client = Client(s)
