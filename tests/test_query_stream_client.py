@@ -387,6 +387,40 @@ def test_sends_redis_refuses_fail_at_once_and_the_next_sends_on_the_same_client_
         _close(item, want)
 
 
+@pytest.mark.slow
+def test_sends_whose_replies_redis_holds_past_the_socket_timeout_are_sent_again_and_answered_once(
+        private_redis, spawn_worker, caplog):
+    import redis
+
+    from producer.query_stream import QueryStream
+
+    server = private_redis("--enable-debug-command", "yes")
+    s = make_settings(broker_url=server.url(), job_timeout_s=60)
+    spawn_worker(s)
+    admin = redis.Redis.from_url(server.url(), socket_timeout=30)
+    queries = QueryStream(s, watch=lambda queue: None)
+    info = Client(s).info()  # the worker's answer to m3q.info, through the process's reader and sender
+
+    async def through_a_stall() -> list:
+        loop = asyncio.get_running_loop()
+        await queries.submit(wire.TASK_INFO, {}, b"\x80", loop=loop).araw()  # the loop's reader and sender
+        # DEBUG SLEEP holds every reply for 7 s, past the 5 s socket timeout of the sends' reads.
+        stall = asyncio.ensure_future(asyncio.to_thread(admin.execute_command, "DEBUG", "SLEEP", "7"))
+        await asyncio.sleep(0.3)
+        awaited = [queries.submit(wire.TASK_INFO, {}, b"\x80", loop=loop).araw() for _ in range(3)]
+        blocking = [asyncio.to_thread(queries.submit(wire.TASK_INFO, {}, b"\x80").raw) for _ in range(3)]
+        answered = await asyncio.gather(*awaited, *blocking)
+        await stall
+        return answered
+
+    started = time.monotonic()
+    answered = asyncio.run(through_a_stall())
+    assert len(answered) == 6 and all(a["dims"] == info["dims"] for a in answered), answered
+    assert time.monotonic() - started < 30
+    timed_out = [r.getMessage() for r in caplog.records if "on the query stream: Redis unreachable" in r.getMessage()]
+    assert len(timed_out) >= 2 and all("Timeout reading" in m for m in timed_out), timed_out  # both senders
+
+
 CLIENT_SCRIPT = r"""
 import asyncio, json, sys, threading
 from producer.client import Client

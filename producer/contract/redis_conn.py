@@ -141,7 +141,10 @@ async def asend_packed(r: aioredis.Redis, packed: bytes, replies: int) -> None:
     connection = await pool.get_connection()
     try:
         await connection.send_packed_command(packed)
-        await asyncio.wait_for(_read_all(connection, replies), connection.socket_timeout)
+        try:
+            await asyncio.wait_for(_read_all(connection, replies), connection.socket_timeout)
+        except asyncio.TimeoutError:  # a lost connection to every caller, as redis-py's own timeout is
+            raise redis.TimeoutError("Timeout reading from Redis") from None
     except BaseException:
         await connection.disconnect()
         raise
