@@ -63,17 +63,16 @@ class StreamHandle:
             raise TypeError("this job was sent from an event loop: await it")
         timeout_s = timeout_s or self.timeout_s
         started = time.monotonic()
-        while not self.reply.done():
+        while True:
             waited_s = time.monotonic() - started
-            if waited_s >= timeout_s:
+            if waited_s >= timeout_s and not self.reply.done():
                 self.forget(self.id)
                 raise JobTimeout(timeout_message(self.id, self.task, self.size, timeout_s))
             try:
-                self.reply.result(timeout=min(RESULT_POLL_S, timeout_s - waited_s))
+                return self._outcome(self.reply.result(timeout=min(RESULT_POLL_S, max(0.0, timeout_s - waited_s))))
             except FutureTimeout:
                 if self.watch:
                     self.watch(time.monotonic() - started)
-        return self._outcome(self.reply.result())
 
     async def araw(self, timeout_s: float | None = None) -> dict:
         """:meth:`raw` for asyncio, without a thread: the reader's future, awaited on this loop."""

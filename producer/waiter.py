@@ -24,7 +24,7 @@ class Waiter:
         self._unset = threading.Lock()
         self._unset.acquire()
         self._outcome: tuple[Any, BaseException | None] | None = None
-        self._callbacks: list[Callable[[tuple[Any, BaseException | None]], None]] = []
+        self._callbacks: list[Callable[[tuple[Any, BaseException | None]], None]] | None = None  # rarely any
 
     def done(self) -> bool:
         return self._outcome is not None
@@ -57,7 +57,7 @@ class Waiter:
 
         with _SETTLING:
             if self._outcome is None:
-                self._callbacks.append(lambda outcome: loop.call_soon_threadsafe(copy, outcome))
+                self._callbacks = [*(self._callbacks or ()), lambda outcome: loop.call_soon_threadsafe(copy, outcome)]
                 return future
         copy(self._outcome)
         return future
@@ -68,5 +68,5 @@ class Waiter:
                 return
             self._outcome = outcome
         self._unset.release()
-        for callback in self._callbacks:
+        for callback in self._callbacks or ():
             callback(outcome)
