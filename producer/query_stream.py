@@ -28,7 +28,7 @@ from producer import redis_errors
 from producer.celery_jobs import RESULT_POLL_S, failed_message, timeout_message
 from producer.contract import stream, wire
 from producer.contract.errors import JobFailed, JobTimeout
-from producer.contract.redis_conn import asend_packed, async_redis, redis_client, send_packed
+from producer.contract.redis_conn import AsyncHeld, Held, async_redis, redis_client
 from producer.contract.settings import Settings
 from producer.contract.wire import Item, PayloadError, decode_item
 from producer.replies import LoopReplies, PerLoop, Reply, fail, per_process, reply_reader
@@ -137,19 +137,21 @@ class StreamSender:
             self._cond.notify()
 
     def _run(self) -> None:
+        held = Held(self._redis)
         while True:
             with self._cond:
                 if not self._outbox and not self._cond.wait_for(lambda: self._outbox, IDLE_EXIT_S):
                     self._running = False
-                    return
+                    break
                 batch, self._outbox = self._outbox, []
-            self._flush(batch)
+            self._flush(batch, held)
+        held.release()
 
-    def _flush(self, batch: list[Entry]) -> None:
+    def _flush(self, batch: list[Entry], held: Held) -> None:
         backoff = redis_errors.Backoff(self.settings, f"{len(batch)} job(s) on the query stream")
         while True:
             try:
-                send_packed(self._redis, _packed(batch, self.settings), len(batch))
+                held.send(_packed(batch, self.settings), len(batch))
                 return
             except Exception as e:  # noqa: BLE001 - sorted by Backoff: unreachable is retried, the rest raised
                 delay_s = _retry_after(backoff, e, batch)
@@ -169,6 +171,7 @@ class LoopSender(PerLoop):
     def __init__(self, s: Settings) -> None:
         self.settings = s
         self._redis = async_redis(s)
+        self._held = AsyncHeld(self._redis)
         self._outbox: list[Entry] = []
         self._reader: asyncio.Task | None = None  # the flushing task (PerLoop cancels it at aclose)
 
@@ -184,7 +187,7 @@ class LoopSender(PerLoop):
             backoff = redis_errors.Backoff(self.settings, f"{len(batch)} job(s) on the query stream")
             while True:
                 try:
-                    await asend_packed(self._redis, _packed(batch, self.settings), len(batch))
+                    await self._held.send(_packed(batch, self.settings), len(batch))
                     break
                 except Exception as e:  # noqa: BLE001 - sorted by Backoff: unreachable is retried, the rest raised
                     delay_s = _retry_after(backoff, e, batch)

@@ -1,7 +1,7 @@
 """The query stream's reply readers: replies without a thread per waiter.
 
 - :class:`ReplyReader`: one daemon thread per process (per broker URL and queue prefix) reads the process's
-  reply list (``BLPOP``, then ``LPOP`` of what else is there) and hands each reply to its
+  reply list (``BLPOP``, and ``LPOP`` of what else is there, in one write) and hands each reply to its
   :class:`~producer.waiter.Waiter`, found by job id: every blocking caller of the process.
 - :class:`LoopReplies`: the same for an event loop's callers, one reader task per loop on a reply list of
   its own (why a second reader: its docstring has the measurement).
@@ -20,10 +20,11 @@ import time
 import weakref
 from typing import Any, Awaitable, Callable
 
+import hiredis
 import redis
 
 from producer.contract import stream
-from producer.contract.redis_conn import async_redis, brief, redis_client
+from producer.contract.redis_conn import AsyncHeld, Held, async_redis, brief, redis_client
 from producer.contract.settings import Settings
 from producer.waiter import Waiter
 
@@ -116,11 +117,12 @@ class ReplyReader(Resends):
             self._resends.pop(job_id, None)
 
     def _run(self) -> None:
+        held, read = Held(self._redis), _read_command(self.key)
         idle_since = time.monotonic()
         delay_s = 0.2
-        while not self._stop_if_idle(idle_since):
+        while not self._stop_if_idle(idle_since, held):
             try:
-                raws = self._read()
+                raws = _popped(held.send(read, 2))
                 delay_s = 0.2
             except redis.RedisError as e:  # Redis restarting, or failing over
                 log.warning("reading replies from %s: %s; retrying in %.1fs", self.key, brief(e), delay_s)
@@ -135,18 +137,13 @@ class ReplyReader(Resends):
             if self._waiters:
                 idle_since = time.monotonic()
 
-    def _stop_if_idle(self, idle_since: float) -> bool:
+    def _stop_if_idle(self, idle_since: float, held: Held) -> bool:
         with self._lock:
             if self._waiters or time.monotonic() - idle_since < IDLE_EXIT_S:
                 return False
             self._thread = None
-            return True
-
-    def _read(self) -> list[bytes]:
-        got = self._redis.blpop([self.key], timeout=BLOCK_S)
-        if got is None:
-            return []
-        return [got[1], *(self._redis.lpop(self.key, DRAIN) or [])]
+        held.release()
+        return True
 
     def _dispatch(self, raws: list[bytes]) -> None:
         for raw in raws:
@@ -186,6 +183,17 @@ def per_process(cls: type, s: Settings) -> Any:
 def reply_reader(s: Settings) -> ReplyReader:
     """This process's reader for ``s``'s Redis and queue prefix."""
     return per_process(ReplyReader, s)
+
+
+def _read_command(key: str) -> bytes:
+    """One read of a reply list: wait up to :data:`BLOCK_S` for a reply, then take what else is there. One
+    write: Redis runs the ``LPOP`` once the ``BLPOP`` is served, and both replies come back together."""
+    return hiredis.pack_command(("BLPOP", key, BLOCK_S)) + hiredis.pack_command(("LPOP", key, DRAIN))
+
+
+def _popped(replies: list[Any]) -> list[bytes]:
+    got, rest = replies
+    return [got[1], *(rest or ())] if got else []
 
 
 def _decoded(raw: bytes) -> tuple[str, Reply]:
@@ -254,6 +262,7 @@ class LoopReplies(PerLoop, Resends):
         Resends.__init__(self)
         self.key = stream.reply_key(s, stream.new_client_id())
         self._redis = async_redis(s)
+        self._held, self._read = AsyncHeld(self._redis), _read_command(self.key)
         self._waiters: dict[str, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
         self._deadlines: dict[str, float] = {}  # job id -> the loop's time at which its wait ends
@@ -306,8 +315,7 @@ class LoopReplies(PerLoop, Resends):
         delay_s = 0.2
         while self._waiters or time.monotonic() - idle_since < IDLE_EXIT_S:
             try:
-                got = await self._redis.blpop([self.key], timeout=BLOCK_S)
-                raws = [got[1], *(await self._redis.lpop(self.key, DRAIN) or [])] if got else []
+                raws = _popped(await self._held.send(self._read, 2))
                 delay_s = 0.2
             except (redis.RedisError, OSError) as e:  # Redis restarting, or failing over
                 log.warning("reading replies from %s: %s; retrying in %.1fs", self.key, brief(e), delay_s)

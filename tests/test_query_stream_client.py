@@ -421,6 +421,43 @@ def test_sends_whose_replies_redis_holds_past_the_socket_timeout_are_sent_again_
     assert len(timed_out) >= 2 and all("Timeout reading" in m for m in timed_out), timed_out  # both senders
 
 
+@pytest.mark.slow
+def test_queries_after_the_server_closed_the_idle_connections_are_answered_without_an_outage(
+        private_redis, spawn_worker, encoder, caplog):
+    """The sender and the reply reader hold their connections; a Redis that closes idle clients (``timeout``,
+    as managed services do) must not turn the first query after a pause into an outage and a resend."""
+    server = private_redis("--timeout", "2")  # over the readers' 1 s BLPOP, which a blocked client may reach
+    s = make_settings(broker_url=server.url())
+    spawn_worker(s)
+    client = Client(s)
+    texts = ["after a pause", "and after another"]
+    expected = encoder.encode(texts, "queries").items
+
+    async def twice() -> list:
+        first = await client.aencode_queries(texts[:1])
+        await asyncio.sleep(IDLE_CLOSED_S)  # the server closes the loop's sending connection
+        return [*first, *await client.aencode_queries(texts[1:])]
+
+    for ask in (lambda: twice_blocking(client, texts), lambda: asyncio.run(twice())):
+        caplog.clear()
+        answered = ask()
+        assert len(answered) == 2
+        for item, want in zip(answered, expected):
+            _close(item, want)
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert not warnings, warnings  # no outage: no "Redis unreachable", no resend
+
+
+IDLE_CLOSED_S = 4.0
+"""A pause after which a Redis with ``timeout 2`` has closed the idle connections."""
+
+
+def twice_blocking(client: Client, texts: list[str]) -> list:
+    first = client.encode_queries(texts[:1])
+    time.sleep(IDLE_CLOSED_S)  # the server closes the sender's connection
+    return [*first, *client.encode_queries(texts[1:])]
+
+
 CLIENT_SCRIPT = r"""
 import asyncio, json, sys, threading
 from producer.client import Client
