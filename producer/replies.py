@@ -120,7 +120,7 @@ class ReplyReader(Resends):
         held, read = Held(self._redis), _read_command(self.key)
         idle_since = time.monotonic()
         delay_s = 0.2
-        while not self._stop_if_idle(idle_since, held):
+        while not self._stop_if_idle(idle_since):
             try:
                 raws = _popped(held.send(read, 2))
                 delay_s = 0.2
@@ -136,14 +136,14 @@ class ReplyReader(Resends):
             self._dispatch(raws)
             if self._waiters:
                 idle_since = time.monotonic()
+        held.release()
 
-    def _stop_if_idle(self, idle_since: float, held: Held) -> bool:
+    def _stop_if_idle(self, idle_since: float) -> bool:
         with self._lock:
             if self._waiters or time.monotonic() - idle_since < IDLE_EXIT_S:
                 return False
             self._thread = None
-        held.release()
-        return True
+            return True
 
     def _dispatch(self, raws: list[bytes]) -> None:
         for raw in raws:

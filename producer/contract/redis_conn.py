@@ -140,7 +140,8 @@ class Held:
         connection is dropped, with what it had not read. The commands must be safe to repeat."""
         if self._connection is None:
             self._connection = self._pool.get_connection()
-        idle, self._used = time.monotonic() - self._used > HELD_IDLE_S, time.monotonic()
+        now = time.monotonic()
+        idle, self._used = now - self._used > HELD_IDLE_S, now
         try:
             return self._send(packed, replies)
         except redis.ConnectionError:
@@ -174,7 +175,8 @@ class AsyncHeld:
     async def send(self, packed: bytes, replies: int) -> list[Any]:
         if self._connection is None:
             self._connection = await self._pool.get_connection()
-        idle, self._used = time.monotonic() - self._used > HELD_IDLE_S, time.monotonic()
+        now = time.monotonic()
+        idle, self._used = now - self._used > HELD_IDLE_S, now
         try:
             return await self._send(packed, replies)
         except redis.ConnectionError:
