@@ -424,11 +424,12 @@ def test_sends_whose_replies_redis_holds_past_the_socket_timeout_are_sent_again_
 @pytest.mark.slow
 def test_queries_after_the_server_closed_the_idle_connections_are_answered_without_an_outage(
         private_redis, spawn_worker, encoder, caplog):
-    """The sender and the reply reader hold their connections; a Redis that closes idle clients (``timeout``,
-    as managed services do) must not turn the first query after a pause into an outage and a resend."""
+    """The sender, the reply reader and the worker's writer hold their connections; a Redis that closes idle
+    clients (``timeout``, as managed services do) must not turn the first query after a pause into an outage
+    and a resend, nor the worker's answer into a failed write and a retry."""
     server = private_redis("--timeout", "2")  # over the readers' 1 s BLPOP, which a blocked client may reach
     s = make_settings(broker_url=server.url())
-    spawn_worker(s)
+    worker = spawn_worker(s)
     client = Client(s)
     texts = ["after a pause", "and after another"]
     expected = encoder.encode(texts, "queries").items
@@ -446,6 +447,8 @@ def test_queries_after_the_server_closed_the_idle_connections_are_answered_witho
             _close(item, want)
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert not warnings, warnings  # no outage: no "Redis unreachable", no resend
+    out = worker.output()  # the writer's connection was closed while idle: no failed answer, no retry
+    assert "could not answer" not in out and "cannot reach Redis" not in out, out[-2000:]
 
 
 IDLE_CLOSED_S = 4.0

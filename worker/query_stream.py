@@ -5,7 +5,7 @@ The wire contract is :mod:`producer.contract.stream`. One reader thread takes up
 (``M3Q_QUERY_PREFETCH`` minus the jobs it holds) in one ``XREADGROUP``, checks each payload exactly as the
 Celery path does and hands the read's jobs to the device loop together (their texts tokenized in one call;
 a rerank's ``m3q.score`` job too: :mod:`worker.scoring`), which batches across jobs. One writer thread
-answers every job finished by then in one pipeline: the replies first, then one ``XACK`` and one ``XDEL``
+answers every job finished by then in one write: the replies first, then one ``XACK`` and one ``XDEL``
 (at least once: a worker that dies before the acknowledgement leaves its entries pending).
 
 A dead worker's entries come back within ``M3Q_DEAD_WORKER_S``, like Celery jobs: at each
@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, NamedTuple
 
+import hiredis
 import redis
 from celery import bootsteps
 
 from producer.contract import stream, wire
-from producer.contract.redis_conn import brief
+from producer.contract.redis_conn import Held, brief
 from producer.contract.wire import PayloadError
 from worker import celery_internals, runtime, scoring, threads
 from worker.jobs import Job, poison
@@ -77,6 +78,8 @@ class StreamReader:
         # The stream every worker reads, and this worker's device's own (queries routed to the device).
         self.streams = [stream.stream_key(self.s), stream.stream_key(self.s, self.s.device)]
         self.reply_prefix = stream.reply_key(self.s, "")
+        # The reader's reads and the writer's answers, each on a connection its thread holds (redis_conn.Held).
+        self._in, self._out = Held(self.r), Held(self.r)
         self.stats = StreamStats(getattr(rt.metrics, "registry", None))
         self._held: dict[tuple[str, bytes], float] = {}  # (stream, entry) taken, not acknowledged -> when
         self._cond = threading.Condition()
@@ -154,6 +157,7 @@ class StreamReader:
             except Exception:  # noqa: BLE001 - a bug must not silently end the reader
                 log.exception("query stream reader failed; going on")
                 self._stopping.wait(RETRY_S)
+        self._in.release()
 
     def _taking(self) -> bool:
         # A warm or cold shutdown stops the reads at once: Celery stops this step only after its own pool,
@@ -193,13 +197,11 @@ class StreamReader:
         return 0
 
     def _read(self, count: int) -> None:
-        response = self.r.xreadgroup(stream.GROUP, self.name, {key: ">" for key in self.streams}, count=count,
-                                     block=BLOCK_MS)
-        taken = []
-        for key, entries in _streams(response):
-            if entries:
-                self.stats.read(len(entries))
-            taken += [(_text(key), entry_id, fields) for entry_id, fields in entries]
+        read = ("XREADGROUP", "GROUP", stream.GROUP, self.name, "COUNT", count, "BLOCK", BLOCK_MS, "STREAMS",
+                *self.streams, *[">"] * len(self.streams))
+        taken = stream.read_entries(self._in.send(hiredis.pack_command(read), 1)[0])
+        if taken:
+            self.stats.read(len(taken))
         self._take_all(taken)
 
     def _take_all(self, entries: list[tuple[str, bytes, dict | None]]) -> None:
@@ -324,6 +326,7 @@ class StreamReader:
                 first = self._done.get(timeout=0.2)
             except queue.Empty:
                 if self._writer_stop.is_set():
+                    self._out.release()
                     return
                 continue
             batch = [first]
@@ -347,23 +350,21 @@ class StreamReader:
             return Done(request, job, error=e)
 
     def _answer(self, batch: list[Done]) -> None:
-        """Replies, then acknowledgements, in one round trip; then the accounting."""
-        pipe = self.r.pipeline(transaction=False)
+        """Replies, then acknowledgements, in one write; then the accounting."""
         replies: dict[str, list[bytes]] = {}
         for done in batch:
             key = self._reply_to(done.request)
             if key:
                 replies.setdefault(key, []).append(_reply(done))
+        commands: list[tuple] = []
         for key, values in replies.items():
-            pipe.rpush(key, *values)
-            pipe.expire(key, stream.REPLY_TTL_S)
+            commands += [("RPUSH", key, *values), ("EXPIRE", key, stream.REPLY_TTL_S)]
         taken: dict[str, list[bytes]] = {}
         for done in batch:
             taken.setdefault(done.request.stream, []).append(done.request.entry_id)
         for key, ids in taken.items():
-            pipe.xack(key, stream.GROUP, *ids)
-            pipe.xdel(key, *ids)
-        if self._execute(pipe, len(batch)):
+            commands += [("XACK", key, stream.GROUP, *ids), ("XDEL", key, *ids)]
+        if self._execute(b"".join(map(hiredis.pack_command, commands)), len(commands), len(batch)):
             self.stats.replied(sum(len(v) for v in replies.values()))
             for done in batch:
                 self._account(done)
@@ -380,12 +381,12 @@ class StreamReader:
                   request.reply_to[:200])
         return None
 
-    def _execute(self, pipe, n: int) -> bool:
-        """Run the pipeline, retrying while Redis is away; False once the shutdown drain gives up."""
+    def _execute(self, packed: bytes, commands: int, n: int) -> bool:
+        """Send the commands, retrying while Redis is away; False once the shutdown drain gives up."""
         while True:
             try:
-                for result in pipe.execute(raise_on_error=False):
-                    if isinstance(result, Exception):
+                for result in self._out.send(packed, commands, raise_errors=False):
+                    if isinstance(result, redis.ResponseError):
                         log.error("query stream reply command failed: %s", result)
                 return True
             except (redis.ConnectionError, redis.TimeoutError) as e:
@@ -407,11 +408,6 @@ def _reply(done: Done) -> bytes:
     if done.error is not None:
         return stream.encode_reply(done.request.job_id, error=f"{type(done.error).__name__}: {done.error}")
     return stream.encode_reply(done.request.job_id, done.result)
-
-
-def _streams(response: Any) -> list:
-    # RESP2 answers a list of [stream, entries]; RESP3 a map; nothing came: None.
-    return list(response.items()) if isinstance(response, dict) else list(response or [])
 
 
 def _stream_gone(error: redis.ResponseError) -> bool:

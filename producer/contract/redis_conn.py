@@ -135,27 +135,37 @@ class Held:
         self._connection: Any = None
         self._used = 0.0
 
-    def send(self, packed: bytes, replies: int) -> list[Any]:
-        """The replies to the commands in ``packed``. The first error reply is raised; on any error the
-        connection is dropped, with what it had not read. The commands must be safe to repeat."""
+    def send(self, packed: bytes, replies: int, raise_errors: bool = True) -> list[Any]:
+        """The replies to the commands in ``packed``. The first error reply is raised (the connection dropped,
+        with what it had not read), or with ``raise_errors=False`` returned in its command's place, as a
+        ``redis.ResponseError``. On any other error the connection is dropped. The commands must be safe to
+        repeat."""
         if self._connection is None:
             self._connection = self._pool.get_connection()
         now = time.monotonic()
         idle, self._used = now - self._used > HELD_IDLE_S, now
         try:
-            return self._send(packed, replies)
+            return self._send(packed, replies, raise_errors)
         except redis.ConnectionError:
             if not idle:
                 raise
-            return self._send(packed, replies)
+            return self._send(packed, replies, raise_errors)
 
-    def _send(self, packed: bytes, replies: int) -> list[Any]:
+    def _send(self, packed: bytes, replies: int, raise_errors: bool) -> list[Any]:
         try:
             self._connection.send_packed_command([packed])
-            return [self._connection.read_response() for _ in range(replies)]
+            return [self._reply(raise_errors) for _ in range(replies)]
         except BaseException:
             self._connection.disconnect()
             raise
+
+    def _reply(self, raise_errors: bool) -> Any:
+        try:
+            return self._connection.read_response()
+        except redis.ResponseError as e:  # read whole: the next reply follows it on the connection
+            if raise_errors:
+                raise
+            return e
 
     def release(self) -> None:
         if self._connection is not None:

@@ -10,7 +10,7 @@ Both sides import this module (it needs neither torch nor Celery). The flow:
   entries per ``XREADGROUP``; the device loop batches them across jobs.
 - A worker answers a job by ``RPUSH``ing :func:`encode_reply` to the entry's reply list (one per client
   process, :func:`reply_key`), refreshing that list's TTL (:data:`REPLY_TTL_S`), then ``XACK`` + ``XDEL``
-  the entry: all replies of a step go out in one pipeline, replies before acknowledgements (at least once).
+  the entry: all replies of a step go out in one write, replies before acknowledgements (at least once).
 - Entries still pending on a consumer whose heartbeat has expired are claimed (``XCLAIM``) by a live worker
   and answered; the times-delivered count of the pending list bounds poison queries.
 """
@@ -114,6 +114,25 @@ def read_request(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
     except Exception as e:  # noqa: BLE001 - pickle, JSON or garbage: refused, never decoded further
         return Request(entry_id, job_id, reply_to, None, sent, f"the body is not msgpack ({type(e).__name__})", task)
     return Request(entry_id, job_id, reply_to, payload, sent, task=task)
+
+
+def read_entries(response: Any) -> list[tuple[str, bytes, dict[bytes, bytes] | None]]:
+    """(stream, entry id, fields) of each entry in an ``XREADGROUP`` answer as the connection parsed it: a list
+    of [stream, entries] (RESP2), a map (RESP3) or nothing. Fields are None for an entry deleted while it was
+    pending."""
+    streams = response.items() if isinstance(response, dict) else response or []
+    return [(_text(key), entry_id, _fields(fields)) for key, entries in streams for entry_id, fields in entries]
+
+
+def _fields(fields: list | dict | None) -> dict | None:
+    if fields is None or isinstance(fields, dict):
+        return fields
+    pairs = iter(fields)  # [name, value, name, value, ...]
+    return dict(zip(pairs, pairs))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def encode_reply(job_id: str, result: dict[str, Any] | None = None, error: str | None = None) -> bytes:
