@@ -23,8 +23,10 @@ def bench_settings(**overrides) -> Settings:
 class Worker(WorkerProcess):
     """An `m3q worker` subprocess; its log is removed when it stops."""
 
-    def __init__(self, s: Settings, device: str = "cpu") -> None:
-        super().__init__(s, device=device, cwd=ROOT, env={"M3Q_TESTING": "1"})  # benches may use the stand-in
+    def __init__(self, s: Settings, device: str = "cpu", tree: Path = ROOT) -> None:
+        """``tree``: the checkout whose code it runs (default this one)."""
+        env = {"M3Q_TESTING": "1", "PYTHONPATH": str(tree)}  # benches may use the stand-in
+        super().__init__(s, device=device, cwd=tree, env=env)
 
     def stop(self) -> None:
         super().stop(60)
