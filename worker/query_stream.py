@@ -271,8 +271,8 @@ class StreamReader:
             with self._cond:
                 held = set(self._held)
             # Ours but not held: a reply this process failed to write (Redis was down at its shutdown drain).
-            lost = [p for p in pending if _text(p["consumer"]) not in live
-                    or (_text(p["consumer"]) == self.name and (key, p["message_id"]) not in held)]
+            lost = [p for p in pending if stream.text(p["consumer"]) not in live
+                    or (stream.text(p["consumer"]) == self.name and (key, p["message_id"]) not in held)]
             if lost:
                 self._claim(key, lost, ttl_ms)
         self._forget_consumers(key, ttl_ms, live)
@@ -309,8 +309,8 @@ class StreamReader:
 
     def _forget_consumers(self, key: str, ttl_ms: int, live: set[str] | None) -> None:
         # A dead worker's consumer with nothing pending is deleted, so the group does not grow without bound.
-        idle = [_text(c["name"]) for c in self.r.xinfo_consumers(key, stream.GROUP)
-                if not c.get("pending") and int(c.get("idle", 0)) > ttl_ms and _text(c["name"]) != self.name]
+        idle = [stream.text(c["name"]) for c in self.r.xinfo_consumers(key, stream.GROUP)
+                if not c.get("pending") and int(c.get("idle", 0)) > ttl_ms and stream.text(c["name"]) != self.name]
         if not idle:
             return
         live = self._live() if live is None else live
@@ -413,10 +413,6 @@ def _reply(done: Done) -> bytes:
 def _stream_gone(error: redis.ResponseError) -> bool:
     # NOGROUP: no such stream or group; UNBLOCKED: the stream was deleted while XREADGROUP waited on it.
     return str(error).startswith(("NOGROUP", "UNBLOCKED"))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 class QueryStreamStep(bootsteps.StartStopStep):

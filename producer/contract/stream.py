@@ -121,7 +121,7 @@ def read_entries(response: Any) -> list[tuple[str, bytes, dict[bytes, bytes] | N
     of [stream, entries] (RESP2), a map (RESP3) or nothing. Fields are None for an entry deleted while it was
     pending."""
     streams = response.items() if isinstance(response, dict) else response or []
-    return [(_text(key), entry_id, _fields(fields)) for key, entries in streams for entry_id, fields in entries]
+    return [(text(key), entry_id, _fields(fields)) for key, entries in streams for entry_id, fields in entries]
 
 
 def _fields(fields: list | dict | None) -> dict | None:
@@ -131,7 +131,8 @@ def _fields(fields: list | dict | None) -> dict | None:
     return dict(zip(pairs, pairs))
 
 
-def _text(value: bytes | str) -> str:
+def text(value: bytes | str) -> str:
+    """A stream key, consumer name or field as text, whichever the connection returned."""
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
