@@ -122,18 +122,28 @@ def tls_options(s: Settings) -> dict[str, Any]:
 
 # ---- many commands in one write, on a connection held by one thread ----------------------------------------
 
-class Held:
+class _HeldBase:
+    """What :class:`Held` and :class:`AsyncHeld` share: the connection, when it was last used."""
+
+    def __init__(self, r: redis.Redis | aioredis.Redis) -> None:
+        self._pool = r.connection_pool
+        self._connection: Any = None
+        self._used = 0.0
+
+    def _idle(self) -> bool:
+        """Whether the connection went unused for :data:`HELD_IDLE_S` before this use (which it records)."""
+        now = time.monotonic()
+        idle, self._used = now - self._used > HELD_IDLE_S, now
+        return idle
+
+
+class Held(_HeldBase):
     """One of ``r``'s connections, held by the one thread that sends on it, which sends commands already packed
     (``hiredis.pack_command``s joined) as one write and reads their replies: a pipeline without redis-py's
     costs per command. A blocking read of a list cost 44 µs of CPU this way against 117 µs through
     ``Redis.blpop`` (docs/benchmarks). It reconnects as the pool's connections do (through the Sentinels where
     they are used). A connection that was unused for :data:`HELD_IDLE_S` and turns out lost is tried once more
     at once, on a new one: the server may close idle clients (a managed Redis's ``timeout``)."""
-
-    def __init__(self, r: redis.Redis) -> None:
-        self._pool = r.connection_pool
-        self._connection: Any = None
-        self._used = 0.0
 
     def send(self, packed: bytes, replies: int, raise_errors: bool = True) -> list[Any]:
         """The replies to the commands in ``packed``. The first error reply is raised (the connection dropped,
@@ -142,8 +152,7 @@ class Held:
         repeat."""
         if self._connection is None:
             self._connection = self._pool.get_connection()
-        now = time.monotonic()
-        idle, self._used = now - self._used > HELD_IDLE_S, now
+        idle = self._idle()
         try:
             return self._send(packed, replies, raise_errors)
         except redis.ConnectionError:
@@ -173,20 +182,14 @@ class Held:
             self._connection = None
 
 
-class AsyncHeld:
+class AsyncHeld(_HeldBase):
     """:class:`Held` for ``redis.asyncio``, used by one task at a time: one timeout (the socket's) for all the
     replies of a write, not one each."""
-
-    def __init__(self, r: aioredis.Redis) -> None:
-        self._pool = r.connection_pool
-        self._connection: Any = None
-        self._used = 0.0
 
     async def send(self, packed: bytes, replies: int) -> list[Any]:
         if self._connection is None:
             self._connection = await self._pool.get_connection()
-        now = time.monotonic()
-        idle, self._used = now - self._used > HELD_IDLE_S, now
+        idle = self._idle()
         try:
             return await self._send(packed, replies)
         except redis.ConnectionError:
