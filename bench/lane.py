@@ -64,7 +64,8 @@ class Shape:
                 f"p99 {percentile(self.latencies, 99) * 1e3:7.1f} ms  threads {self.threads}\n"
                 f"{'':<4}CPU per query: client {self.client_cpu_s / n * 1e3:.3f} ms, "
                 f"worker {sum(ms.values()):.3f} ms (query stream {ms['stream']:.3f}, "
-                f"device loop {ms['device']:.3f}, rest {ms['rest']:.3f}), Redis {self.redis_cpu_s / n * 1e3:.3f} ms")
+                f"device loop {ms['device']:.3f}, torch's threads {ms['torch']:.3f}, rest {ms['rest']:.3f}), "
+                f"Redis {self.redis_cpu_s / n * 1e3:.3f} ms")
 
 
 class Meter:
@@ -99,21 +100,32 @@ class Meter:
 
 def worker_threads_cpu(pid: int) -> dict[str, float]:
     """A worker's CPU seconds so far, by the OS names of its threads (:mod:`worker.threads`): ``stream`` (the
-    query stream's reader and writer: the queue's own cost), ``device`` (the device loop: the forward pass and
-    its batching) and ``rest`` (Celery's main thread, the heartbeat, torch's own threads, threads that ended)."""
-    parts = dict.fromkeys(("stream", "device", "rest"), 0.0)
-    live = 0.0
+    query stream's reader and writer: the queue's own cost), ``device`` (the device loop's own thread: the
+    forward pass's Python and its batching), ``torch`` (torch's intra-op threads: they inherit the device
+    loop's name, and are told from it by starting later) and ``rest`` (Celery's main thread, the heartbeat,
+    threads that ended)."""
+    parts = dict.fromkeys(("stream", "device", "torch", "rest"), 0.0)
+    live, device = 0.0, []
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            name, seconds = (task / "comm").read_text().strip(), stat_cpu(task / "stat", children=False)
+            name, stat = (task / "comm").read_text().strip(), task / "stat"
+            seconds, started = stat_cpu(stat, children=False), _started(stat)
         except OSError:  # the thread ended meanwhile: its time is in the process's total
             continue
         live += seconds
-        part = ("stream" if name in (threads.STREAM_READER, threads.STREAM_WRITER)
-                else "device" if name == threads.DEVICE else "rest")
-        parts[part] += seconds
+        if name == threads.DEVICE:
+            device.append((started, int(task.name), seconds))
+        else:
+            parts["stream" if name in (threads.STREAM_READER, threads.STREAM_WRITER) else "rest"] += seconds
+    for i, (_, _, seconds) in enumerate(sorted(device)):  # the first to start is the device loop's
+        parts["torch" if i else "device"] += seconds
     parts["rest"] += max(0.0, proc_cpu(pid) - live)
     return parts
+
+
+def _started(stat: Path) -> int:
+    # Field 22 of /proc/PID/task/TID/stat, after the command name in parentheses: when the thread started.
+    return int(stat.read_text().rsplit(")", 1)[1].split()[19])
 
 
 def tasks_shape(ask: Callable[[str], Awaitable[object]], texts: list[str], n: int, seconds: float) -> list[float]:
