@@ -324,6 +324,43 @@ def test_a_write_refused_by_a_demoted_primary_reconnects_and_lands_once_the_addr
         b.stop()
 
 
+def test_a_worker_whose_primary_is_demoted_keeps_serving_and_answers_the_job_in_flight_and_the_one_sent_meanwhile(
+        tmp_path, workers):
+    """A managed Redis that fails over can leave every connection on the demoted primary: its blocked reads
+    get UNBLOCKED, its writes READONLY. Celery's broker and result backend connections, like m3-queue's own,
+    take that for a lost connection. Here the worker's server is demoted for 4 s, then promoted again (the
+    endpoint's name reaching a primary), while one document job runs and another is sent."""
+    a = RedisServer(tmp_path / "a", ("--repl-diskless-sync-delay", "0")).start()
+    b = RedisServer(tmp_path / "b", ("--repl-diskless-sync-delay", "0")).start()
+    try:
+        s = make_settings(broker_url=a.url(), model="test-stand-in:sleep-us-per-token=20000", job_timeout_s=60)
+        worker = workers(s, env={"M3Q_TESTING": "1"})
+        client = Client(s)
+        assert len(client.encode_documents(["before"])) == 1
+        demoted, promoted = redis_py.Redis(port=a.port), redis_py.Redis(port=b.port)
+        promoted.replicaof("127.0.0.1", a.port)  # b takes a's data, then a becomes its replica
+        wait_for(lambda: promoted.info("replication")["master_link_status"] == "up", 20, "b replicating a")
+        with ThreadPoolExecutor(2) as pool:
+            in_flight = pool.submit(client.encode_documents, [" ".join(["word"] * 100)])  # about 2 s
+            time.sleep(0.5)
+            promoted.replicaof("NO", "ONE")
+            demoted.replicaof("127.0.0.1", b.port)
+            time.sleep(0.5)
+            sent = pool.submit(client.encode_documents, ["sent while demoted"])
+            time.sleep(3.5)
+            demoted.replicaof("NO", "ONE")
+            assert [len(in_flight.result(60)), len(sent.result(60))] == [1, 1]
+        (query,) = client.encode_queries(["after"])
+        assert query.dense is not None
+        assert worker.proc.poll() is None, worker.output()[-3000:]
+        assert "Unrecoverable error" not in worker.output()
+        assert "ReadOnlyError" not in worker.output()  # the result of the job in flight was stored once a primary
+        assert "demoted by a failover" in worker.output()
+    finally:
+        a.stop()
+        b.stop()
+
+
 def queued(r: redis_py.Redis, s: Settings, kind: str) -> bytes | None:
     """The query job on the stream (its entry's id: the worker deletes those it answered), or the Celery job
     in its queue."""

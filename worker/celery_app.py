@@ -39,6 +39,8 @@ def make_app(s: Settings) -> Celery:
     )
     if transport := celery_internals.transport_for(s.broker_url):
         app.conf.broker_transport = transport  # acknowledgements after a reconnect (worker.celery_internals)
+    # A demoted primary is a lost connection to the broker and the result backend (worker.celery_internals)
+    app.conf.result_backend = celery_internals.backend_for(s.backend_url)
     register(app)
     celery_internals.short_success_lines(summary)  # one short line per job at INFO, not its 64 ids
     app.steps["consumer"].add(HeldJobs)

@@ -14,6 +14,11 @@ kombu's Redis transport (``kombu.transport.redis``):
   acknowledgement is logged as lost, the job comes back), instead of kombu's ``AttributeError``
   ("'NoneType' object has no attribute 'hostname'"), which Celery takes for a bug and stops the worker on.
   kombu 5.2.4 to 5.7.0.
+- ``Channel.connection_class`` and ``Channel.connection_class_ssl`` (``SentinelChannel``'s too): the redis-py
+  connection classes ``_connparams`` gives a channel's pool. :class:`Channel` and :class:`SentinelChannel`
+  set m3-queue's (:func:`producer.contract.redis_conn.connection_class`), on which a demoted primary's
+  READONLY or UNBLOCKED is a lost connection: Celery reconnects instead of stopping the worker on a
+  ``ResponseError``. Checked in kombu 5.7.0.
 - ``QoS._delivered`` and ``QoS._dirty`` (from ``kombu.transport.virtual.base.QoS``): delivery tag -> message,
   the messages a channel was delivered, and the set of those acknowledged since. An acknowledged tag only
   goes into ``_dirty``; it leaves ``_delivered`` at the channel's next delivery, so an idle worker keeps its
@@ -47,6 +52,12 @@ Celery's worker:
   each job that succeeded, with a dict of ``name``, ``id``, ``runtime`` and ``return_value`` (the result's
   repr) as its argument; :func:`short_success_lines` puts a summary in place of the result. Celery 5.3.0 to
   5.7.0.
+- ``RedisBackend._get_pool(**params)`` and ``SentinelBackend._get_pool(**params)``
+  (``celery.backends.redis``): where the result backend builds its connection pool from the parameters it
+  read off its URL. :class:`RedisBackend` and :class:`SentinelBackend` put m3-queue's connection classes in
+  them (as for the broker), so a result stored on a demoted primary is retried
+  (``result_backend_always_retry``) until a primary takes it. The worker names them in ``result_backend``
+  with Celery's ``CLASS+URL`` form (:func:`backend_for`). Checked in Celery 5.7.0.
 - ``app.amqp.queues.consume_from``: the queues a worker consumes (``task_queues``, or ``-Q``);
   :func:`consumed_queues`. Celery 5.3.0 to 5.7.0.
 """
@@ -60,8 +71,11 @@ from typing import Any, Callable
 import redis
 from celery import bootsteps, signals
 from celery.app import trace
+from celery.backends import redis as celery_redis
 from celery.worker import state as worker_state
 from kombu.transport import redis as kombu_redis
+
+from producer.contract import redis_conn
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +131,19 @@ class _ClosedConnection:
 
 
 class Channel(_ClosedConnection, kombu_redis.Channel):
-    """kombu's Redis channel with :class:`_ClosedConnection`."""
+    """kombu's Redis channel with :class:`_ClosedConnection`, on m3-queue's connections (a demoted primary is
+    a lost connection: :func:`producer.contract.redis_conn.connection_class`)."""
+
+    connection_class = redis_conn.connection_class(sentinel=False, tls=False)
+    connection_class_ssl = redis_conn.connection_class(sentinel=False, tls=True)
 
 
 class SentinelChannel(_ClosedConnection, kombu_redis.SentinelChannel):
-    """kombu's Redis Sentinel channel (a primary found through the Sentinels) with :class:`_ClosedConnection`."""
+    """kombu's Redis Sentinel channel (a primary found through the Sentinels) with :class:`_ClosedConnection`,
+    on m3-queue's connections, as :class:`Channel`."""
+
+    connection_class = redis_conn.connection_class(sentinel=True, tls=False)
+    connection_class_ssl = redis_conn.connection_class(sentinel=True, tls=True)
 
 
 class Transport(kombu_redis.Transport):
@@ -142,6 +164,42 @@ def transport_for(broker_url: str) -> str | None:
     if broker_url.startswith("sentinel://"):
         return f"{__name__}:SentinelTransport"
     return TRANSPORT if broker_url.startswith(("redis://", "rediss://")) else None
+
+
+# ---- the result backend --------------------------------------------------------------------------------
+
+def _demotable(params: dict[str, Any], sentinel: bool) -> dict[str, Any]:
+    """A backend's pool parameters on m3-queue's connections (a demoted primary is a lost connection, which
+    ``result_backend_always_retry`` retries), TLS or not as they were; a Unix socket's as they are."""
+    kind = params.get("connection_class") or redis.Connection
+    if issubclass(kind, redis.UnixDomainSocketConnection):
+        return params
+    return {**params, "connection_class": redis_conn.connection_class(sentinel=sentinel,
+                                                                      tls=issubclass(kind, redis.SSLConnection))}
+
+
+class RedisBackend(celery_redis.RedisBackend):
+    """Celery's Redis result backend on m3-queue's connections."""
+
+    def _get_pool(self, **params: Any) -> Any:
+        return super()._get_pool(**_demotable(params, sentinel=False))
+
+
+class SentinelBackend(celery_redis.SentinelBackend):
+    """Celery's Redis Sentinel result backend on m3-queue's connections."""
+
+    def _get_pool(self, **params: Any) -> Any:
+        return super()._get_pool(**_demotable(params, sentinel=True))
+
+
+def backend_for(backend_url: str) -> str:
+    """The worker's ``result_backend`` for a redis://, rediss:// or sentinel:// URL (Celery's ``CLASS+URL``
+    form); any other URL as it is."""
+    if backend_url.startswith("sentinel://"):
+        return f"{__name__}:SentinelBackend+{backend_url}"
+    if backend_url.startswith(("redis://", "rediss://")):
+        return f"{__name__}:RedisBackend+{backend_url}"
+    return backend_url
 
 
 # ---- unacknowledged messages ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from producer.contract.errors import BrokerError
-from producer.contract.redis_conn import brief, describe, is_sentinel, redis_client
+from producer.contract.redis_conn import brief, describe, is_sentinel, lost_primary, redis_client
 from producer.contract.settings import Settings
 
 
@@ -79,6 +79,8 @@ def tls_failure(e: BaseException) -> bool:
 def unreachable(e: BaseException) -> bool:
     """Whether ``e`` says Redis cannot be reached right now (retry), not that it refused us (report)."""
     chain = list(causes(e))
+    if any(lost_primary(c) for c in chain):  # a failover under way: a primary again soon, by the same name
+        return True
     if any(isinstance(c, (redis.AuthenticationError, redis.exceptions.AuthorizationError,
                           redis.exceptions.ResponseError)) for c in chain) or tls_failure(e):
         return False

@@ -68,12 +68,13 @@ def _connect(s: Settings, url: str, options: dict[str, Any], redis_class: type, 
     """A ``redis_class`` client on ``url``: directly, or on the primary the Sentinels name."""
     if not is_sentinel(url):
         if url.startswith(("redis://", "rediss://")):
-            options["connection_class"] = _PRIMARY[redis_class is aioredis.Redis, url.startswith("rediss://")]
+            options["connection_class"] = connection_class(sentinel=False, tls=url.startswith("rediss://"),
+                                                           asyncio=redis_class is aioredis.Redis)
         return redis_class.from_url(url, **options)
     where = parse_sentinel(url)
     manager = sentinel_class(list(where.nodes), sentinel_kwargs=sentinel_options(s), **options)
     asyncio_side = sentinel_class is async_sentinel.Sentinel
-    connection = _CONNECTIONS[asyncio_side, bool(options.get("ssl"))]
+    connection = connection_class(sentinel=True, tls=bool(options.get("ssl")), asyncio=asyncio_side)
     return manager.master_for(s.sentinel_master, redis_class=redis_class, connection_class=connection,
                               **_primary(where))
 
@@ -215,13 +216,72 @@ async def _read_all(connection: Any, replies: int) -> list[Any]:
     return [await connection.read_response(timeout=math.inf) for _ in range(replies)]
 
 
-# ---- connections that find the primary again -----------------------------------------------------------
+# ---- connections that notice a lost primary ----------------------------------------------------------------
+# A managed service (ElastiCache, Memorystore, Azure Cache) fails over by demoting the primary and pointing its
+# endpoint's name at the promoted replica, and may leave connections open on the demoted server. That server
+# answers each write with READONLY, and each command blocked at that moment (BRPOP, XREADGROUP) with
+# UNBLOCKED. Both mean a lost primary, not a refusal: these connections drop themselves and raise
+# ConnectionError, which every retry and resend of m3-queue, and Celery, handle by reconnecting through the
+# name. (Sentinel closes the demoted server's client connections itself; its connections do the same all the
+# same.)
+
+def lost_primary(error: BaseException) -> bool:
+    """Whether ``error`` is a demoted primary's answer (READONLY, or UNBLOCKED as it became a replica)."""
+    text = str(error)
+    return isinstance(error, redis.exceptions.ReadOnlyError) or (
+        isinstance(error, redis.ResponseError) and text.startswith("UNBLOCKED") and "master -> replica" in text)
+
+
+def _demoted(connection: Any, error: redis.ResponseError) -> redis.ConnectionError:
+    service = getattr(connection, "service_name", None)
+    where = f"the primary of {service}" if service else f"{connection.host}:{connection.port}"
+    return redis.ConnectionError(f"{error} (the server was demoted by a failover: reconnecting to {where})")
+
+
+class _Demotable:
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except redis.ResponseError as e:
+            if not lost_primary(e):
+                raise
+            self.disconnect()  # type: ignore[attr-defined]
+            raise _demoted(self, e) from e
+
+
+class _AsyncDemotable:
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except redis.ResponseError as e:
+            if not lost_primary(e):
+                raise
+            await self.disconnect()  # type: ignore[attr-defined]
+            raise _demoted(self, e) from e
+
+
+class _Primary(_Demotable, redis.Connection):
+    pass
+
+
+class _PrimarySSL(_Primary, redis.SSLConnection):
+    pass
+
+
+class _AsyncPrimary(_AsyncDemotable, aioredis.Connection):
+    pass
+
+
+class _AsyncPrimarySSL(_AsyncPrimary, aioredis.SSLConnection):
+    pass
+
+
 # A command that loses its connection is tried again on the same connection object, which redis-py reconnects
 # at the address it last had (send_packed_command calls connect_check_health, not the Sentinel-aware
 # connect). After a failover that address is the dead primary, so every try of the command fails. These
 # connections ask the Sentinels for the primary each time they reconnect.
 
-class _Rediscovering(sync_sentinel.SentinelManagedConnection):
+class _Rediscovering(_Demotable, sync_sentinel.SentinelManagedConnection):
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         if not self._sock:
             self.connect()
@@ -232,7 +292,7 @@ class _RediscoveringSSL(_Rediscovering, sync_sentinel.SentinelManagedSSLConnecti
     pass
 
 
-class _AsyncRediscovering(async_sentinel.SentinelManagedConnection):
+class _AsyncRediscovering(_AsyncDemotable, async_sentinel.SentinelManagedConnection):
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         if not self.is_connected:
             await self.connect()
@@ -243,53 +303,17 @@ class _AsyncRediscoveringSSL(_AsyncRediscovering, async_sentinel.SentinelManaged
     pass
 
 
-_CONNECTIONS: dict[tuple[bool, bool], type] = {
-    (False, False): _Rediscovering, (False, True): _RediscoveringSSL,
-    (True, False): _AsyncRediscovering, (True, True): _AsyncRediscoveringSSL}
-"""The connection class of a Sentinel-managed pool, by (asyncio, TLS)."""
+_CLASSES: dict[tuple[bool, bool, bool], type] = {
+    (False, False, False): _Primary, (False, False, True): _PrimarySSL,
+    (False, True, False): _AsyncPrimary, (False, True, True): _AsyncPrimarySSL,
+    (True, False, False): _Rediscovering, (True, False, True): _RediscoveringSSL,
+    (True, True, False): _AsyncRediscovering, (True, True, True): _AsyncRediscoveringSSL}
 
 
-# ---- a managed Redis that failed over ----------------------------------------------------------------------
-# A managed service (ElastiCache, Memorystore, Azure Cache) fails over by pointing its endpoint's name at the
-# promoted replica. A connection opened before may still reach the demoted primary, which refuses every write
-# with READONLY. That is a lost connection, not a refusal: these connections drop themselves and raise
-# ConnectionError, so every retry and resend of m3-queue reconnects through the name, to the new primary.
-# (A Sentinel-managed connection does the same on its own.)
-
-def _demoted(connection: Any, error: redis.exceptions.ReadOnlyError) -> redis.ConnectionError:
-    return redis.ConnectionError(f"{error} (the server was demoted by a failover: reconnecting to "
-                                 f"{connection.host}:{connection.port})")
-
-
-class _Primary(redis.Connection):
-    def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().read_response(*args, **kwargs)
-        except redis.exceptions.ReadOnlyError as e:
-            self.disconnect()
-            raise _demoted(self, e) from e
-
-
-class _PrimarySSL(_Primary, redis.SSLConnection):
-    pass
-
-
-class _AsyncPrimary(aioredis.Connection):
-    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().read_response(*args, **kwargs)
-        except redis.exceptions.ReadOnlyError as e:
-            await self.disconnect()
-            raise _demoted(self, e) from e
-
-
-class _AsyncPrimarySSL(_AsyncPrimary, aioredis.SSLConnection):
-    pass
-
-
-_PRIMARY: dict[tuple[bool, bool], type] = {
-    (False, False): _Primary, (False, True): _PrimarySSL, (True, False): _AsyncPrimary, (True, True): _AsyncPrimarySSL}
-"""The connection class of a redis:// or rediss:// pool, by (asyncio, TLS)."""
+def connection_class(*, sentinel: bool, tls: bool, asyncio: bool = False) -> type:
+    """The redis-py connection class of every m3-queue pool (Celery's broker channels too): for a primary
+    reached directly or through the Sentinels, over TLS or not, for ``redis.asyncio`` or not."""
+    return _CLASSES[sentinel, asyncio, tls]
 
 
 # ---- Celery's broker and result backend -----------------------------------------------------------------
