@@ -64,18 +64,6 @@ def retrying(s: Settings, what: str, send: Callable[[], Any]) -> Any:
             time.sleep(backoff.after(e))
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def listener_gave_up(e: BaseException) -> bool:
     """Celery's result listener stopped reconnecting after a long Redis outage (it never tries again)."""
     return isinstance(e, RuntimeError) and "Retry limit exceeded while trying to reconnect" in str(e)
