@@ -389,6 +389,21 @@ def test_index_then_follow_the_job_on_another_gateway_then_search(processes, cli
     assert missing.status_code == 404 and "does not exist" in error_of(missing)["message"]
 
 
+def test_after_redis_closed_the_idle_connections_the_next_request_is_answered_not_503(private_redis, tmp_path):
+    """A Redis that closes idle clients (``timeout``, as managed services do): the gateway's first request
+    after a pause gets a new connection, not "Connection closed by server" as a 503."""
+    server = private_redis("--timeout", "1")
+    g = GatewayProcess(make_settings(broker_url=server.url(), api_keys=""), tmp_path / "idle.log").wait_ready()
+    try:
+        for _ in range(2):  # the job store reads Redis: an unknown job is a 404, an unreachable Redis a 503
+            missing = httpx.get(f"{g.url}/v1/jobs/{'0' * 32}", timeout=10)
+            assert missing.status_code == 404, missing.text
+            time.sleep(2.5)  # the server closes the gateway's idle connection
+    finally:
+        g.proc.terminate()
+        g.proc.wait(30)
+
+
 # ---- graceful shutdown --------------------------------------------------------------------------------------------
 
 def test_sigterm_answers_each_of_50_requests_in_flight(settings, processes, tmp_path):
