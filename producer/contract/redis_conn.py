@@ -61,23 +61,22 @@ def redis_client(s: Settings, url: str | None = None, retry_s: float = 0) -> red
 def async_redis(s: Settings, url: str | None = None) -> aioredis.Redis:
     """The ``redis.asyncio`` twin of :func:`redis_client`."""
     url = url or s.broker_url
-    return _connect(s, url, {**redis_options(s, url), **_NO_MAINT_NOTIFICATIONS}, aioredis.Redis,
+    return _connect(s, url, {**redis_options(s, url), **_no_maint_notifications()}, aioredis.Redis,
                     async_sentinel.Sentinel)
 
 
 def _no_maint_notifications() -> dict[str, Any]:
-    # redis-py 7 and 8 try Redis Cloud's maintenance notifications by default ("auto"), and while they are
-    # on, the asyncio pool gives out a connection without checking that the server has not closed it: a
-    # Redis that closes idle clients (``timeout``, as managed services do) then fails the first command
-    # after a pause. They need RESP3, which m3-queue does not use. redis-py 6 has neither.
+    # redis-py (8.1 checked) tries Redis Cloud's maintenance notifications by default ("auto"), and while
+    # they are on, its asyncio pool gives out a connection without checking that the server has not closed
+    # it: a Redis that closes idle clients (``timeout``, as managed services may) then fails the first
+    # command after a pause. They need RESP3, which m3-queue does not use. A redis-py without them has no
+    # such setting.
     try:
         from redis.maint_notifications import MaintNotificationsConfig
     except ImportError:
         return {}
     return {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
 
-
-_NO_MAINT_NOTIFICATIONS = _no_maint_notifications()
 
 
 def _connect(s: Settings, url: str, options: dict[str, Any], redis_class: type, sentinel_class: type) -> Any:
