@@ -389,6 +389,7 @@ def test_index_then_follow_the_job_on_another_gateway_then_search(processes, cli
     assert missing.status_code == 404 and "does not exist" in error_of(missing)["message"]
 
 
+@pytest.mark.slow
 def test_after_redis_closed_the_idle_connections_the_next_request_is_answered_not_503(private_redis, tmp_path):
     """A Redis that closes idle clients (``timeout``, as managed services do): the gateway's first request
     after a pause gets a new connection, not "Connection closed by server" as a 503."""

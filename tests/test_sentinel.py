@@ -324,6 +324,7 @@ def test_a_write_refused_by_a_demoted_primary_reconnects_and_lands_once_the_addr
         b.stop()
 
 
+@pytest.mark.slow
 def test_a_worker_whose_primary_is_demoted_keeps_serving_and_answers_the_job_in_flight_and_the_one_sent_meanwhile(
         tmp_path, workers):
     """A managed Redis that fails over can leave every connection on the demoted primary: its blocked reads
