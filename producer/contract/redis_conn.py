@@ -78,7 +78,6 @@ def _no_maint_notifications() -> dict[str, Any]:
     return {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
 
 
-
 def _connect(s: Settings, url: str, options: dict[str, Any], redis_class: type, sentinel_class: type) -> Any:
     """A ``redis_class`` client on ``url``: directly, or on the primary the Sentinels name."""
     if not is_sentinel(url):
@@ -248,9 +247,8 @@ def lost_primary(error: BaseException) -> bool:
 
 
 def _demoted(connection: Any, error: redis.ResponseError) -> redis.ConnectionError:
-    service = getattr(connection, "service_name", None)
-    where = f"the primary of {service}" if service else f"{connection.host}:{connection.port}"
-    return redis.ConnectionError(f"{error} (the server was demoted by a failover: reconnecting to {where})")
+    return redis.ConnectionError(f"{error} (the server was demoted by a failover: reconnecting to "
+                                 f"{connection.host}:{connection.port})")
 
 
 class _Demotable:
